@@ -1,0 +1,7 @@
+"""Per-sample, per-logit gradient features and the exact empirical NTK."""
+
+from .capture import GradientCapture, parameter_table
+from .engine import FeatureResult, gradient_features
+from .ntk import empirical_ntk
+
+__all__ = ["gradient_features", "FeatureResult", "empirical_ntk", "GradientCapture", "parameter_table"]

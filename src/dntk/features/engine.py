@@ -1,0 +1,144 @@
+"""Projected per-logit gradient features φ_c(x) = Sᵀ ∇θ f_c(x)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..errors import DNTKError
+from ..projection import Projector
+from ..projection import make as make_projector
+from .capture import GradientCapture
+from .inputs import iter_batches, num_inputs
+
+
+@dataclass
+class FeatureResult:
+    """Output of :func:`gradient_features`.
+
+    features: float32 [C', n, k] — row i of features[j] is the sketch of ∇θ f_{classes[j]}(x_i).
+    logits: float32 [n, C] — the model's outputs (eval mode) from the same pass.
+    labels: int64 [n] when the inputs carried labels, else None.
+    classes: the logit indices along the first axis of ``features``.
+    projector: the projector used (its name, k and seed reproduce the features).
+    """
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor | None
+    classes: list[int]
+    projector: Projector
+
+    def kernel(self, c: int | None = None) -> torch.Tensor:
+        """Per-class kernels Φ_c Φ_cᵀ in float64: [C', n, n], or [n, n] for position c."""
+        f = self.features.double()
+        if c is not None:
+            return f[c] @ f[c].T
+        return f @ f.transpose(1, 2)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def default_batch_size(num_params: int, projector: Projector) -> int:
+    if projector.name == "identity":
+        return max(1, min(32, (256 << 20) // max(1, 4 * num_params)))
+    return 32
+
+
+def gradient_features(model: nn.Module, inputs, projector: Projector | str = "sjlt", *, classes=None,
+                      batch_size: int | None = None, device=None, progress: bool = True,
+                      backend: str = "auto", k: int = 4096, seed: int = 0) -> FeatureResult:
+    """Projected per-sample, per-logit gradients of a classifier.
+
+    Args:
+        model: a module with forward(x [B, ...]) -> logits [B, C]. Evaluated in eval mode (BatchNorm
+            uses running statistics); its mode is restored afterwards.
+        inputs: a tensor [n, ...], a Dataset yielding x or (x, y), or a DataLoader (not shuffled, or
+            the rows follow its order).
+        projector: a :class:`~dntk.projection.Projector`, or a name for :func:`dntk.projection.make`
+            (then ``k`` and ``seed`` are used).
+        classes: logit indices to compute (default all C).
+        batch_size: samples per pass (default 32; identity features use less).
+        device: where to compute; the model is moved there. Default: the model's device, and a
+            tensor input on another device is an error.
+        progress: show a progress bar.
+        backend: ``auto`` (hooks when the model allows, else torch.func), ``hooks`` or ``func``.
+
+    Returns:
+        :class:`FeatureResult` with ``features`` float32 [C', n, k] and ``logits`` float32 [n, C].
+
+    Scaling: E⟨φ_c(x), φ_c(x')⟩ = ⟨∇θ f_c(x), ∇θ f_c(x')⟩ over the projector's randomness.
+    Peak memory: one batch's activations and recorded layer inputs (Conv2d inputs unfolded into
+    patches), plus the largest per-sample weight-gradient block [B, P_layer] for projectors that
+    materialise it, plus the output [C', n, k] — never P·k.
+    """
+    if isinstance(projector, str):
+        projector = make_projector(projector, k=k, seed=seed)
+    strict = device is None
+    device = torch.device(device) if device is not None else model_device(model)
+    model.to(device)
+    capture = GradientCapture(model, backend=backend)
+    projector.bind(capture.specs)
+    P = capture.table.num_params
+    if projector.name != "identity" and projector.dim > P:
+        raise DNTKError(f"k={projector.dim} is larger than the number of parameters P={P}; a sketch cannot help here — "
+                        f"use make('identity') for exact features or choose k < {P}")
+    n = num_inputs(inputs)
+    batch_size = batch_size or default_batch_size(P, projector)
+    if batch_size < 1:
+        raise DNTKError(f"batch_size must be positive, got {batch_size}")
+
+    feats, logits_all, labels_all = [], [], []
+    bar = tqdm(total=n, desc=f"features ({projector.name}, k={projector.dim})", unit="img", disable=not progress)
+    for x, y, start in iter_batches(inputs, batch_size, device, strict):
+        sink = _RowSink(projector, x.shape[0], device)
+        logits = capture.run(x, classes, sink)
+        out = sink.stacked()  # [C', B, k]
+        bad = ~torch.isfinite(out).all(dim=2).all(dim=0) | ~torch.isfinite(logits).all(dim=1)
+        if bool(bad.any()):
+            idx = (torch.nonzero(bad).flatten() + start).tolist()
+            raise DNTKError(f"non-finite gradients or logits for sample indices {idx[:20]}{' ...' if len(idx) > 20 else ''}; "
+                            "check those inputs for NaN/inf and the model for overflow (e.g. run in float64)")
+        feats.append(out.float().cpu())
+        logits_all.append(logits.float().cpu())
+        if y is not None:
+            labels_all.append(y.cpu())
+        bar.update(x.shape[0])
+    bar.close()
+    resolved = list(range(logits_all[0].shape[1])) if classes is None else [int(c) for c in classes]
+    labels = torch.cat(labels_all) if labels_all and len(labels_all) == len(feats) else None
+    return FeatureResult(torch.cat(feats, 1), torch.cat(logits_all), labels, resolved, projector)
+
+
+class _RowSink:
+    """Projects into one [B, k] row per logit, allocated when the logit's first gradient arrives
+    (the number of logits is known only after the forward pass)."""
+
+    def __init__(self, projector, B, device):
+        self.projector, self.B, self.device = projector, B, device
+        self.rows: dict[int, torch.Tensor] = {}
+        self.cache: dict = {}
+
+    def _row(self, c, dtype):
+        r = self.rows.get(c)
+        if r is None:  # accumulate in the model's precision (float64 models stay float64)
+            r = self.rows[c] = torch.zeros(self.B, self.projector.dim, device=self.device, dtype=dtype)
+        return r
+
+    def block(self, c, name, block):
+        self.projector.project(name, block, self._row(c, block.dtype))
+
+    def outer(self, c, name, g, a):
+        self.projector.project_outer(name, g, a, self._row(c, g.dtype), self.cache)
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack([self.rows[c] for c in sorted(self.rows)])

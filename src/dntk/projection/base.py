@@ -1,0 +1,146 @@
+"""The projector contract shared by every sketch.
+
+A projector maps a per-sample gradient θ-vector (P numbers) to k numbers with a fixed linear map
+S ∈ R^{P×k}, scaled so that E⟨Sᵀg, Sᵀg'⟩ = ⟨g, g'⟩. The engine never builds whole gradients: it
+hands the projector one *parameter block* at a time (one ``nn.Parameter``), either
+
+- materialised, ``block[B, numel]`` (:meth:`Projector.project`), or
+- as the two factors of a weight gradient that is a sum of outer products,
+  ``G_b = Σ_t g_b[:, t] a_b[:, t]ᵀ`` with ``g[B, rows, T]`` and ``a[B, cols, T]``
+  (:meth:`Projector.project_outer`) — Linear and Conv2d weights arrive this way.
+
+Both calls *add* into ``out[B, k]``, so a gradient's sketch is the sum over its blocks, and a
+parameter used twice (tied weights) simply contributes twice.
+
+Reproducibility: every random quantity of block ``name`` comes from a generator seeded by a hash of
+``(seed, name, purpose)`` on the CPU, then moved to the block's device. So the map S depends only on
+the seed and the model's parameter names and shapes — never on batch size, batch order, the process,
+or the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DNTKError
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One trainable parameter as the projector sees it.
+
+    name: stable key (the parameter's name in ``model.named_parameters()``).
+    numel: number of entries of the parameter.
+    factors: (rows, cols) with rows·cols == numel when the parameter is a weight whose per-sample
+        gradient arrives as outer-product factors (Linear: (out, in); Conv2d: (out, in·kh·kw));
+        None otherwise.
+    """
+
+    name: str
+    numel: int
+    factors: tuple[int, int] | None = None
+
+
+def block_seed(seed: int, name: str, purpose: str) -> int:
+    """A 63-bit seed for one block and one purpose, stable across processes and platforms."""
+    digest = hashlib.blake2b(f"{seed}|{name}|{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def cpu_generator(seed: int, name: str, purpose: str) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(block_seed(seed, name, purpose))
+    return gen
+
+
+def random_signs(n: int, gen: torch.Generator) -> torch.Tensor:
+    """±1 float32 vector of length n (CPU)."""
+    return torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
+
+
+class Projector:
+    """Base class: a linear map R^P → R^k applied block by block. Subclasses set ``name``."""
+
+    name: str = "projector"
+
+    def __init__(self, k: int | None, seed: int = 0):
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise DNTKError(f"projection dimension k must be a positive integer, got {k!r}")
+            if k <= 0:
+                raise DNTKError(f"projection dimension k must be positive, got k={k}; pick e.g. k=4096")
+        self.k = k
+        self.seed = int(seed)
+        self.specs: dict[str, BlockSpec] = {}
+        self.num_params = 0
+
+    # -- binding ---------------------------------------------------------------------------------
+    def bind(self, specs: list[BlockSpec]) -> "Projector":
+        """Tell the projector which blocks exist. Idempotent for the same specs."""
+        self.specs = {s.name: s for s in specs}
+        self.num_params = sum(s.numel for s in specs)
+        return self
+
+    def _spec(self, key: str) -> BlockSpec:
+        try:
+            return self.specs[key]
+        except KeyError:
+            raise DNTKError(f"projector was not bound to a parameter named {key!r}; call bind() with the model's blocks") from None
+
+    @property
+    def dim(self) -> int:
+        """Output dimension k."""
+        if self.k is None:
+            raise DNTKError(f"{self.name} projector is not bound yet, so its dimension is unknown")
+        return self.k
+
+    # -- application -------------------------------------------------------------------------------
+    def project(self, key: str, block: torch.Tensor, out: torch.Tensor) -> None:
+        """out[B, k] += block[B, numel] @ S_key.  Subclasses implement."""
+        raise NotImplementedError
+
+    def project_outer(self, key: str, g: torch.Tensor, a: torch.Tensor, out: torch.Tensor, cache: dict) -> None:
+        """out[B, k] += vec(Σ_t g[:, :, t] a[:, :, t]ᵀ) @ S_key, with g[B, rows, T], a[B, cols, T].
+
+        ``cache`` lives for one batch; projectors may keep a-side transforms there, since the engine
+        calls this once per logit with the same ``a``. The default materialises the weight gradient.
+        """
+        block = torch.bmm(g, a.transpose(1, 2)).reshape(g.shape[0], -1)
+        self.project(key, block, out)
+
+    def matrix(self, dtype=torch.float64) -> torch.Tensor:
+        """The whole map S as a dense [P, k] matrix, by projecting unit vectors. For tests and
+        small models only (P·k entries)."""
+        k = self.dim
+        if self.num_params * k > 50_000_000:
+            raise DNTKError(f"matrix() would hold P·k = {self.num_params * k:,} numbers; it is meant for small models")
+        rows = []
+        for spec in self.specs.values():
+            eye = torch.eye(spec.numel, dtype=torch.float32)
+            out = torch.zeros(spec.numel, k, dtype=torch.float32)
+            self.project(spec.name, eye, out)
+            rows.append(out.to(dtype))
+        return torch.cat(rows, 0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(k={self.k}, seed={self.seed})"
+
+
+def chunk_rows(k: int, target_numbers: int = 1 << 22) -> int:
+    """Rows per generated chunk of a dense map so that one chunk holds ~target_numbers entries."""
+    return max(1, target_numbers // max(k, 1))
+
+
+def _check_out(out: torch.Tensor, k: int) -> None:
+    if out.shape[-1] != k:
+        raise DNTKError(f"output buffer has {out.shape[-1]} columns but the projector has k={k}")
+
+
+def jl_relative_error(k: int) -> float:
+    """Expected relative Frobenius error of a Gaussian-sketched Gram matrix of *many* vectors,
+    roughly sqrt(2/k) for diagonal-dominated kernels (each entry's std is ≤ sqrt(2/k)·‖g‖‖g'‖)."""
+    return math.sqrt(2.0 / k)

@@ -1,0 +1,253 @@
+"""Concrete projectors. See :mod:`dntk.projection` for the cost/accuracy table."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import DNTKError
+from .base import BlockSpec, Projector, _check_out, chunk_rows, cpu_generator, random_signs
+
+
+class _DeviceCache:
+    """Per-device copies of CPU-generated tensors (generated once, on the CPU, from the seed)."""
+
+    def __init__(self):
+        self._store: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: tuple, device: torch.device, make) -> torch.Tensor:
+        dev_key = key + (str(device),)
+        t = self._store.get(dev_key)
+        if t is None:
+            cpu_key = key + ("cpu",)
+            t = self._store.get(cpu_key)
+            if t is None:
+                t = make()
+                self._store[cpu_key] = t
+            if str(device) != "cpu":
+                t = t.to(device)
+                self._store[dev_key] = t
+        return t
+
+
+class IdentityProjector(Projector):
+    """Exact features: S = I, k = P. Blocks are laid out in the order they were bound."""
+
+    name = "identity"
+
+    def __init__(self, k: int | None = None, seed: int = 0):
+        super().__init__(None, seed)
+        self._offsets: dict[str, int] = {}
+
+    def bind(self, specs):
+        super().bind(specs)
+        self._offsets, off = {}, 0
+        for s in specs:
+            self._offsets[s.name] = off
+            off += s.numel
+        self.k = off
+        return self
+
+    def project(self, key, block, out):
+        _check_out(out, self.dim)
+        off = self._offsets[self._spec(key).name]
+        out[:, off : off + block.shape[1]] += block.to(out.dtype)
+
+
+class DenseProjector(Projector):
+    """Dense i.i.d. sketch (Gaussian N(0,1)/√k or Rademacher ±1/√k), generated chunk by chunk of
+    rows from the seed and never stored whole. Cost O(P·k) per gradient plus generating P·k random
+    numbers per batch — the expensive classic. Chunks are kept in memory when the whole map fits
+    in ``cache_bytes`` (small models)."""
+
+    def __init__(self, k: int, seed: int = 0, *, distribution: str = "gaussian", cache_bytes: int = 256 << 20):
+        super().__init__(k, seed)
+        if distribution not in ("gaussian", "rademacher"):
+            raise DNTKError(f"unknown dense distribution {distribution!r}; use 'gaussian' or 'rademacher'")
+        self.distribution = distribution
+        self.name = distribution
+        self.cache_bytes = cache_bytes
+        self._cache = _DeviceCache()
+        self._cache_all = False
+
+    def bind(self, specs):
+        super().bind(specs)
+        self._cache_all = self.num_params * self.k * 4 <= self.cache_bytes
+        return self
+
+    def _chunk(self, key: str, index: int, rows: int) -> torch.Tensor:
+        gen = cpu_generator(self.seed, key, f"{self.distribution}:{index}")
+        if self.distribution == "gaussian":
+            m = torch.randn(rows, self.k, generator=gen)
+        else:
+            m = torch.randint(0, 2, (rows, self.k), generator=gen, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
+        return m.mul_(1.0 / math.sqrt(self.k))
+
+    def project(self, key, block, out):
+        _check_out(out, self.k)
+        spec = self._spec(key)
+        step = chunk_rows(self.k)
+        for index, start in enumerate(range(0, spec.numel, step)):
+            rows = min(step, spec.numel - start)
+            if self._cache_all:
+                q = self._cache.get((key, index), out.device, lambda: self._chunk(key, index, rows))
+            else:
+                q = self._chunk(key, index, rows).to(out.device)
+            out += (block[:, start : start + rows] @ q.to(block.dtype)).to(out.dtype)
+
+
+class SJLTProjector(Projector):
+    """Sparse Johnson–Lindenstrauss transform: each coordinate goes to ``s`` hashed buckets with
+    hashed signs, scaled 1/√s (s = 1 is CountSketch). Buckets are fully random per coordinate.
+
+    For outer-product blocks the sign of entry (i, j) is the product s_row(i)·s_col(j); the signs
+    then fold into the small factors g and a before the per-sample product, so the sign flip costs
+    nothing. Products of independent ±1 are still pairwise independent, which is what the
+    estimator's unbiasedness needs; the bucket hash stays fully random. Either evaluation path
+    (materialised block or factors) uses the same signs, so S is one fixed matrix.
+    """
+
+    name = "sjlt"
+
+    def __init__(self, k: int, seed: int = 0, *, s: int = 1):
+        super().__init__(k, seed)
+        if not isinstance(s, int) or s < 1:
+            raise DNTKError(f"SJLT sparsity s must be a positive integer, got {s!r}")
+        self.s = s
+        self._cache = _DeviceCache()
+
+    def _index(self, key, r, device):
+        spec = self._spec(key)
+        return self._cache.get(
+            (key, "idx", r), device,
+            lambda: torch.randint(0, self.k, (spec.numel,), generator=cpu_generator(self.seed, key, f"sjlt-idx:{r}")),
+        )
+
+    def _signs(self, key, r, device):
+        """(row_signs, col_signs) for factored blocks, or (full_signs, None)."""
+        spec = self._spec(key)
+        if spec.factors is not None:
+            rows, cols = spec.factors
+            sr = self._cache.get((key, "sr", r), device, lambda: random_signs(rows, cpu_generator(self.seed, key, f"sjlt-sr:{r}")))
+            sc = self._cache.get((key, "sc", r), device, lambda: random_signs(cols, cpu_generator(self.seed, key, f"sjlt-sc:{r}")))
+            return sr, sc
+        return self._cache.get((key, "sg", r), device, lambda: random_signs(spec.numel, cpu_generator(self.seed, key, f"sjlt-sg:{r}"))), None
+
+    def _full_signs(self, key, r, device):
+        sr, sc = self._signs(key, r, device)
+        if sc is None:
+            return sr
+        return self._cache.get((key, "sfull", r), device, lambda: torch.outer(sr.cpu(), sc.cpu()).reshape(-1))
+
+    def project(self, key, block, out):
+        _check_out(out, self.k)
+        scale = 1.0 / math.sqrt(self.s)
+        for r in range(self.s):
+            signed = block * self._full_signs(key, r, block.device).to(block.dtype)
+            if scale != 1.0:
+                signed.mul_(scale)
+            out.index_add_(1, self._index(key, r, block.device), signed.to(out.dtype))
+
+    def project_outer(self, key, g, a, out, cache):
+        _check_out(out, self.k)
+        if self._spec(key).factors is None:
+            return super().project_outer(key, g, a, out, cache)
+        scale = 1.0 / math.sqrt(self.s)
+        B = g.shape[0]
+        for r in range(self.s):
+            sr, sc = self._signs(key, r, g.device)
+            ga = cache.get((key, r))
+            if ga is None:
+                ga = (a * sc.to(a.dtype)[None, :, None]).transpose(1, 2)
+                if scale != 1.0:
+                    ga.mul_(scale)
+                cache[(key, r)] = ga
+            block = torch.bmm(g * sr.to(g.dtype)[None, :, None], ga).reshape(B, -1)
+            out.index_add_(1, self._index(key, r, g.device), block.to(out.dtype))
+
+
+class TensorSketchProjector(Projector):
+    """Structured sketch that never materialises a Linear/Conv2d weight gradient when that is dearer.
+
+    For an outer-product block with factors (rows, cols), entry (i, j) goes to bucket
+    (h_row(i) + h_col(j)) mod k with sign s_row(i)·s_col(j) (a TensorSketch, Pham & Pagh 2013).
+    Then sketch(Σ_t g_t a_tᵀ) = Σ_t CS_row(g_t) ⊛ CS_col(a_t), a circular convolution computed with
+    real FFTs of length k in O(T·(rows + cols + k log k)) instead of O(T·rows·cols) — the win for
+    the large, low-resolution layers where most parameters live. Each layer takes whichever path
+    is cheaper; both give the same sketch. The remaining parameters (biases, norm affines) are
+    computed exactly and CountSketched with independent hashes.
+    """
+
+    name = "tensorsketch"
+
+    def __init__(self, k: int, seed: int = 0, *, fft_max_bytes: int = 256 << 20):
+        super().__init__(k, seed)
+        self._cache = _DeviceCache()
+        self.fft_max_bytes = fft_max_bytes
+        self._plain = SJLTProjector(k, seed=seed ^ 0x5EED, s=1)
+
+    def bind(self, specs):
+        super().bind(specs)
+        self._plain.bind([BlockSpec(s.name, s.numel, None) for s in specs])
+        return self
+
+    def _hash(self, key, side, n, device):
+        idx = self._cache.get((key, side, "h"), device,
+                              lambda: torch.randint(0, self.k, (n,), generator=cpu_generator(self.seed, key, f"ts-h-{side}")))
+        sg = self._cache.get((key, side, "s"), device,
+                             lambda: random_signs(n, cpu_generator(self.seed, key, f"ts-s-{side}")))
+        return idx, sg
+
+    def _full(self, key, device):
+        """Materialised (bucket, sign) of every entry of an outer-product block."""
+        rows, cols = self._spec(key).factors
+
+        def make_idx():
+            hr, _ = self._hash(key, "row", rows, "cpu")
+            hc, _ = self._hash(key, "col", cols, "cpu")
+            return (hr[:, None] + hc[None, :]).remainder_(self.k).reshape(-1)
+
+        def make_sign():
+            _, sr = self._hash(key, "row", rows, "cpu")
+            _, sc = self._hash(key, "col", cols, "cpu")
+            return torch.outer(sr, sc).reshape(-1)
+
+        return self._cache.get((key, "full-idx"), device, make_idx), self._cache.get((key, "full-sign"), device, make_sign)
+
+    def project(self, key, block, out):
+        _check_out(out, self.k)
+        if self._spec(key).factors is None:
+            return self._plain.project(key, block, out)
+        idx, sign = self._full(key, block.device)
+        out.index_add_(1, idx, (block * sign.to(block.dtype)).to(out.dtype))
+
+    def _fft_is_cheaper(self, rows, cols, T, B) -> bool:
+        k = self.k
+        dense = rows * cols * (T + 3)
+        fft = T * (rows + cols) + 2 * T * k * (math.log2(k) + 1) * 2.5 + 4 * T * k
+        fits = B * T * (k // 2 + 1) * 8 * 2 <= self.fft_max_bytes
+        return fits and fft < dense
+
+    def _count_sketch(self, x, idx, sign):
+        """x[B, n, T] → [B, T, k] with x's rows hashed into k buckets."""
+        B, n, T = x.shape
+        buf = torch.zeros(B, T, self.k, dtype=x.dtype, device=x.device)
+        buf.index_add_(2, idx, (x * sign.to(x.dtype)[None, :, None]).transpose(1, 2))
+        return buf
+
+    def project_outer(self, key, g, a, out, cache):
+        _check_out(out, self.k)
+        spec = self._spec(key)
+        B, rows, T = g.shape
+        if spec.factors is None or not self._fft_is_cheaper(rows, a.shape[1], T, B):
+            return super().project_outer(key, g, a, out, cache)
+        fa = cache.get(key)
+        if fa is None:
+            hc, sc = self._hash(key, "col", a.shape[1], a.device)
+            fa = torch.fft.rfft(self._count_sketch(a, hc, sc), dim=-1)
+            cache[key] = fa
+        hr, sr = self._hash(key, "row", rows, g.device)
+        fg = torch.fft.rfft(self._count_sketch(g, hr, sr), dim=-1)
+        conv = torch.fft.irfft((fg * fa).sum(1), n=self.k, dim=-1)
+        out += conv.to(out.dtype)
