@@ -1,0 +1,277 @@
+"""``dntk run``: teacher → projected per-logit features → per-class KRR → fidelity metrics and Figure 1.
+
+Every stage's output is kept in the output folder (teacher checkpoints, feature tensors keyed by
+everything they depend on), written atomically, so an interrupted or repeated run resumes where it
+stopped instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import metrics
+from ..data import balanced_indices, load_splits
+from ..errors import DNTKError
+from ..features import empirical_ntk, gradient_features
+from ..kernels import PerClassKRR, one_hot
+from ..models import build_model, load_checkpoint
+from ..projection import DEFAULT, NAMES
+from ..projection import make as make_projector
+from ..report import figure1
+from ..training import TrainConfig, evaluate, train
+
+
+@dataclass
+class RunConfig:
+    """Settings of ``dntk run``; None means "pick the default for this dataset"."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    model: str | None = None          # small_cnn for digits, resnet18 otherwise
+    checkpoint: str | None = None     # None: train a teacher (cached in out/teacher)
+    image_size: int | None = None     # 8 for digits, 64 otherwise
+    projector: str = DEFAULT
+    k: int | None = None              # min(4096, P // 2)
+    m: int | None = None              # 500, capped by the training set
+    n_test: int | None = None         # all of the test split
+    device: str = "cpu"
+    seed: int = 0
+    out: str = "dntk-out"
+    exact: bool = False
+    ridge: float = 1e-4
+    targets: str = "logits"           # "logits" (teacher) | "onehot" (labels)
+    epochs: int | None = None         # 30 for digits, 15 otherwise
+    optimizer: str = "sgd"
+    lr: float | None = None
+    train_batch_size: int = 128
+    batch_size: int = 32              # feature extraction
+    m_grid: list[int] | None = None
+    progress: bool = True
+    cache_data: bool = True
+
+    def resolved(self) -> "RunConfig":
+        c = RunConfig(**asdict(self))
+        digits = c.dataset == "digits"
+        c.model = c.model or ("small_cnn" if digits else "resnet18")
+        c.image_size = c.image_size or (8 if digits else 64)
+        c.epochs = c.epochs or (30 if digits else 15)
+        c.m = c.m or 500
+        if c.projector not in NAMES:
+            raise DNTKError(f"unknown projector {c.projector!r}; valid names: {', '.join(NAMES)}")
+        if c.targets not in ("logits", "onehot"):
+            raise DNTKError(f"unknown targets {c.targets!r}; use 'logits' or 'onehot'")
+        return c
+
+
+@dataclass
+class _Stages:
+    timings: dict = field(default_factory=dict)
+
+    def time(self, name):
+        stages = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                stages.timings[name] = stages.timings.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _T()
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def model_checksum(model: torch.nn.Module) -> str:
+    return _digest(*[t for _, t in sorted(model.state_dict().items())])
+
+
+def _atomic_json(obj, path: Path):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)
+
+
+def _cached(path: Path, compute):
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    value = compute()
+    tmp = path.with_suffix(".tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
+    return value
+
+
+def default_m_grid(m: int, C: int) -> list[int]:
+    grid = sorted({v for v in (C, 2 * C, 3 * C, 5 * C, 7 * C, 10 * C, 15 * C, 20 * C, 30 * C, 40 * C, 50 * C,
+                               75 * C, 100 * C) if v < m} | {m})
+    return grid
+
+
+def krr_metrics(F_train, y_train, F_test, logits_test, labels_test, ridge, m_values, *, kernels=None):
+    """Metrics of the per-class KRR for each training prefix size in m_values.
+
+    F_train [C, m, k] (or, with kernels=(K_train [C, m, m], K_test [C, n, m]), precomputed)."""
+    rows = []
+    for mm in m_values:
+        model = PerClassKRR(ridge=ridge, normalize="trace")
+        if kernels is None:
+            model.fit(F_train[:, :mm], y_train[:mm])
+            pred = model.predict(F_test)
+            Kt = torch.einsum("cik,cjk->cij", F_train[:, :mm].double(), F_train[:, :mm].double())
+        else:
+            K_train, K_test = kernels
+            model.fit_kernel(K_train[:, :mm, :mm], y_train[:mm])
+            pred = model.predict_kernel(K_test[:, :, :mm])
+            Kt = K_train[:, :mm, :mm]
+        cond = metrics.kernel_conditioning(Kt)
+        row = {"m": mm, **metrics.summarize(pred, logits_test, labels_test),
+               "condition_number": cond["condition_number"], "min_eigenvalue": cond["min_eigenvalue"]}
+        rows.append(row)
+    return rows
+
+
+def run(config: RunConfig) -> dict:
+    """Run the main job; returns the results dict also written to ``out/results.json``."""
+    cfg = config.resolved()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    st = _Stages()
+    log = print if cfg.progress else (lambda *a, **k: None)
+
+    # -- data ----------------------------------------------------------------------------------------
+    with st.time("data"):
+        kw = {"cache_dir": out / "cache", "progress": cfg.progress} if cfg.dataset != "digits" and cfg.cache_data else {}
+        train_set, test_set = load_splits(cfg.dataset, root=cfg.data_root, image_size=cfg.image_size, **kw)
+        C = train_set.num_classes
+        if cfg.n_test is not None:
+            test_set = test_set.subset(balanced_indices(test_set.labels, min(cfg.n_test, len(test_set)), C))
+    if cfg.m > len(train_set):  # checked before any training so the mistake costs nothing
+        raise DNTKError(f"--m {cfg.m} is larger than the training set ({len(train_set)} images); choose m ≤ {len(train_set)}")
+    log(f"data: {cfg.dataset}, {len(train_set)} train / {len(test_set)} test images of shape "
+        f"{train_set.image_shape}, {C} classes")
+
+    # -- teacher -------------------------------------------------------------------------------------
+    with st.time("teacher"):
+        teacher = build_model(cfg.model, C, in_channels=train_set.image_shape[0], image_size=cfg.image_size)
+        if cfg.checkpoint:
+            load_checkpoint(teacher, cfg.checkpoint)
+            trained = None
+        else:
+            tcfg = TrainConfig(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, seed=cfg.seed,
+                               batch_size=cfg.train_batch_size,
+                               augment="shift" if cfg.dataset == "digits" else "crop_flip")
+            trained = train(teacher, train_set, test_set, tcfg, out / "teacher", device=cfg.device,
+                            progress=cfg.progress)
+        teacher.to(cfg.device).eval()
+        test_acc, _ = evaluate(teacher, test_set, device=cfg.device)
+    checksum = model_checksum(teacher)
+    P = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
+    log(f"teacher: {cfg.model}, P={P:,}, test accuracy {test_acc:.4f}")
+
+    # -- features ------------------------------------------------------------------------------------
+    idx = balanced_indices(train_set.labels, cfg.m, C, seed=cfg.seed)
+    k = cfg.k or min(4096, P // 2)
+    projector = make_projector(cfg.projector, k=k, seed=cfg.seed)
+    fkey = _digest(checksum, cfg.projector, k, cfg.seed, idx, len(test_set), _digest(test_set.labels))
+    X_train, y_train_labels = train_set.tensors(idx)
+    X_test, y_test = test_set.tensors()
+
+    def features(X, tag):
+        return _cached(out / f"features-{tag}-{fkey}.pt", lambda: _feature_dict(gradient_features(
+            teacher, X, projector, batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress)))
+
+    with st.time("features_train"):
+        ftr = features(X_train, "train")
+    with st.time("features_test"):
+        fte = features(X_test, "test")
+    F_train, F_test = ftr["features"], fte["features"]
+    logits_train, logits_test = ftr["logits"], fte["logits"]
+    y_train = logits_train.double() if cfg.targets == "logits" else one_hot(y_train_labels, C)
+
+    # -- kernel model ------------------------------------------------------------------------------------
+    with st.time("kernel_model"):
+        grid = cfg.m_grid or default_m_grid(cfg.m, C)
+        grid = sorted({g for g in grid if 0 < g <= cfg.m} | {cfg.m})
+        curve = krr_metrics(F_train, y_train, F_test, logits_test, y_test, cfg.ridge, grid)
+    final = curve[-1]
+    results = {
+        "config": asdict(cfg),
+        "teacher": {"model": cfg.model, "parameters": P, "test_accuracy": test_acc, "checksum": checksum,
+                    "source": cfg.checkpoint or str(out / "teacher" / "best.pt"),
+                    "best_epoch": trained.best_epoch if trained else None},
+        "projector": {"name": projector.name, "k": projector.dim, "seed": cfg.seed},
+        "kernel_model": {key: final[key] for key in ("fidelity", "accuracy", "mse", "condition_number", "min_eigenvalue")},
+        "counts": {"n_real": len(train_set), "m": cfg.m, "n_test": len(test_set), "classes": C,
+                   "per_sample_gradients": (cfg.m + len(test_set)) * C, "parameters": P, "k": projector.dim},
+        "curves": {"projected": curve},
+    }
+
+    # -- exact comparison -------------------------------------------------------------------------------
+    if cfg.exact:
+        with st.time("exact"):
+            ex = _cached(out / f"exact-{fkey}.pt", lambda: {
+                "K_train": empirical_ntk(teacher, X_train.to(cfg.device)),
+                "K_test": empirical_ntk(teacher, X_test.to(cfg.device), X_train.to(cfg.device))})
+            Kp = torch.einsum("cik,cjk->cij", F_train.double(), F_train.double())
+            ex_curve = krr_metrics(None, y_train, None, logits_test, y_test, cfg.ridge, grid,
+                                   kernels=(ex["K_train"], ex["K_test"]))
+        results["exact"] = {
+            "kernel_relative_error": metrics.kernel_relative_error(Kp, ex["K_train"]),
+            "kernel_alignment": metrics.kernel_alignment(Kp, ex["K_train"]),
+            "kernel_model": {key: ex_curve[-1][key] for key in ("fidelity", "accuracy", "mse", "condition_number",
+                                                                "min_eigenvalue")},
+        }
+        results["curves"]["exact"] = ex_curve
+
+    with st.time("figure"):
+        curves = {f"{projector.name} k={projector.dim}": results["curves"]["projected"]}
+        if cfg.exact:
+            curves["exact eNTK"] = results["curves"]["exact"]
+        figure1(curves, out / "figure1.png", teacher_accuracy=test_acc,
+                title=f"{cfg.dataset} · {cfg.model} · per-class KRR (ridge {cfg.ridge:g}, trace-normalised)")
+    results["timings_s"] = dict(st.timings)
+    results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    _atomic_json(results, out / "results.json")
+    log(format_results(results))
+    log(f"wrote {out / 'results.json'} and {out / 'figure1.png'}")
+    return results
+
+
+def _feature_dict(r):
+    return {"features": r.features, "logits": r.logits, "classes": r.classes}
+
+
+def format_results(res: dict) -> str:
+    km = res["kernel_model"]
+    lines = ["", f"{'':28s}{'projected':>14s}" + (f"{'exact eNTK':>14s}" if "exact" in res else "")]
+    for key in ("fidelity", "accuracy", "mse", "condition_number", "min_eigenvalue"):
+        row = f"{key:28s}{km[key]:>14.4g}"
+        if "exact" in res:
+            row += f"{res['exact']['kernel_model'][key]:>14.4g}"
+        lines.append(row)
+    if "exact" in res:
+        lines.append(f"{'kernel rel. error vs exact':28s}{res['exact']['kernel_relative_error']:>14.4g}")
+        lines.append(f"{'kernel alignment vs exact':28s}{res['exact']['kernel_alignment']:>14.4g}")
+    c = res["counts"]
+    lines.append(f"teacher test accuracy {res['teacher']['test_accuracy']:.4f}; m={c['m']} of {c['n_real']} real, "
+                 f"{c['n_test']} test, {c['per_sample_gradients']:,} per-sample gradients, P={c['parameters']:,} → k={c['k']}")
+    lines.append("timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in res["timings_s"].items())
+                 + f"; peak memory {res['peak_memory_mb']:.0f} MB")
+    return "\n".join(lines)
