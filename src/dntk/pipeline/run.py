@@ -153,7 +153,7 @@ def run(config: RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     st = _Stages()
-    log = print if cfg.progress else (lambda *a, **k: None)
+    log = print  # progress=False silences the bars, not the results
 
     # -- data ----------------------------------------------------------------------------------------
     with st.time("data"):
