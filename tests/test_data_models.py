@@ -95,6 +95,8 @@ def test_balanced_indices_prefixes_are_balanced():
 
 
 def test_models_and_penultimate():
+    assert not isinstance(resnet18(10, image_size=64).maxpool, torch.nn.Identity)
+    assert resnet18(10, image_size=64, stem="imagenet").conv1.kernel_size == (7, 7)
     m = resnet18(10, image_size=32)
     assert isinstance(m.maxpool, torch.nn.Identity) and m.conv1.stride == (1, 1)
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -24,6 +24,8 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--data-root", default=None, help="ImageFolder root with train/ and val/ (folder, imagenette)")
     p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} (default: small_cnn for digits, else resnet18)")
     p.add_argument("--image-size", type=int, default=None, help="side length after resize + centre crop (default 64; digits 8)")
+    p.add_argument("--stem", choices=["auto", "small", "imagenet"], default="auto",
+                   help="ResNet-18 stem: small (3x3/1) for inputs <= 64 px under auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="dntk-out", help="output folder; rerunning resumes from what is there")
@@ -88,7 +90,7 @@ def _train(args):
     train_set, val_set = load_splits(args.dataset, root=args.data_root, image_size=size,
                                      **({} if args.dataset == "digits" else {"cache_dir": Path(args.out) / "cache"}))
     model = build_model(args.model or ("small_cnn" if args.dataset == "digits" else "resnet18"), train_set.num_classes,
-                        train_set.image_shape[0], size)
+                        train_set.image_shape[0], size, args.stem)
     cfg = TrainConfig(epochs=args.epochs or (30 if args.dataset == "digits" else 15), optimizer=args.optimizer, lr=args.lr,
                       seed=args.seed, batch_size=args.train_batch_size,
                       augment="shift" if args.dataset == "digits" else "crop_flip")
@@ -107,7 +109,7 @@ def _ntk(args):
     size = args.image_size or (8 if args.dataset == "digits" else 64)
     test = load_split(args.dataset, "val", root=args.data_root, image_size=size)
     model = build_model(args.model or ("small_cnn" if args.dataset == "digits" else "resnet18"), test.num_classes,
-                        test.image_shape[0], size)
+                        test.image_shape[0], size, args.stem)
     load_checkpoint(model, args.checkpoint)
     x, _ = test.tensors(torch.arange(min(args.n, len(test))))
     K = empirical_ntk(model.to(args.device), x.to(args.device), blocks=args.blocks)

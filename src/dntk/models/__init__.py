@@ -36,23 +36,31 @@ class SmallCNN(nn.Module):
         return self.fc(self.body(x))
 
 
-def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 224, small_input: bool | None = None):
-    """torchvision ResNet-18 with ``num_classes`` outputs. For inputs ≤ 64 px (or small_input=True)
-    the stem is a 3×3 stride-1 conv without max-pool, so 32–64 px images keep spatial detail."""
+def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 224, stem: str = "auto"):
+    """torchvision ResNet-18 with ``num_classes`` outputs.
+
+    stem: ``"small"`` replaces the 7×7/2 conv by a 3×3/1 conv (and drops the max-pool for inputs
+    ≤ 32 px), so small images keep spatial detail; ``"imagenet"`` keeps torchvision's stem;
+    ``"auto"`` (default) is small for inputs ≤ 64 px. At 33–64 px the small stem keeps the
+    max-pool: layer1 then runs at half the input size (a 64 px image costs ~0.56 GFLOP forward;
+    without the pool it would be ~2.2 GFLOP, too slow to train on CPUs).
+    """
+    if stem not in ("auto", "small", "imagenet"):
+        raise DNTKError(f"unknown stem {stem!r}; use 'auto', 'small' or 'imagenet'")
+    small = stem == "small" or (stem == "auto" and image_size <= 64)
     model = torchvision.models.resnet18(num_classes=num_classes)
-    if small_input is None:
-        small_input = image_size <= 64
-    if small_input or in_channels != 3:
-        k, s, p = (3, 1, 1) if small_input else (7, 2, 3)
-        model.conv1 = nn.Conv2d(in_channels, 64, k, stride=s, padding=p, bias=False)
-    if small_input:
-        model.maxpool = nn.Identity()
+    if small:
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        if image_size <= 32:
+            model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     return model
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 224) -> nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 224, stem: str = "auto") -> nn.Module:
     if name == "resnet18":
-        return resnet18(num_classes, in_channels, image_size)
+        return resnet18(num_classes, in_channels, image_size, stem)
     if name == "small_cnn":
         return SmallCNN(in_channels, num_classes)
     raise DNTKError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")

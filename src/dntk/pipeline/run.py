@@ -37,6 +37,7 @@ class RunConfig:
     model: str | None = None          # small_cnn for digits, resnet18 otherwise
     checkpoint: str | None = None     # None: train a teacher (cached in out/teacher)
     image_size: int | None = None     # 8 for digits, 64 otherwise
+    stem: str = "auto"                # ResNet-18 stem: auto / small / imagenet
     projector: str = DEFAULT
     k: int | None = None              # min(4096, P // 2)
     m: int | None = None              # 500, capped by the training set
@@ -169,7 +170,7 @@ def run(config: RunConfig) -> dict:
 
     # -- teacher -------------------------------------------------------------------------------------
     with st.time("teacher"):
-        teacher = build_model(cfg.model, C, in_channels=train_set.image_shape[0], image_size=cfg.image_size)
+        teacher = build_model(cfg.model, C, in_channels=train_set.image_shape[0], image_size=cfg.image_size, stem=cfg.stem)
         if cfg.checkpoint:
             load_checkpoint(teacher, cfg.checkpoint)
             trained = None
