@@ -71,3 +71,43 @@ def test_console_script_help():
     for flag in ("--dataset", "--data-root", "--model", "--checkpoint", "--image-size", "--projector", "--k", "--m",
                  "--device", "--seed", "--out", "--exact"):
         assert flag in r.stdout
+
+
+def test_run_with_distillation_student_and_gradient_distillation(tmp_path):
+    """Stage 1 (random subset, student base model) and stage 3 (Algorithm 1, budget 3) end to end."""
+    out = tmp_path / "staged"
+    args = ["run", "--out", str(out), "--epochs", "3", "--k", "256", "--n-test", "60", "--quiet",
+            "--distill", "random", "--ipc", "6", "--base-model", "student", "--student-epochs", "3",
+            "--gradient-distill", "local-global", "--budget", "3", "--clusters", "3"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["distillation"]["method"] == "random" and res["counts"]["m"] == 60
+    assert res["counts"]["n_real_over_m"] == pytest.approx(1347 / 60)
+    assert res["base_model"]["name"] == "student" and 0 <= res["base_model"]["test_accuracy"] <= 1
+    gd = res["gradient_distillation"]
+    assert gd["s"] == [3] * 10 and gd["compression"] == pytest.approx(20.0)
+    assert len(gd["ranks"]["per-logit kernel, all m points"]) == 10
+    for name in ("figure1.png", "figure2.png", "figure3.png", "figure5.png", "figure4-class0.png"):
+        assert (out / name).stat().st_size > 5_000
+    assert (out / "distill-random-ipc6-seed0" / "distilled.pt").exists()
+
+
+def test_distill_verb_and_reuse_in_run(tmp_path):
+    assert main(["distill", "--method", "kcenter", "--ipc", "4", "--epochs", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    folder = tmp_path / "distill-kcenter-ipc4-seed0"
+    assert (folder / "manifest.json").exists()
+    assert main(["run", "--out", str(tmp_path), "--epochs", "2", "--k", "128", "--n-test", "30", "--quiet",
+                 "--distilled", str(folder)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["counts"]["m"] == 40 and res["distillation"]["method"] == "kcenter"
+
+
+def test_stage_errors(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path), "--gradient-distill", "pca", "--quiet"]) == 1
+    assert "valid names: none, local-global, random, fps, kmeans, leverage" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path), "--tau-v", "1.5", "--quiet"]) == 1
+    assert "--tau-v 1.5 must lie in (0, 1]" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path), "--budget", "600", "--quiet"]) == 1
+    assert "--budget 600 is larger than --m 500" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path), "--distill", "dc", "--quiet"]) == 1
+    assert "valid names: none, random, kcenter, wmdd" in capsys.readouterr().err

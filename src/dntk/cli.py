@@ -55,9 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exact", action="store_true", help="also compute the exact per-class eNTK and compare")
     run.add_argument("--m-grid", default=None, help="comma-separated m values for figure1 (default: a log grid up to m)")
     run.add_argument("--batch-size", type=int, default=32, help="samples per feature pass")
+    run.add_argument("--distill", default="none", help="stage 1: none, random, kcenter, wmdd (default none)")
+    run.add_argument("--ipc", type=int, default=10, help="images per class for --distill")
+    run.add_argument("--distilled", default=None, help="use a distilled-set folder made by `dntk distill`")
+    run.add_argument("--wmdd-iterations", type=int, default=200)
+    run.add_argument("--base-model", choices=["teacher", "student"], default="teacher",
+                     help="the network whose NTK is analysed: the teacher, or a student trained on the distilled set")
+    run.add_argument("--student-epochs", type=int, default=60)
+    run.add_argument("--gradient-distill", default="none",
+                     help="none, local-global (Algorithm 1), random, fps, kmeans, leverage (default none)")
+    run.add_argument("--budget", type=int, default=None, help="exactly s gradients per class kernel (m/s = compression)")
+    run.add_argument("--tau-v", type=float, default=0.95, help="explained variance for truncation ranks (Algorithm 1)")
+    run.add_argument("--tau-g", type=float, default=0.9, help="coverage below which a global direction is a gap")
+    run.add_argument("--clusters", type=int, default=10, help="clusters H per class kernel (Algorithm 1)")
+    run.add_argument("--gd-mode", choices=["per_class", "class_average"], default="per_class")
 
     tr = sub.add_parser("train", help="train (or resume) a teacher and report its test accuracy")
     _add_common(tr)
+
+    dis = sub.add_parser("distill", help="distil the training set (wmdd, random, kcenter) to IPC images per class")
+    _add_common(dis)
+    dis.add_argument("--method", default="wmdd", help="wmdd, random or kcenter")
+    dis.add_argument("--ipc", type=int, default=10)
+    dis.add_argument("--checkpoint", default=None, help="teacher weights (default: train one in OUT/teacher)")
+    dis.add_argument("--iterations", type=int, default=200, help="WMDD optimisation steps per class (WMDD uses 2000)")
+    dis.add_argument("--wmdd-lr", type=float, default=0.25)
+    dis.add_argument("--bn-weight", type=float, default=0.01)
+    dis.add_argument("--ce-weight", type=float, default=1.0)
+    dis.add_argument("--feature-weight", type=float, default=1.0)
 
     ntk = sub.add_parser("ntk", help="exact empirical NTK of the first n test images")
     _add_common(ntk)
@@ -99,6 +124,40 @@ def _train(args):
                       "checkpoint": str(Path(args.out) / "teacher" / "best.pt")}, indent=1))
 
 
+def _teacher_for(args, train_set, val_set, size):
+    from .models import build_model, load_checkpoint
+    from .training import TrainConfig, train
+
+    model = build_model(args.model or ("small_cnn" if args.dataset == "digits" else "resnet18"), train_set.num_classes,
+                        train_set.image_shape[0], size, args.stem)
+    if args.checkpoint:
+        return load_checkpoint(model, args.checkpoint)
+    cfg = TrainConfig(epochs=args.epochs or (30 if args.dataset == "digits" else 15), optimizer=args.optimizer, lr=args.lr,
+                      seed=args.seed, batch_size=args.train_batch_size,
+                      augment="shift" if args.dataset == "digits" else "crop_flip")
+    train(model, train_set, val_set, cfg, Path(args.out) / "teacher", device=args.device, progress=not args.quiet)
+    return model
+
+
+def _distill(args):
+    from .data import load_splits
+    from .distill import distill
+    from .pipeline.run import model_checksum
+
+    size = args.image_size or (8 if args.dataset == "digits" else 64)
+    train_set, val_set = load_splits(args.dataset, root=args.data_root, image_size=size,
+                                     **({} if args.dataset == "digits" else {"cache_dir": Path(args.out) / "cache"}))
+    teacher = _teacher_for(args, train_set, val_set, size).eval()
+    opts = {}
+    if args.method == "wmdd":
+        opts = {"iterations": args.iterations, "lr": args.wmdd_lr, "bn_weight": args.bn_weight,
+                "ce_weight": args.ce_weight, "feature_weight": args.feature_weight}
+    out = Path(args.out) / f"distill-{args.method}-ipc{args.ipc}-seed{args.seed}"
+    ds = distill(args.method, teacher, train_set, args.ipc, out, seed=args.seed, device=args.device,
+                 progress=not args.quiet, teacher_checksum=model_checksum(teacher), **opts)
+    print(f"distilled {len(ds)} images ({args.method}, {args.ipc} per class) to {out}")
+
+
 def _ntk(args):
     import torch
 
@@ -126,7 +185,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        {"run": _run, "train": _train, "ntk": _ntk}[args.verb](args)
+        {"run": _run, "train": _train, "distill": _distill, "ntk": _ntk}[args.verb](args)
     except DNTKError as e:
         print(f"dntk: error: {e}", file=sys.stderr)
         return 1

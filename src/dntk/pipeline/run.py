@@ -54,6 +54,18 @@ class RunConfig:
     train_batch_size: int = 128
     batch_size: int = 32              # feature extraction
     m_grid: list[int] | None = None
+    distill: str = "none"             # none | random | kcenter | wmdd (stage 1)
+    ipc: int = 10                     # images per class for --distill
+    distilled: str | None = None      # a distilled-set folder made by `dntk distill`
+    wmdd_iterations: int = 200
+    base_model: str = "teacher"       # teacher | student (trained on the distilled set, soft labels)
+    student_epochs: int = 60
+    gradient_distill: str = "none"    # none | local-global | random | fps | kmeans | leverage
+    budget: int | None = None         # s gradients per class kernel (budget mode)
+    tau_v: float = 0.95
+    tau_g: float = 0.9
+    clusters: int = 10
+    gd_mode: str = "per_class"        # per_class | class_average
     progress: bool = True
     cache_data: bool = True
 
@@ -66,6 +78,22 @@ class RunConfig:
         c.m = c.m or 500
         if c.projector not in NAMES:
             raise DNTKError(f"unknown projector {c.projector!r}; valid names: {', '.join(NAMES)}")
+        from .gradient_stage import GRADIENT_METHODS
+
+        if c.gradient_distill not in ("none",) + GRADIENT_METHODS:
+            raise DNTKError(f"unknown gradient distillation {c.gradient_distill!r}; valid names: none, "
+                            f"{', '.join(GRADIENT_METHODS)}")
+        if c.budget is not None and c.budget > c.m:
+            raise DNTKError(f"--budget {c.budget} is larger than --m {c.m}; choose s ≤ m")
+        for name in ("tau_v", "tau_g"):
+            if not 0 < getattr(c, name) <= 1:
+                raise DNTKError(f"--{name.replace('_', '-')} {getattr(c, name)} must lie in (0, 1]")
+        if c.distill not in ("none", "random", "kcenter", "wmdd"):
+            raise DNTKError(f"unknown distillation {c.distill!r}; valid names: none, random, kcenter, wmdd")
+        if c.base_model not in ("teacher", "student"):
+            raise DNTKError(f"unknown base model {c.base_model!r}; use 'teacher' or 'student'")
+        if c.base_model == "student" and c.distill == "none" and not c.distilled:
+            raise DNTKError("--base-model student trains on a distilled set: add --distill {random,kcenter,wmdd}")
         if c.targets not in ("logits", "onehot"):
             raise DNTKError(f"unknown targets {c.targets!r}; use 'logits' or 'onehot'")
         return c
@@ -187,16 +215,45 @@ def run(config: RunConfig) -> dict:
     log(f"teacher: {cfg.model}, P={P:,}, test accuracy {test_acc:.4f}")
 
     # -- features ------------------------------------------------------------------------------------
-    idx = balanced_indices(train_set.labels, cfg.m, C, seed=cfg.seed)
+    distilled = None
+    if cfg.distill != "none" or cfg.distilled:
+        from ..distill import distill as run_distill
+        from ..distill import load_distilled
+
+        with st.time("distillation"):
+            if cfg.distilled:
+                distilled = load_distilled(cfg.distilled)
+            else:
+                dkw = {"iterations": cfg.wmdd_iterations} if cfg.distill == "wmdd" else {}
+                distilled = run_distill(cfg.distill, teacher, train_set, cfg.ipc,
+                                        out / f"distill-{cfg.distill}-ipc{cfg.ipc}-seed{cfg.seed}", seed=cfg.seed,
+                                        device=cfg.device, progress=cfg.progress, teacher_checksum=checksum, **dkw)
+            distilled.check_compatible(train_set)
+        order = balanced_indices(distilled.labels, len(distilled), C)
+        X_train, y_train_labels = distilled.tensors(order)
+        cfg.m = len(distilled)
+        log(f"distilled set: {distilled.method}, m={cfg.m} ({len(train_set) / cfg.m:.1f}× fewer Jacobians than "
+            f"{len(train_set)} real images)")
+        idx = order
+    else:
+        idx = balanced_indices(train_set.labels, cfg.m, C, seed=cfg.seed)
+        X_train, y_train_labels = train_set.tensors(idx)
+    X_test, y_test = test_set.tensors()
+
+    base, base_name, student_acc = teacher, "teacher", None
+    if cfg.base_model == "student":
+        with st.time("student"):
+            base, student_acc = _train_student(cfg, teacher, X_train, y_train_labels, test_set, out, checksum)
+        base_name = "student"
+        checksum = model_checksum(base)
+        log(f"student trained on the {cfg.m} distilled images: test accuracy {student_acc:.4f}")
     k = cfg.k or min(4096, P // 2)
     projector = make_projector(cfg.projector, k=k, seed=cfg.seed)
-    fkey = _digest(checksum, cfg.projector, k, cfg.seed, idx, len(test_set), _digest(test_set.labels))
-    X_train, y_train_labels = train_set.tensors(idx)
-    X_test, y_test = test_set.tensors()
+    fkey = _digest(checksum, cfg.projector, k, cfg.seed, _digest(X_train), len(test_set), _digest(test_set.labels))
 
     def features(X, tag):
         return _cached(out / f"features-{tag}-{fkey}.pt", lambda: _feature_dict(gradient_features(
-            teacher, X, projector, batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress)))
+            base, X, projector, batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress)))
 
     with st.time("features_train"):
         ftr = features(X_train, "train")
@@ -219,7 +276,12 @@ def run(config: RunConfig) -> dict:
                     "best_epoch": trained.best_epoch if trained else None},
         "projector": {"name": projector.name, "k": projector.dim, "seed": cfg.seed},
         "kernel_model": {key: final[key] for key in ("fidelity", "accuracy", "mse", "condition_number", "min_eigenvalue")},
-        "counts": {"n_real": len(train_set), "m": cfg.m, "n_test": len(test_set), "classes": C,
+        "base_model": {"name": base_name, "test_accuracy": student_acc if student_acc is not None else test_acc},
+        "distillation": None if distilled is None else {
+            "method": distilled.method, "ipc": cfg.ipc, "m": cfg.m, "jacobians_saved": len(train_set) / cfg.m,
+            "seconds": st.timings.get("distillation", 0.0), "source": cfg.distilled},
+        "counts": {"n_real": len(train_set), "m": cfg.m, "n_real_over_m": len(train_set) / cfg.m,
+                   "n_test": len(test_set), "classes": C,
                    "per_sample_gradients": (cfg.m + len(test_set)) * C, "parameters": P, "k": projector.dim},
         "curves": {"projected": curve},
     }
@@ -228,8 +290,8 @@ def run(config: RunConfig) -> dict:
     if cfg.exact:
         with st.time("exact"):
             ex = _cached(out / f"exact-{fkey}.pt", lambda: {
-                "K_train": empirical_ntk(teacher, X_train.to(cfg.device)),
-                "K_test": empirical_ntk(teacher, X_test.to(cfg.device), X_train.to(cfg.device))})
+                "K_train": empirical_ntk(base, X_train.to(cfg.device)),
+                "K_test": empirical_ntk(base, X_test.to(cfg.device), X_train.to(cfg.device))})
             Kp = torch.einsum("cik,cjk->cij", F_train.double(), F_train.double())
             ex_curve = krr_metrics(None, y_train, None, logits_test, y_test, cfg.ridge, grid,
                                    kernels=(ex["K_train"], ex["K_test"]))
@@ -241,11 +303,26 @@ def run(config: RunConfig) -> dict:
         }
         results["curves"]["exact"] = ex_curve
 
+    if cfg.gradient_distill != "none":
+        from .gradient_stage import run_gradient_stage
+
+        with st.time("gradient_distillation"):
+            gd = run_gradient_stage(F_train, y_train, y_train_labels, F_test, logits_test, y_test,
+                                    method=cfg.gradient_distill, budget=cfg.budget, tau_v=cfg.tau_v, tau_g=cfg.tau_g,
+                                    n_clusters=min(cfg.clusters, cfg.m), ridge=cfg.ridge, seed=cfg.seed, out=out,
+                                    class_names=train_set.classes, mode=cfg.gd_mode)
+        results["gradient_distillation"] = gd
+        log(f"gradient distillation ({cfg.gradient_distill}): s={gd['s']} per class (m/s={gd['compression']:.1f}); "
+            f"fidelity {gd['kernel_model']['fidelity']:.4f}, accuracy {gd['kernel_model'].get('accuracy', float('nan')):.4f}, "
+            f"mse {gd['kernel_model']['mse']:.4g} (all m: fidelity {gd['kernel_model_all_m']['fidelity']:.4f}); "
+            f"truncation ranks {gd['ranks']['per-logit kernel, all m points']}")
+
     with st.time("figure"):
-        curves = {f"{projector.name} k={projector.dim}": results["curves"]["projected"]}
+        label = f"{base_name} · {projector.name} k={projector.dim}" + (f" · {distilled.method}" if distilled else "")
+        curves = {label: results["curves"]["projected"]}
         if cfg.exact:
             curves["exact eNTK"] = results["curves"]["exact"]
-        figure1(curves, out / "figure1.png", teacher_accuracy=test_acc,
+        figure1(curves, out / "figure1.png", teacher_accuracy=student_acc if student_acc is not None else test_acc,
                 title=f"{cfg.dataset} · {cfg.model} · per-class KRR (ridge {cfg.ridge:g}, trace-normalised)")
     results["timings_s"] = dict(st.timings)
     results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -253,6 +330,28 @@ def run(config: RunConfig) -> dict:
     log(format_results(results))
     log(f"wrote {out / 'results.json'} and {out / 'figure1.png'}")
     return results
+
+
+def _train_student(cfg, teacher, X_train, y_train_labels, test_set, out, checksum):
+    """A student of the teacher's architecture trained on the distilled images only, with the
+    teacher's soft labels (WMDD-style relabelling)."""
+    from ..data.images import ImageSet  # noqa: F401  (type of test_set)
+    from ..distill.store import DistilledSet
+
+    with torch.no_grad():
+        teacher.eval()
+        soft = torch.cat([teacher(X_train[s:s + 256].to(cfg.device)).cpu() for s in range(0, len(X_train), 256)])
+    ds = DistilledSet(X_train, y_train_labels, list(test_set.classes), test_set.mean, test_set.std, test_set.name,
+                      cfg.distill)
+    student = build_model(cfg.model, test_set.num_classes, in_channels=test_set.image_shape[0],
+                          image_size=cfg.image_size, stem=cfg.stem)
+    torch.manual_seed(cfg.seed)
+    tcfg = TrainConfig(epochs=cfg.student_epochs, optimizer="adamw", batch_size=min(64, len(ds)), seed=cfg.seed,
+                       weight_decay=0.01, augment="shift" if cfg.dataset == "digits" else "crop_flip")
+    res = train(student, ds, test_set, tcfg, out / f"student-{_digest(checksum, _digest(X_train))}", soft_labels=soft,
+                device=cfg.device, progress=cfg.progress)
+    student.eval()
+    return student, evaluate(student, test_set, device=cfg.device)[0]
 
 
 def _feature_dict(r):

@@ -35,6 +35,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     soft_label_temperature: float = 4.0   # used when soft labels (a teacher) are given
+    eval_every: int = 1                   # evaluate every N epochs (and always after the last)
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -50,6 +51,16 @@ class TrainResult:
     history: list = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
+
+
+def same_config(stored_json: str | None, config: TrainConfig) -> bool:
+    """A checkpoint's stored configuration matches ``config``; fields added to TrainConfig after the
+    checkpoint was written count as their defaults, so old runs stay resumable."""
+    if not stored_json:
+        return False
+    stored = json.loads(stored_json)
+    defaults = asdict(TrainConfig())
+    return all(stored.get(key, defaults[key]) == value for key, value in asdict(config).items())
 
 
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -126,7 +137,7 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
     last = out_dir / "last.pt"
     if resume and last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
-        if state.get("config") == cfg_json:
+        if same_config(state.get("config"), config):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -161,10 +172,11 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
             sched.step()
             total += loss.item() * idx.numel()
             seen += idx.numel()
-        acc, _ = evaluate(model, val_set, device=device)
+        due = (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs
+        acc = evaluate(model, val_set, device=device)[0] if due else None
         history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_accuracy": acc,
                         "lr": sched.get_last_lr()[0]})
-        if acc > best[0]:
+        if acc is not None and acc > best[0]:
             best = (acc, epoch + 1)
             _atomic_save({"model": model.state_dict(), "val_accuracy": acc, "epoch": epoch + 1}, out_dir / "best.pt")
         _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -172,7 +184,7 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
                       "config": cfg_json}, last)
         (out_dir / "history.json").write_text(json.dumps(history, indent=1))
         bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_acc=f"{acc:.3f}")
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_acc="-" if acc is None else f"{acc:.3f}")
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds and epoch + 1 < config.epochs:
             break
     bar.close()
@@ -186,7 +198,7 @@ def is_finished(out_dir, config: TrainConfig) -> bool:
     if not last.exists():
         return False
     state = torch.load(last, map_location="cpu", weights_only=False)
-    return state.get("config") == json.dumps(asdict(config), sort_keys=True) and state["epoch"] >= config.epochs
+    return same_config(state.get("config"), config) and state["epoch"] >= config.epochs
 
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "augment_batch", "is_finished"]

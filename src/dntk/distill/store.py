@@ -1,0 +1,132 @@
+"""Distilled sets on disk: one tensor file, a JSON manifest and a PNG grid per class.
+
+Every distiller (WMDD, random real subset, k-center) writes the same format, so every later stage
+accepts any of them:
+
+    OUT/distilled.pt     {"images": float32 [m, c, h, w] (normalised), "labels": int64 [m],
+                          "classes": [...], "mean", "std", "dataset", "method"}
+    OUT/manifest.json    settings, per-class records, time, peak memory, teacher checksum
+    OUT/grid-<class>.png the class's images, de-normalised
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.images import ImageSet
+from ..errors import DNTKError
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def check_ipc(dataset: ImageSet, ipc: int):
+    if not isinstance(ipc, int) or ipc < 1:
+        raise DNTKError(f"ipc must be a positive integer, got {ipc!r}")
+    counts = dataset.class_counts()
+    missing = [dataset.classes[c] for c, n in enumerate(counts) if n == 0]
+    if missing:
+        raise DNTKError(f"classes {missing} have no images in the training data; every class needs images to distil")
+    small = [(dataset.classes[c], n) for c, n in enumerate(counts) if n < ipc]
+    if small:
+        raise DNTKError(f"ipc={ipc} is larger than the image count of classes {small[:5]}; choose ipc ≤ {min(counts)}")
+
+
+@dataclass
+class DistilledSet:
+    """images: normalised float32 [m, c, h, w]; labels int64 [m]; same class list and
+    normalisation as the dataset it was distilled from."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list
+    mean: tuple
+    std: tuple
+    dataset: str
+    method: str
+
+    @classmethod
+    def from_normalised(cls, images, labels, source: ImageSet, method: str) -> "DistilledSet":
+        return cls(images.float().contiguous(), labels.long(), list(source.classes), tuple(source.mean),
+                   tuple(source.std), source.name, method)
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self):
+        return tuple(self.images.shape[1:])
+
+    def tensors(self, index=None):
+        if index is None:
+            return self.images.clone(), self.labels.clone()
+        index = torch.as_tensor(index, dtype=torch.long)
+        return self.images[index], self.labels[index]
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
+
+    def to_uint8(self) -> torch.Tensor:
+        m = torch.tensor(self.mean).view(1, -1, 1, 1)
+        s = torch.tensor(self.std).view(1, -1, 1, 1)
+        return ((self.images * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def check_compatible(self, dataset: ImageSet):
+        """Raise unless this set was distilled from data with the same classes and image shape."""
+        if list(self.classes) != list(dataset.classes):
+            raise DNTKError(f"the distilled set has {len(self.classes)} classes ({', '.join(map(str, self.classes[:4]))}…) "
+                            f"but the data has {dataset.num_classes} ({', '.join(map(str, dataset.classes[:4]))}…); "
+                            "distil from the same dataset, or point --distilled at the right folder")
+        if tuple(self.image_shape) != tuple(dataset.image_shape):
+            raise DNTKError(f"the distilled images are {self.image_shape} but the data's are {dataset.image_shape}; "
+                            "use the same --image-size")
+
+
+def save_distilled(ds: DistilledSet, out_dir, manifest: dict, grids: bool = True) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blob = {"images": ds.images, "labels": ds.labels, "classes": ds.classes, "mean": list(ds.mean), "std": list(ds.std),
+            "dataset": ds.dataset, "method": ds.method}
+    tmp = out_dir / "distilled.pt.tmp"
+    torch.save(blob, tmp)
+    tmp.replace(out_dir / "distilled.pt")
+    manifest = {**manifest, "n": len(ds), "classes": ds.classes, "class_counts": ds.class_counts(),
+                "image_shape": list(ds.image_shape), "dataset": ds.dataset}
+    (out_dir / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1, default=float))
+    (out_dir / "manifest.json.tmp").replace(out_dir / "manifest.json")
+    if grids:
+        from torchvision.utils import save_image
+
+        u8 = ds.to_uint8()
+        for c, name in enumerate(ds.classes):
+            imgs = u8[ds.labels == c]
+            if len(imgs):
+                save_image(imgs.float() / 255, out_dir / f"grid-{c:02d}-{_safe(name)}.png", nrow=10)
+    return out_dir / "distilled.pt"
+
+
+def _safe(name) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(name))[:40]
+
+
+def load_distilled(path) -> DistilledSet:
+    path = Path(path)
+    f = path / "distilled.pt" if path.is_dir() else path
+    if not f.exists():
+        raise DNTKError(f"no distilled set at {f}; run `dntk distill` first or point at its output folder")
+    blob = torch.load(f, map_location="cpu")
+    return DistilledSet(blob["images"], blob["labels"], blob["classes"], tuple(blob["mean"]), tuple(blob["std"]),
+                        blob["dataset"], blob["method"])

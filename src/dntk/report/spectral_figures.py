@@ -1,0 +1,156 @@
+"""Figures 2–5 of the paper and the grid-search Pareto plot. Plotting only: inputs are computed
+spectra, structures and metric rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def figure2(spectra: dict[str, list], ranks: dict[str, list], path, *, class_names=None, tau_v=0.95) -> Path:
+    """Per-class eigenvalue spectra (normalised by the largest) with truncation ranks marked.
+
+    spectra: panel title -> list of C eigenvalue arrays (descending); ranks: same keys -> C ranks."""
+    fig, axes = plt.subplots(1, len(spectra), figsize=(6.5 * len(spectra), 4), squeeze=False)
+    for ax, (title, lams) in zip(axes[0], spectra.items()):
+        cmap = plt.get_cmap("tab10")
+        for c, lam in enumerate(lams):
+            lam = np.clip(np.asarray(lam, dtype=float), 1e-300, None)
+            name = class_names[c] if class_names else str(c)
+            ax.semilogy(np.arange(1, len(lam) + 1), lam / lam[0], color=cmap(c % 10), lw=1,
+                        label=f"{name} (r={ranks[title][c]})")
+            r = ranks[title][c]
+            if r and r <= len(lam):
+                ax.plot([r], [lam[r - 1] / lam[0]], "o", color=cmap(c % 10), ms=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("index")
+        ax.set_ylabel("eigenvalue / largest")
+        ax.set_title(f"{title}: truncation ranks at {tau_v:.0%} variance")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def figure3(rows: list[dict], m: int, path) -> Path:
+    """Fidelity, accuracy, MSE versus s for every method, and accuracy versus compression m/s.
+
+    rows: {"method", "s", "fidelity", "accuracy", "mse", optional "*_std"}."""
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    methods = sorted({r["method"] for r in rows}, key=lambda n: (n != "local-global", n))
+    for method in methods:
+        sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["s"])
+        s = np.array([r["s"] for r in sel], dtype=float)
+        style = dict(marker="o", ms=4, lw=2.2 if method == "local-global" else 1.2, label=method)
+        for ax, key in zip(axes[:3], ("fidelity", "accuracy", "mse")):
+            y = np.array([r[key] for r in sel])
+            ax.plot(s, y, **style)
+            std = [r.get(f"{key}_std") for r in sel]
+            if all(v is not None for v in std):
+                ax.fill_between(s, y - np.array(std), y + np.array(std), alpha=0.15)
+        axes[3].plot(m / s, [r["accuracy"] for r in sel], **style)
+    for ax, title in zip(axes, ("test fidelity", "test accuracy", "test MSE (logits)", "accuracy vs compression")):
+        ax.set_title(title)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("gradients per class kernel s" if title != "accuracy vs compression" else f"compression m/s (m={m})")
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def figure4(containment, heatmap, max_align, mean_align, coverage, r_g: int, tau_g: float, path, *,
+            title: str = "") -> Path:
+    """The three local–global panels for one class: containment (max/mean/min over clusters)
+    versus r, the cluster × global-PC variance heat-map, and per-PC alignment with gaps shaded."""
+    containment = np.asarray(containment)
+    fig, axes = plt.subplots(3, 1, figsize=(8, 10))
+    r = np.arange(1, containment.shape[1] + 1)
+    ax = axes[0]
+    ax.plot(r, containment.max(0), label="max", color="tab:green")
+    ax.plot(r, containment.mean(0), label="mean", color="tab:blue")
+    ax.plot(r, containment.min(0), label="min", color="tab:orange")
+    ax.axvline(r_g, color="k", ls="--", lw=1, label=f"truncation rank {r_g}")
+    ax.set_xlabel("global rank r")
+    ax.set_ylabel("variance-weighted local\nvectors inside top-r PCs")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    im = ax.imshow(np.asarray(heatmap), aspect="auto", cmap="magma")
+    ax.set_xlabel("global PC j")
+    ax.set_ylabel("cluster i")
+    ax.set_title("(u^j|I_i)ᵀ K_i (u^j|I_i) / tr K_i", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    ax = axes[2]
+    j = np.arange(1, len(max_align) + 1)
+    ax.plot(j, max_align, color="darkred", label="max over clusters")
+    ax.plot(j, mean_align, color="purple", label="mean over clusters")
+    ax.plot(j, coverage, color="gray", ls=":", label="union coverage")
+    for jj, c in zip(j, coverage):
+        if c < tau_g:
+            ax.axvspan(jj - 0.5, jj + 0.5, color="orange", alpha=0.3, lw=0)
+    ax.axhline(tau_g, color="k", ls="--", lw=1, label=f"τ_g = {tau_g}")
+    ax.set_xlabel("global PC j")
+    ax.set_ylabel("‖P_i(u^j|I_i)‖²")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def figure5(rows: list[dict], path) -> Path:
+    """Fidelity, accuracy and MSE versus the rank r of the Woodbury predictor. rows: {"rank", ...}."""
+    rows = sorted(rows, key=lambda r: r["rank"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    ranks = [r["rank"] for r in rows]
+    for ax, key in zip(axes, ("fidelity", "accuracy", "mse")):
+        ax.plot(ranks, [r[key] for r in rows], marker="o", ms=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("rank r")
+        ax.set_title(f"test {key}")
+        ax.grid(alpha=0.3)
+    axes[2].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def pareto_front(rows: list[dict], x: str = "s", y: str = "accuracy") -> list[dict]:
+    """Rows not dominated by another with smaller-or-equal x and larger-or-equal y."""
+    front, best = [], -np.inf
+    for r in sorted(rows, key=lambda r: (r[x], -r[y])):
+        if r[y] > best:
+            front.append(r)
+            best = r[y]
+    return front
+
+
+def pareto_figure(rows: list[dict], path, *, x: str = "s", y: str = "accuracy") -> Path:
+    front = pareto_front(rows, x, y)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r[x] for r in rows], [r[y] for r in rows], s=12, alpha=0.5, label="(τ_v, τ_g, H) configurations")
+    ax.plot([r[x] for r in front], [r[y] for r in front], "r-o", ms=4, label="Pareto frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean gradients per class s")
+    ax.set_ylabel(f"test {y}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,126 @@
+"""Stage 1: barycenters, BN statistics, the WMDD objective, k-center, the on-disk format."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dntk import DNTKError
+from dntk.data import digits
+from dntk.distill import (WMDDConfig, barycenter, bn_layers, class_bn_statistics, covering_radius, kcenter_greedy,
+                          load_distilled, select_real, wasserstein2, wmdd)
+from dntk.distill.wmdd import synthesize_class
+from dntk.models import SmallCNN
+from dntk.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    tr, te = digits("train"), digits("val")
+    model = SmallCNN(1, 10)
+    train(model, tr, te, TrainConfig(epochs=3, augment="shift"), tmp_path_factory.mktemp("t"), progress=False)
+    return model.eval(), tr, te
+
+
+def test_barycenter_beats_random_points():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 6, generator=g) * 4
+    X = centres.repeat_interleave(40, 0) + torch.randn(200, 6, generator=g)
+    Z = barycenter(X, 10, seed=0)
+    w_bary = wasserstein2(X, Z)
+    w_rand = [wasserstein2(X, X[torch.randperm(200, generator=g)[:10]]) for _ in range(5)]
+    assert Z.shape == (10, 6)
+    assert w_bary < min(w_rand)
+
+
+def test_class_bn_statistics_equal_direct_computation(digits_teacher):
+    model, tr, _ = digits_teacher
+    x, _ = tr.tensors(torch.nonzero(tr.labels == 3).flatten())
+    stats = class_bn_statistics(model, x, batch=7)   # accumulated over uneven batches
+    seen = []
+    hs = [l.register_forward_hook(lambda m, i, o: seen.append(i[0])) for l in bn_layers(model)]
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    assert len(stats) == len(seen) == 3
+    for (mu, var), inp in zip(stats, seen):
+        assert torch.allclose(mu, inp.mean((0, 2, 3)), atol=1e-5)
+        assert torch.allclose(var, inp.var((0, 2, 3), unbiased=False), atol=1e-5)
+
+
+def test_wmdd_iterations_lower_the_objective(digits_teacher):
+    model, tr, _ = digits_teacher
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, _ = tr.tensors(torch.nonzero(tr.labels == 5).flatten())
+    cfg = WMDDConfig(ipc=4, iterations=20, lr=0.05, jitter=False, bn_weight=0.1)
+    _, rec = synthesize_class(model, x, 5, cfg, bn_layers(model))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    assert rec["final_loss"]["total"] < rec["initial_loss"]["total"]
+
+
+def test_wmdd_outputs_reload_bit_identically_and_resume(digits_teacher, tmp_path):
+    model, tr, _ = digits_teacher
+    ds = wmdd(model, tr, WMDDConfig(ipc=2, iterations=2), tmp_path, progress=False)
+    back = load_distilled(tmp_path)
+    assert torch.equal(back.images, ds.images) and torch.equal(back.labels, ds.labels)
+    assert back.class_counts() == [2] * 10 and back.method == "wmdd"
+    assert (tmp_path / "manifest.json").exists() and len(list(tmp_path.glob("grid-*.png"))) == 10
+    stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "classes").glob("*.pt"))]
+    again = wmdd(model, tr, WMDDConfig(ipc=2, iterations=2), tmp_path, progress=False)
+    assert stamps == [p.stat().st_mtime_ns for p in sorted((tmp_path / "classes").glob("*.pt"))]
+    assert torch.equal(again.images, ds.images)
+
+
+def test_kcenter_is_a_valid_greedy_cover():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(120, 5, generator=g)
+    picks = kcenter_greedy(X, 12, first=7)
+    assert len(set(picks)) == 12 and picks[0] == 7
+    for t in range(1, 12):  # each pick is the point farthest from the ones before it
+        d = torch.cdist(X.double(), X[picks[:t]].double()).min(1).values
+        assert picks[t] == int(torch.argmax(d))
+    # greedy is a 2-approximation of the optimal radius, which no random set beats
+    for _ in range(5):
+        rand = torch.randperm(120, generator=g)[:12].tolist()
+        assert covering_radius(X, picks) <= 2 * covering_radius(X, rand)
+
+
+def test_random_and_kcenter_subsets(digits_teacher, tmp_path):
+    model, tr, _ = digits_teacher
+    r = select_real(tr, 3, "random", seed=0, out_dir=tmp_path / "r")
+    k = select_real(tr, 3, "kcenter", teacher=model, seed=0)
+    assert r.class_counts() == [3] * 10 and k.class_counts() == [3] * 10
+    assert torch.equal(load_distilled(tmp_path / "r").images, r.images)
+
+
+def test_bad_input(digits_teacher, tmp_path):
+    model, tr, te = digits_teacher
+    with pytest.raises(DNTKError, match="ipc=500 is larger than the image count"):
+        select_real(tr, 500, "random")
+    only_some = tr.subset(torch.nonzero(tr.labels < 9).flatten())
+    with pytest.raises(DNTKError, match=r"classes \['9'\] have no images"):
+        select_real(only_some, 2, "random")
+    no_bn = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    with pytest.warns(RuntimeWarning, match="no BatchNorm layers"):
+        wmdd(no_bn, tr, WMDDConfig(ipc=1, iterations=1), tmp_path / "nobn", progress=False)
+    ds = select_real(tr, 1, "random")
+    other = digits("val")
+    other.classes = [f"c{i}" for i in range(10)]
+    with pytest.raises(DNTKError, match="distilled set has 10 classes"):
+        ds.check_compatible(other)
+    with pytest.raises(DNTKError, match="no distilled set"):
+        load_distilled(tmp_path / "missing")
+
+
+def test_student_on_distilled_images_with_soft_labels(digits_teacher, tmp_path):
+    model, tr, te = digits_teacher
+    ds = select_real(tr, 20, "random", seed=0)
+    with torch.no_grad():
+        soft = model(ds.images)
+    student = SmallCNN(1, 10)
+    res = train(student, ds, te, TrainConfig(epochs=30, batch_size=32, optimizer="adamw", weight_decay=0.01,
+                                             augment="shift", eval_every=10), tmp_path, soft_labels=soft,
+                progress=False)
+    assert res.best_accuracy > 0.5   # 200 images with the teacher's soft labels: far above chance (0.1)
