@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..data.images import ImageSet
-from .store import DistilledSet, check_ipc, peak_rss_mb, save_distilled
+from .store import DistilledSet, check_ipc, peak_rss_mb, reset_peak_rss, save_distilled
 from .wmdd import class_features
 
 
@@ -35,6 +35,7 @@ def select_real(dataset: ImageSet, ipc: int, method: str, *, teacher=None, seed:
     """``random``: ipc random images per class (seeded); ``kcenter``: k-center greedy per class on
     teacher features, started at a seeded random image."""
     check_ipc(dataset, ipc)
+    reset_peak_rss()
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     chosen = []

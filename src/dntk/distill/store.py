@@ -22,7 +22,24 @@ from ..data.images import ImageSet
 from ..errors import DNTKError
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: VmHWM is reset through /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
+    """Peak resident memory (MB) since the last reset_peak_rss() (Linux), else of the process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

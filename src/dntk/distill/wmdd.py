@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..data.images import ImageSet
 from ..errors import DNTKError
 from ..models import penultimate
-from .store import DistilledSet, check_ipc, peak_rss_mb, save_distilled
+from .store import DistilledSet, check_ipc, peak_rss_mb, reset_peak_rss, save_distilled
 
 
 @dataclass
@@ -215,6 +215,7 @@ def wmdd(teacher: nn.Module, dataset: ImageSet, cfg: WMDDConfig, out_dir, *, pro
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    reset_peak_rss()
     t0 = time.perf_counter()
     images, labels, records = [], [], {}
     cfg_key = json.dumps(asdict(cfg), sort_keys=True)
