@@ -111,3 +111,15 @@ def test_stage_errors(tmp_path, capsys):
     assert "--budget 600 is larger than --m 500" in capsys.readouterr().err
     assert main(["run", "--out", str(tmp_path), "--distill", "dc", "--quiet"]) == 1
     assert "valid names: none, random, kcenter, wmdd" in capsys.readouterr().err
+
+
+def test_train_and_ntk_verbs(tmp_path, capsys):
+    assert main(["train", "--epochs", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert 0 < info["best_val_accuracy"] <= 1 and info["best_epoch"] in (1, 2)
+    assert main(["ntk", "--checkpoint", info["checkpoint"], "--n", "3", "--out", str(tmp_path), "--quiet"]) == 0
+    import torch
+
+    K = torch.load(tmp_path / "ntk-per_class.pt")
+    assert K.shape == (10, 3, 3) and K.dtype == torch.float64
+    assert torch.allclose(K, K.transpose(1, 2)) and bool((torch.diagonal(K, dim1=1, dim2=2) > 0).all())

@@ -106,48 +106,53 @@ def _run(args):
     run(RunConfig(**values))
 
 
-def _train(args):
-    from .data import load_splits
-    from .models import build_model
-    from .training import TrainConfig, train
+def _data(args, split=None):
+    """(train, val, image_size) — or one split — of the dataset the flags name."""
+    from .data import load_split, load_splits
+    from .pipeline.run import default_image_size
 
-    size = args.image_size or (8 if args.dataset == "digits" else 64)
-    train_set, val_set = load_splits(args.dataset, root=args.data_root, image_size=size,
-                                     **({} if args.dataset == "digits" else {"cache_dir": Path(args.out) / "cache"}))
-    model = build_model(args.model or ("small_cnn" if args.dataset == "digits" else "resnet18"), train_set.num_classes,
-                        train_set.image_shape[0], size, args.stem)
-    cfg = TrainConfig(epochs=args.epochs or (30 if args.dataset == "digits" else 15), optimizer=args.optimizer, lr=args.lr,
-                      seed=args.seed, batch_size=args.train_batch_size,
-                      augment="shift" if args.dataset == "digits" else "crop_flip")
+    size = args.image_size or default_image_size(args.dataset)
+    kw = {} if args.dataset == "digits" else {"cache_dir": Path(args.out) / "cache", "progress": not args.quiet}
+    if split:
+        return load_split(args.dataset, split, root=args.data_root, image_size=size, **kw), size
+    return (*load_splits(args.dataset, root=args.data_root, image_size=size, **kw), size)
+
+
+def _model(args, data, size):
+    from .models import build_model
+    from .pipeline.run import default_model
+
+    return build_model(args.model or default_model(args.dataset), data.num_classes, data.image_shape[0], size, args.stem)
+
+
+def _teacher_for(args, train_set, val_set, size):
+    """The teacher: loaded from --checkpoint, or trained (and cached) in OUT/teacher."""
+    from .models import load_checkpoint
+    from .pipeline.run import teacher_train_config
+    from .training import train
+
+    model = _model(args, train_set, size)
+    if getattr(args, "checkpoint", None):
+        return load_checkpoint(model, args.checkpoint), None
+    cfg = teacher_train_config(args.dataset, epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
+                               batch_size=args.train_batch_size)
     res = train(model, train_set, val_set, cfg, Path(args.out) / "teacher", device=args.device, progress=not args.quiet)
+    return model, res
+
+
+def _train(args):
+    train_set, val_set, size = _data(args)
+    _, res = _teacher_for(args, train_set, val_set, size)
     print(json.dumps({"best_val_accuracy": res.best_accuracy, "best_epoch": res.best_epoch, "seconds": res.seconds,
                       "checkpoint": str(Path(args.out) / "teacher" / "best.pt")}, indent=1))
 
 
-def _teacher_for(args, train_set, val_set, size):
-    from .models import build_model, load_checkpoint
-    from .training import TrainConfig, train
-
-    model = build_model(args.model or ("small_cnn" if args.dataset == "digits" else "resnet18"), train_set.num_classes,
-                        train_set.image_shape[0], size, args.stem)
-    if args.checkpoint:
-        return load_checkpoint(model, args.checkpoint)
-    cfg = TrainConfig(epochs=args.epochs or (30 if args.dataset == "digits" else 15), optimizer=args.optimizer, lr=args.lr,
-                      seed=args.seed, batch_size=args.train_batch_size,
-                      augment="shift" if args.dataset == "digits" else "crop_flip")
-    train(model, train_set, val_set, cfg, Path(args.out) / "teacher", device=args.device, progress=not args.quiet)
-    return model
-
-
 def _distill(args):
-    from .data import load_splits
     from .distill import distill
     from .pipeline.run import model_checksum
 
-    size = args.image_size or (8 if args.dataset == "digits" else 64)
-    train_set, val_set = load_splits(args.dataset, root=args.data_root, image_size=size,
-                                     **({} if args.dataset == "digits" else {"cache_dir": Path(args.out) / "cache"}))
-    teacher = _teacher_for(args, train_set, val_set, size).eval()
+    train_set, val_set, size = _data(args)
+    teacher = _teacher_for(args, train_set, val_set, size)[0].eval()
     opts = {}
     if args.method == "wmdd":
         opts = {"iterations": args.iterations, "lr": args.wmdd_lr, "bn_weight": args.bn_weight,
@@ -161,15 +166,11 @@ def _distill(args):
 def _ntk(args):
     import torch
 
-    from .data import load_split
     from .features import empirical_ntk
-    from .models import build_model, load_checkpoint
+    from .models import load_checkpoint
 
-    size = args.image_size or (8 if args.dataset == "digits" else 64)
-    test = load_split(args.dataset, "val", root=args.data_root, image_size=size)
-    model = build_model(args.model or ("small_cnn" if args.dataset == "digits" else "resnet18"), test.num_classes,
-                        test.image_shape[0], size, args.stem)
-    load_checkpoint(model, args.checkpoint)
+    test, size = _data(args, "val")
+    model = load_checkpoint(_model(args, test, size), args.checkpoint)
     x, _ = test.tensors(torch.arange(min(args.n, len(test))))
     K = empirical_ntk(model.to(args.device), x.to(args.device), blocks=args.blocks)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,20 @@ from ..report import figure1
 from ..training import TrainConfig, evaluate, train
 
 
+def default_model(dataset: str) -> str:
+    return "small_cnn" if dataset == "digits" else "resnet18"
+
+
+def default_image_size(dataset: str) -> int:
+    return 8 if dataset == "digits" else 64
+
+
+def teacher_train_config(dataset: str, *, epochs=None, optimizer="sgd", lr=None, seed=0, batch_size=128) -> TrainConfig:
+    """The teacher recipe shared by `dntk run`, `dntk train` and `dntk distill`."""
+    return TrainConfig(epochs=epochs or (30 if dataset == "digits" else 15), optimizer=optimizer, lr=lr, seed=seed,
+                       batch_size=batch_size, augment="shift" if dataset == "digits" else "crop_flip")
+
+
 @dataclass
 class RunConfig:
     """Settings of ``dntk run``; None means "pick the default for this dataset"."""
@@ -72,8 +86,8 @@ class RunConfig:
     def resolved(self) -> "RunConfig":
         c = RunConfig(**asdict(self))
         digits = c.dataset == "digits"
-        c.model = c.model or ("small_cnn" if digits else "resnet18")
-        c.image_size = c.image_size or (8 if digits else 64)
+        c.model = c.model or default_model(c.dataset)
+        c.image_size = c.image_size or default_image_size(c.dataset)
         c.epochs = c.epochs or (30 if digits else 15)
         c.m = c.m or 500
         if c.projector not in NAMES:
@@ -203,9 +217,8 @@ def run(config: RunConfig) -> dict:
             load_checkpoint(teacher, cfg.checkpoint)
             trained = None
         else:
-            tcfg = TrainConfig(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, seed=cfg.seed,
-                               batch_size=cfg.train_batch_size,
-                               augment="shift" if cfg.dataset == "digits" else "crop_flip")
+            tcfg = teacher_train_config(cfg.dataset, epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, seed=cfg.seed,
+                                        batch_size=cfg.train_batch_size)
             trained = train(teacher, train_set, test_set, tcfg, out / "teacher", device=cfg.device,
                             progress=cfg.progress)
         teacher.to(cfg.device).eval()
