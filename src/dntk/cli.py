@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--ipc", type=int, default=10)
     dis.add_argument("--checkpoint", default=None, help="teacher weights (default: train one in OUT/teacher)")
     dis.add_argument("--iterations", type=int, default=200, help="WMDD optimisation steps per class (WMDD uses 2000)")
-    dis.add_argument("--wmdd-lr", type=float, default=0.25)
-    dis.add_argument("--bn-weight", type=float, default=0.01)
+    dis.add_argument("--wmdd-lr", type=float, default=0.05)
+    dis.add_argument("--bn-weight", type=float, default=1.0)
     dis.add_argument("--ce-weight", type=float, default=1.0)
     dis.add_argument("--feature-weight", type=float, default=1.0)
 
