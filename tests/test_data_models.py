@@ -126,3 +126,10 @@ def test_checkpoint_mismatch_errors():
         load_checkpoint(torchvision.models.resnet18(num_classes=10), torchvision.models.resnet18(num_classes=5))
     with pytest.raises(DNTKError, match=r"(?s)another architecture.*missing keys \(\d+\)"):
         load_checkpoint(torchvision.models.resnet18(num_classes=10), SmallCNN(3, 10))
+
+
+def test_imagenette_from_a_local_tree_and_no_silent_download(sample_root, tmp_path):
+    ds = load_split("imagenette", "val", root=sample_root, image_size=16)
+    assert ds.images.shape == (500, 3, 16, 16)
+    with pytest.raises(DNTKError, match="pass --download"):
+        load_split("imagenette", "train", root=tmp_path, image_size=16)

@@ -22,6 +22,7 @@ def _add_common(p: argparse.ArgumentParser):
 
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits, embedded)")
     p.add_argument("--data-root", default=None, help="ImageFolder root with train/ and val/ (folder, imagenette)")
+    p.add_argument("--download", action="store_true", help="imagenette: download with torchvision if --data-root lacks it")
     p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} (default: small_cnn for digits, else resnet18)")
     p.add_argument("--image-size", type=int, default=None, help="side length after resize + centre crop (default 64; digits 8)")
     p.add_argument("--stem", choices=["auto", "small", "imagenet"], default="auto",
@@ -112,7 +113,8 @@ def _data(args, split=None):
     from .pipeline.run import default_image_size
 
     size = args.image_size or default_image_size(args.dataset)
-    kw = {} if args.dataset == "digits" else {"cache_dir": Path(args.out) / "cache", "progress": not args.quiet}
+    kw = {} if args.dataset == "digits" else {"cache_dir": Path(args.out) / "cache", "progress": not args.quiet,
+                                              "download": args.download}
     if split:
         return load_split(args.dataset, split, root=args.data_root, image_size=size, **kw), size
     return (*load_splits(args.dataset, root=args.data_root, image_size=size, **kw), size)

@@ -160,6 +160,7 @@ def imagenette(root, split: str = "train", image_size: int = 64, *, download: bo
 def load_split(name: str, split: str, *, root=None, image_size: int | None = None, **kw) -> ImageSet:
     """One split of a named dataset: ``digits`` (embedded), ``folder`` (ImageFolder at root),
     ``imagenette`` (local tree or torchvision download)."""
+    download = kw.pop("download", False)
     if name == "digits":
         if root is not None:
             raise DNTKError("the digits dataset is embedded in scikit-learn; drop --data-root or use --dataset folder")
@@ -171,7 +172,7 @@ def load_split(name: str, split: str, *, root=None, image_size: int | None = Non
     if name == "imagenette":
         if root is None:
             raise DNTKError("--dataset imagenette needs --data-root (a local imagenette2 folder, or where to download it)")
-        return imagenette(root, split, image_size or 64, **kw)
+        return imagenette(root, split, image_size or 64, download=download, **kw)
     raise DNTKError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import DNTKError
-from ..projection import Projector
+from ..projection import DEFAULT, Projector
 from ..projection import make as make_projector
 from .capture import GradientCapture
 from .inputs import iter_batches, num_inputs
@@ -54,7 +54,7 @@ def default_batch_size(num_params: int, projector: Projector) -> int:
     return 32
 
 
-def gradient_features(model: nn.Module, inputs, projector: Projector | str = "sjlt", *, classes=None,
+def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEFAULT, *, classes=None,
                       batch_size: int | None = None, device=None, progress: bool = True,
                       backend: str = "auto", k: int = 4096, seed: int = 0) -> FeatureResult:
     """Projected per-sample, per-logit gradients of a classifier.

@@ -48,6 +48,7 @@ class RunConfig:
 
     dataset: str = "digits"
     data_root: str | None = None
+    download: bool = False            # imagenette: fetch with torchvision when data_root lacks it
     model: str | None = None          # small_cnn for digits, resnet18 otherwise
     checkpoint: str | None = None     # None: train a teacher (cached in out/teacher)
     image_size: int | None = None     # 8 for digits, 64 otherwise
@@ -201,6 +202,8 @@ def run(config: RunConfig) -> dict:
     # -- data ----------------------------------------------------------------------------------------
     with st.time("data"):
         kw = {"cache_dir": out / "cache", "progress": cfg.progress} if cfg.dataset != "digits" and cfg.cache_data else {}
+        if cfg.dataset != "digits":
+            kw["download"] = cfg.download
         train_set, test_set = load_splits(cfg.dataset, root=cfg.data_root, image_size=cfg.image_size, **kw)
         C = train_set.num_classes
         if cfg.n_test is not None:
@@ -299,6 +302,19 @@ def run(config: RunConfig) -> dict:
         "curves": {"projected": curve},
     }
 
+    if base_name == "student":  # the paper's Figure 1 compares the two base models on the same points
+        with st.time("teacher_comparison"):
+            tkey = _digest(model_checksum(teacher), cfg.projector, k, cfg.seed, _digest(X_train), len(test_set))
+            t_tr = _cached(out / f"features-train-teacher-{tkey}.pt", lambda: _feature_dict(gradient_features(
+                teacher, X_train, projector, batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress)))
+            t_te = _cached(out / f"features-test-teacher-{tkey}.pt", lambda: _feature_dict(gradient_features(
+                teacher, X_test, projector, batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress)))
+            t_y = t_tr["logits"].double() if cfg.targets == "logits" else one_hot(y_train_labels, C)
+            results["curves"]["teacher"] = krr_metrics(t_tr["features"], t_y, t_te["features"], t_te["logits"], y_test,
+                                                       cfg.ridge, grid)
+        results["kernel_model_teacher"] = {key: results["curves"]["teacher"][-1][key]
+                                           for key in ("fidelity", "accuracy", "mse", "condition_number", "min_eigenvalue")}
+
     # -- exact comparison -------------------------------------------------------------------------------
     if cfg.exact:
         with st.time("exact"):
@@ -333,6 +349,9 @@ def run(config: RunConfig) -> dict:
     with st.time("figure"):
         label = f"{base_name} · {projector.name} k={projector.dim}" + (f" · {distilled.method}" if distilled else "")
         curves = {label: results["curves"]["projected"]}
+        if "teacher" in results["curves"]:
+            curves[f"teacher · {projector.name} k={projector.dim}" + (f" · {distilled.method}" if distilled else "")] = \
+                results["curves"]["teacher"]
         if cfg.exact:
             curves["exact eNTK"] = results["curves"]["exact"]
         figure1(curves, out / "figure1.png", teacher_accuracy=student_acc if student_acc is not None else test_acc,
