@@ -17,7 +17,6 @@ grid with its Pareto frontier, and the paper's numbers beside ours.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time

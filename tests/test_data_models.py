@@ -1,6 +1,5 @@
 """Data loading on the shared ImageNette sample and on hand-made folders; checkpoint loading."""
 
-import shutil
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Exact eNTK against a brute-force autograd loop (one backward per sample and logit)."""
 
-import pytest
 import torch
 import torch.nn as nn
 import torchvision

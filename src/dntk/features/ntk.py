@@ -8,7 +8,6 @@ import torch.nn as nn
 from ..errors import DNTKError
 from .capture import GradientCapture
 from .engine import model_device
-from .inputs import iter_batches
 
 BLOCKS = ("per_class", "full", "trace")
 

@@ -367,7 +367,6 @@ def run(config: RunConfig) -> dict:
 def _train_student(cfg, teacher, X_train, y_train_labels, test_set, out, checksum):
     """A student of the teacher's architecture trained on the distilled images only, with the
     teacher's soft labels (WMDD-style relabelling)."""
-    from ..data.images import ImageSet  # noqa: F401  (type of test_set)
     from ..distill.store import DistilledSet
 
     with torch.no_grad():
@@ -380,7 +379,7 @@ def _train_student(cfg, teacher, X_train, y_train_labels, test_set, out, checksu
     torch.manual_seed(cfg.seed)
     tcfg = TrainConfig(epochs=cfg.student_epochs, optimizer="adamw", batch_size=min(64, len(ds)), seed=cfg.seed,
                        weight_decay=0.01, augment="shift" if cfg.dataset == "digits" else "crop_flip")
-    res = train(student, ds, test_set, tcfg, out / f"student-{_digest(checksum, _digest(X_train))}", soft_labels=soft,
+    train(student, ds, test_set, tcfg, out / f"student-{_digest(checksum, _digest(X_train))}", soft_labels=soft,
                 device=cfg.device, progress=cfg.progress)
     student.eval()
     return student, evaluate(student, test_set, device=cfg.device)[0]
