@@ -380,7 +380,7 @@ def _train_student(cfg, teacher, X_train, y_train_labels, test_set, out, checksu
     tcfg = TrainConfig(epochs=cfg.student_epochs, optimizer="adamw", batch_size=min(64, len(ds)), seed=cfg.seed,
                        weight_decay=0.01, augment="shift" if cfg.dataset == "digits" else "crop_flip")
     train(student, ds, test_set, tcfg, out / f"student-{_digest(checksum, _digest(X_train))}", soft_labels=soft,
-                device=cfg.device, progress=cfg.progress)
+          device=cfg.device, progress=cfg.progress)
     student.eval()
     return student, evaluate(student, test_set, device=cfg.device)[0]
 
