@@ -44,7 +44,8 @@ def test_results_json_is_complete_and_consistent(tiny_run):
 
 def test_rerun_resumes_from_cached_stages(tiny_run):
     teacher = tiny_run / "teacher" / "last.pt"
-    feats = sorted(tiny_run.glob("features-*.pt"))
+    feats = sorted(tiny_run.glob("features-*/chunk-*.pt"))
+    assert len(feats) >= 2
     before = [teacher.stat().st_mtime_ns] + [f.stat().st_mtime_ns for f in feats]
     first = json.loads((tiny_run / "results.json").read_text())
     assert main(["run", "--out", str(tiny_run), "--exact", *TINY]) == 0
@@ -125,3 +126,20 @@ def test_train_and_ntk_verbs(tmp_path, capsys):
     K = torch.load(tmp_path / "ntk-per_class.pt")
     assert K.shape == (10, 3, 3) and K.dtype == torch.float64
     assert torch.allclose(K, K.transpose(1, 2)) and bool((torch.diagonal(K, dim1=1, dim2=2) > 0).all())
+
+
+def test_interrupted_feature_extraction_resumes_at_the_missing_chunk(tmp_path):
+    """Features are saved in atomic chunks: losing one (as an interruption would) recomputes only
+    that chunk, and the results are unchanged."""
+    from dntk.pipeline import RunConfig, run
+
+    cfg = RunConfig(out=str(tmp_path), m=30, n_test=50, epochs=2, k=128, progress=False, feature_chunk=16)
+    first = run(cfg)
+    chunks = sorted(tmp_path.glob("features-test-*/chunk-*.pt"))
+    assert len(chunks) == 4  # 50 test images in chunks of 16
+    stamps = {c: c.stat().st_mtime_ns for c in chunks}
+    chunks[2].unlink()
+    second = run(cfg)
+    assert chunks[2].exists()
+    assert all(c.stat().st_mtime_ns == stamps[c] for c in chunks if c != chunks[2])
+    assert second["kernel_model"] == first["kernel_model"]

@@ -68,6 +68,7 @@ class RunConfig:
     lr: float | None = None
     train_batch_size: int = 128
     batch_size: int = 32              # feature extraction
+    feature_chunk: int = 1024         # samples per atomically saved feature chunk (resume granularity)
     m_grid: list[int] | None = None
     distill: str = "none"             # none | random | kcenter | wmdd (stage 1)
     ipc: int = 10                     # images per class for --distill
@@ -267,9 +268,8 @@ def run(config: RunConfig) -> dict:
     projector = make_projector(cfg.projector, k=k, seed=cfg.seed)
     fkey = _digest(checksum, cfg.projector, k, cfg.seed, _digest(X_train), len(test_set), _digest(test_set.labels))
 
-    def features(X, tag):
-        return _cached(out / f"features-{tag}-{fkey}.pt", lambda: _feature_dict(gradient_features(
-            base, X, projector, batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress)))
+    def features(X, tag, model=None, key=fkey):
+        return chunked_features(out / f"features-{tag}-{key}", model or base, X, projector, cfg)
 
     with st.time("features_train"):
         ftr = features(X_train, "train")
@@ -305,10 +305,8 @@ def run(config: RunConfig) -> dict:
     if base_name == "student":  # the paper's Figure 1 compares the two base models on the same points
         with st.time("teacher_comparison"):
             tkey = _digest(model_checksum(teacher), cfg.projector, k, cfg.seed, _digest(X_train), len(test_set))
-            t_tr = _cached(out / f"features-train-teacher-{tkey}.pt", lambda: _feature_dict(gradient_features(
-                teacher, X_train, projector, batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress)))
-            t_te = _cached(out / f"features-test-teacher-{tkey}.pt", lambda: _feature_dict(gradient_features(
-                teacher, X_test, projector, batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress)))
+            t_tr = features(X_train, "train-teacher", teacher, tkey)
+            t_te = features(X_test, "test-teacher", teacher, tkey)
             t_y = t_tr["logits"].double() if cfg.targets == "logits" else one_hot(y_train_labels, C)
             results["curves"]["teacher"] = krr_metrics(t_tr["features"], t_y, t_te["features"], t_te["logits"], y_test,
                                                        cfg.ridge, grid)
@@ -383,6 +381,21 @@ def _train_student(cfg, teacher, X_train, y_train_labels, test_set, out, checksu
           device=cfg.device, progress=cfg.progress)
     student.eval()
     return student, evaluate(student, test_set, device=cfg.device)[0]
+
+
+def chunked_features(folder: Path, model, X: torch.Tensor, projector, cfg: RunConfig) -> dict:
+    """gradient_features of X in chunks of cfg.feature_chunk samples, each saved atomically in
+    ``folder``; an interrupted extraction resumes at the first missing chunk.
+    Returns {"features": [C, n, k], "logits": [n, C], "classes": [...]}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    step = max(1, cfg.feature_chunk)
+    parts = []
+    for start in range(0, X.shape[0], step):
+        parts.append(_cached(folder / f"chunk-{start:09d}.pt", lambda: _feature_dict(gradient_features(
+            model, X[start:start + step], projector, batch_size=cfg.batch_size, device=cfg.device,
+            progress=cfg.progress))))
+    return {"features": torch.cat([p["features"] for p in parts], 1), "logits": torch.cat([p["logits"] for p in parts]),
+            "classes": parts[0]["classes"]}
 
 
 def _feature_dict(r):
