@@ -158,3 +158,28 @@ def test_rank_deficient_class_kernel_is_handled():
     dg = local_global(low, Y[:, :1], n_clusters=3, tau_v=0.95)
     assert dg.record["ranks"][0] <= 2
     assert local_global(low, Y[:, :1], n_clusters=3, budget=5).sizes == [5]
+
+
+def test_parameter_redundancy_distortion_shrinks_with_k():
+    """Definition 3.2 measured: the inner-product distortion of a sketch falls as k grows (JL: like
+    1/√k), and is zero for the exact kernel."""
+    import dntk
+    from dntk.spectral import check_kernel, parameter_redundancy
+
+    from conftest import randomize_bn, small_cnn_bn
+
+    torch.manual_seed(0)
+    model = randomize_bn(small_cnn_bn(C=3)).double()
+    x = torch.randn(10, 3, 8, 8, dtype=torch.float64)
+    exact = dntk.empirical_ntk(model, x)
+    projected = {k: dntk.gradient_features(model, x, dntk.projection.make("sjlt", k=k, seed=1), progress=False).kernel()
+                 for k in (32, 512)}
+    rows = parameter_redundancy(exact, {**projected, 10**9: exact})
+    by_k = {r["k"]: r for r in rows}
+    assert by_k[10**9]["max_distortion"] == 0 and by_k[10**9]["relative_error"] == 0
+    assert by_k[512]["mean_distortion"] < by_k[32]["mean_distortion"]
+    assert by_k[512]["relative_error"] < by_k[32]["relative_error"]
+    bad = exact.clone()
+    bad[0, 1, 1] = float("nan")
+    with pytest.raises(DNTKError, match="NaN or inf"):
+        check_kernel(bad)
