@@ -86,6 +86,7 @@ def test_run_with_distillation_student_and_gradient_distillation(tmp_path):
     assert res["counts"]["n_real_over_m"] == pytest.approx(1347 / 60)
     assert res["base_model"]["name"] == "student" and 0 <= res["base_model"]["test_accuracy"] <= 1
     assert set(res["kernel_model_teacher"]) == set(res["kernel_model"])  # Figure 1: both base models
+    assert res["teacher"]["checksum"] != res["base_model"]["checksum"]  # the teacher keeps its own identity
     assert res["curves"]["teacher"][-1]["m"] == res["curves"]["projected"][-1]["m"] == 60
     gd = res["gradient_distillation"]
     assert gd["s"] == [3] * 10 and gd["compression"] == pytest.approx(20.0)

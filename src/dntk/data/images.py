@@ -92,12 +92,6 @@ def balanced_indices(labels: torch.Tensor, m: int, num_classes: int, seed: int |
         if seed is not None:
             idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(seed + c))]
         picks.append(idx[:want])
-    out = torch.cat(picks)
-    # interleave classes so that any prefix of length j·C is itself balanced
-    order = []
-    for r in range(base + 1):
-        for c in range(num_classes):
-            n_c = base + (1 if c < extra else 0)
-            if r < n_c:
-                order.append(sum(base + (1 if cc < extra else 0) for cc in range(c)) + r)
-    return out[torch.tensor(order, dtype=torch.long)]
+    # interleave classes round-robin so that any prefix of length j·C is itself balanced
+    order = [p[r] for r in range(base + 1) for p in picks if r < len(p)]
+    return torch.stack(order) if order else torch.zeros(0, dtype=torch.long)

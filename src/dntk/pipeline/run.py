@@ -11,7 +11,8 @@ import hashlib
 import json
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -115,21 +116,19 @@ class RunConfig:
         return c
 
 
-@dataclass
 class _Stages:
-    timings: dict = field(default_factory=dict)
+    """Wall-clock seconds per named stage (a stage entered twice accumulates)."""
 
-    def time(self, name):
-        stages = self
+    def __init__(self):
+        self.timings: dict[str, float] = {}
 
-        class _T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                stages.timings[name] = stages.timings.get(name, 0.0) + time.perf_counter() - self.t
-
-        return _T()
+    @contextmanager
+    def time(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
 
 
 def _digest(*parts) -> str:
@@ -227,7 +226,7 @@ def run(config: RunConfig) -> dict:
                             progress=cfg.progress)
         teacher.to(cfg.device).eval()
         test_acc, _ = evaluate(teacher, test_set, device=cfg.device)
-    checksum = model_checksum(teacher)
+    teacher_checksum = model_checksum(teacher)
     P = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
     log(f"teacher: {cfg.model}, P={P:,}, test accuracy {test_acc:.4f}")
 
@@ -244,29 +243,27 @@ def run(config: RunConfig) -> dict:
                 dkw = {"iterations": cfg.wmdd_iterations} if cfg.distill == "wmdd" else {}
                 distilled = run_distill(cfg.distill, teacher, train_set, cfg.ipc,
                                         out / f"distill-{cfg.distill}-ipc{cfg.ipc}-seed{cfg.seed}", seed=cfg.seed,
-                                        device=cfg.device, progress=cfg.progress, teacher_checksum=checksum, **dkw)
+                                        device=cfg.device, progress=cfg.progress, teacher_checksum=teacher_checksum, **dkw)
             distilled.check_compatible(train_set)
         order = balanced_indices(distilled.labels, len(distilled), C)
         X_train, y_train_labels = distilled.tensors(order)
         cfg.m = len(distilled)
         log(f"distilled set: {distilled.method}, m={cfg.m} ({len(train_set) / cfg.m:.1f}× fewer Jacobians than "
             f"{len(train_set)} real images)")
-        idx = order
     else:
-        idx = balanced_indices(train_set.labels, cfg.m, C, seed=cfg.seed)
-        X_train, y_train_labels = train_set.tensors(idx)
+        X_train, y_train_labels = train_set.tensors(balanced_indices(train_set.labels, cfg.m, C, seed=cfg.seed))
     X_test, y_test = test_set.tensors()
 
-    base, base_name, student_acc = teacher, "teacher", None
+    base, base_name, student_acc, base_checksum = teacher, "teacher", None, teacher_checksum
     if cfg.base_model == "student":
         with st.time("student"):
-            base, student_acc = _train_student(cfg, teacher, X_train, y_train_labels, test_set, out, checksum)
+            base, student_acc = _train_student(cfg, teacher, X_train, y_train_labels, test_set, out, teacher_checksum)
         base_name = "student"
-        checksum = model_checksum(base)
+        base_checksum = model_checksum(base)
         log(f"student trained on the {cfg.m} distilled images: test accuracy {student_acc:.4f}")
     k = cfg.k or min(4096, P // 2)
     projector = make_projector(cfg.projector, k=k, seed=cfg.seed)
-    fkey = _digest(checksum, cfg.projector, k, cfg.seed, _digest(X_train), len(test_set), _digest(test_set.labels))
+    fkey = _digest(base_checksum, cfg.projector, k, cfg.seed, _digest(X_train), len(test_set), _digest(test_set.labels))
 
     def features(X, tag, model=None, key=fkey):
         return chunked_features(out / f"features-{tag}-{key}", model or base, X, projector, cfg)
@@ -287,12 +284,13 @@ def run(config: RunConfig) -> dict:
     final = curve[-1]
     results = {
         "config": asdict(cfg),
-        "teacher": {"model": cfg.model, "parameters": P, "test_accuracy": test_acc, "checksum": checksum,
+        "teacher": {"model": cfg.model, "parameters": P, "test_accuracy": test_acc, "checksum": teacher_checksum,
                     "source": cfg.checkpoint or str(out / "teacher" / "best.pt"),
                     "best_epoch": trained.best_epoch if trained else None},
         "projector": {"name": projector.name, "k": projector.dim, "seed": cfg.seed},
         "kernel_model": {key: final[key] for key in ("fidelity", "accuracy", "mse", "condition_number", "min_eigenvalue")},
-        "base_model": {"name": base_name, "test_accuracy": student_acc if student_acc is not None else test_acc},
+        "base_model": {"name": base_name, "test_accuracy": student_acc if student_acc is not None else test_acc,
+                       "checksum": base_checksum},
         "distillation": None if distilled is None else {
             "method": distilled.method, "ipc": cfg.ipc, "m": cfg.m, "jacobians_saved": len(train_set) / cfg.m,
             "seconds": st.timings.get("distillation", 0.0), "source": cfg.distilled},
@@ -304,7 +302,7 @@ def run(config: RunConfig) -> dict:
 
     if base_name == "student":  # the paper's Figure 1 compares the two base models on the same points
         with st.time("teacher_comparison"):
-            tkey = _digest(model_checksum(teacher), cfg.projector, k, cfg.seed, _digest(X_train), len(test_set))
+            tkey = _digest(teacher_checksum, cfg.projector, k, cfg.seed, _digest(X_train), len(test_set))
             t_tr = features(X_train, "train-teacher", teacher, tkey)
             t_te = features(X_test, "test-teacher", teacher, tkey)
             t_y = t_tr["logits"].double() if cfg.targets == "logits" else one_hot(y_train_labels, C)

@@ -21,7 +21,6 @@ or the device.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -139,8 +138,3 @@ def _check_out(out: torch.Tensor, k: int) -> None:
     if out.shape[-1] != k:
         raise DNTKError(f"output buffer has {out.shape[-1]} columns but the projector has k={k}")
 
-
-def jl_relative_error(k: int) -> float:
-    """Expected relative Frobenius error of a Gaussian-sketched Gram matrix of *many* vectors,
-    roughly sqrt(2/k) for diagonal-dominated kernels (each entry's std is ≤ sqrt(2/k)·‖g‖‖g'‖)."""
-    return math.sqrt(2.0 / k)

@@ -193,12 +193,4 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
     return TrainResult(model, best[0], best[1], history, time.perf_counter() - t0, resumed_from)
 
 
-def is_finished(out_dir, config: TrainConfig) -> bool:
-    last = Path(out_dir) / "last.pt"
-    if not last.exists():
-        return False
-    state = torch.load(last, map_location="cpu", weights_only=False)
-    return same_config(state.get("config"), config) and state["epoch"] >= config.epochs
-
-
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "augment_batch", "is_finished"]
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "augment_batch", "same_config"]
