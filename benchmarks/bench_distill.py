@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gradients import ROOT, teacher_and_data  # noqa: E402
+from bench_gradients import ROOT, feature_arrays, teacher_and_data  # noqa: E402
 from common import machine, table, write_json  # noqa: E402
 
 import dntk  # noqa: E402
@@ -42,9 +42,7 @@ from dntk.training import TrainConfig, evaluate, train  # noqa: E402
 
 def krr(model, X, fte, te, key, ridge=1e-4):
     proj = dntk.projection.make("tensorsketch", k=4096, seed=0)
-    f = _cached(ROOT / f"bench-distill-feat-{key}.pt",
-                lambda: {k: v for k, v in dntk.gradient_features(model, X, proj, progress=False).__dict__.items()
-                         if k in ("features", "logits")})
+    f = _cached(ROOT / f"bench-distill-feat-{key}.pt", lambda: feature_arrays(model, X, proj, progress=False))
     pred = PerClassKRR(ridge=ridge).fit(f["features"], f["logits"]).predict(fte["features"])
     return metrics.summarize(pred, fte["logits"], te.labels)
 
@@ -76,8 +74,7 @@ def main():
     ck = model_checksum(teacher)
     teacher_acc = evaluate(teacher, te)[0]
     proj = dntk.projection.make("tensorsketch", k=4096, seed=0)
-    fte = _cached(ROOT / f"bench-val-{_digest(ck, 4096)}.pt",
-                  lambda: dntk.gradient_features(teacher, te.tensors()[0], proj).__dict__)
+    fte = _cached(ROOT / f"bench-val-{_digest(ck, 4096)}.pt", lambda: feature_arrays(teacher, te.tensors()[0], proj))
     results = []
     for ipc in args.ipcs:
         for method in args.methods:

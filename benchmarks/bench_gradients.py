@@ -54,10 +54,16 @@ def features(model, tr, te, X_train, tag, k=4096, root=ROOT):
 
     key = _digest(model_checksum(model), k, _digest(X_train))
     proj = dntk.projection.make("tensorsketch", k=k, seed=0)
-    ftr = _cached(root / f"bench-train-{tag}-{key}.pt", lambda: dntk.gradient_features(model, X_train, proj).__dict__)
+    ftr = _cached(root / f"bench-train-{tag}-{key}.pt", lambda: feature_arrays(model, X_train, proj))
     fte = _cached(root / f"bench-val-{_digest(model_checksum(model), k)}.pt",
-                  lambda: dntk.gradient_features(model, te.tensors()[0], proj).__dict__)
+                  lambda: feature_arrays(model, te.tensors()[0], proj))
     return ftr, fte
+
+
+def feature_arrays(model, X, projector, progress=True) -> dict:
+    """{"features": [C, n, k], "logits": [n, C]} — only the arrays are cached, not the projector."""
+    r = dntk.gradient_features(model, X, projector, progress=progress)
+    return {"features": r.features, "logits": r.logits}
 
 
 def main():
