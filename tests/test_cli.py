@@ -106,6 +106,15 @@ def test_distill_verb_and_reuse_in_run(tmp_path):
     assert res["counts"]["m"] == 40 and res["distillation"]["method"] == "kcenter"
 
 
+def test_distill_verb_wmdd_grouped(tmp_path):
+    assert main(["distill", "--method", "wmdd", "--ipc", "2", "--iterations", "3", "--classes-per-step", "5",
+                 "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 0
+    folder = tmp_path / "distill-wmdd-ipc2-seed0"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["settings"]["classes_per_step"] == 5 and manifest["settings"]["iterations"] == 3
+    assert len(manifest["per_class"]) == 10 and len(list((folder / "classes").glob("class*.pt"))) == 10
+
+
 def test_stage_errors(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path), "--gradient-distill", "pca", "--quiet"]) == 1
     assert "valid names: none, local-global, random, fps, kmeans, leverage" in capsys.readouterr().err

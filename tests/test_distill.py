@@ -8,7 +8,7 @@ from dntk import DNTKError
 from dntk.data import digits
 from dntk.distill import (WMDDConfig, barycenter, bn_layers, class_bn_statistics, covering_radius, kcenter_greedy,
                           load_distilled, select_real, wasserstein2, wmdd)
-from dntk.distill.wmdd import synthesize_class
+from dntk.distill.wmdd import class_targets, optimise_group, synthesize_class
 from dntk.models import SmallCNN
 from dntk.training import TrainConfig, train
 
@@ -58,6 +58,42 @@ def test_wmdd_iterations_lower_the_objective(digits_teacher):
     for p in model.parameters():
         p.requires_grad_(True)
     assert rec["final_loss"]["total"] < rec["initial_loss"]["total"]
+
+
+def test_grouped_optimisation_equals_per_class_optimisation(digits_teacher):
+    """Several classes in one batch must give each class the images it gets alone: the BN moments,
+    feature and CE terms are per class, so the summed loss separates (float64, no jitter)."""
+    model, tr, _ = digits_teacher
+    model = SmallCNN(1, 10).double().eval()
+    model.load_state_dict({k: v.double() for k, v in digits_teacher[0].state_dict().items()})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = WMDDConfig(ipc=3, iterations=6, lr=0.05, jitter=False, bn_weight=0.5)
+    layers = bn_layers(model)
+    targets, inits = [], []
+    for c in (2, 7):
+        real = tr.tensors(torch.nonzero(tr.labels == c).flatten())[0].double()
+        t = class_targets(model, real, c, cfg, layers)
+        targets.append({**t, "support": t["support"].double(), "stats": [(m.double(), v.double()) for m, v in t["stats"]]})
+        inits.append(real[t["init_indices"]])
+    joint, recs = optimise_group(model, torch.cat(inits), [2, 7], torch.stack([t["support"] for t in targets]),
+                                 [t["stats"] for t in targets], cfg, layers)
+    for i, c in enumerate((2, 7)):
+        alone, rec = optimise_group(model, inits[i], [c], targets[i]["support"][None], [targets[i]["stats"]], cfg, layers)
+        assert not torch.equal(alone, inits[i])                      # the images did move
+        assert torch.allclose(joint[3 * i:3 * i + 3], alone, atol=1e-9)
+        assert recs[i]["final_loss"]["total"] == pytest.approx(rec[0]["final_loss"]["total"], rel=1e-9)
+
+
+def test_wmdd_grouped_run_writes_the_same_format(digits_teacher, tmp_path):
+    model, tr, _ = digits_teacher
+    ds = wmdd(model, tr, WMDDConfig(ipc=2, iterations=2, classes_per_step=4), tmp_path, progress=False)
+    assert ds.class_counts() == [2] * 10 and torch.equal(ds.labels, torch.arange(10).repeat_interleave(2))
+    import json
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["settings"]["classes_per_step"] == 4 and manifest["seconds"] > 0
+    with pytest.raises(DNTKError, match="classes_per_step"):
+        wmdd(model, tr, WMDDConfig(ipc=2, iterations=2, classes_per_step=0), tmp_path / "bad", progress=False)
 
 
 def test_wmdd_outputs_reload_bit_identically_and_resume(digits_teacher, tmp_path):

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--distill", default="none", help="stage 1: none, random, kcenter, wmdd (default none)")
     run.add_argument("--ipc", type=int, default=10, help="images per class for --distill")
     run.add_argument("--distilled", default=None, help="use a distilled-set folder made by `dntk distill`")
-    run.add_argument("--wmdd-iterations", type=int, default=200)
+    run.add_argument("--wmdd-iterations", type=int, default=200, help="WMDD steps per class (WMDD's own: 2000)")
+    run.add_argument("--wmdd-classes-per-step", type=int, default=1,
+                     help="WMDD classes optimised in one batch (same objective; use C on a GPU)")
     run.add_argument("--base-model", choices=["teacher", "student"], default="teacher",
                      help="the network whose NTK is analysed: the teacher, or a student trained on the distilled set")
     run.add_argument("--student-epochs", type=int, default=60)
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--bn-weight", type=float, default=1.0)
     dis.add_argument("--ce-weight", type=float, default=1.0)
     dis.add_argument("--feature-weight", type=float, default=1.0)
+    dis.add_argument("--classes-per-step", type=int, default=1,
+                     help="WMDD classes optimised together in one batch (same objective; use C on a GPU)")
 
     ntk = sub.add_parser("ntk", help="exact empirical NTK of the first n test images")
     _add_common(ntk)
@@ -158,7 +162,8 @@ def _distill(args):
     opts = {}
     if args.method == "wmdd":
         opts = {"iterations": args.iterations, "lr": args.wmdd_lr, "bn_weight": args.bn_weight,
-                "ce_weight": args.ce_weight, "feature_weight": args.feature_weight}
+                "ce_weight": args.ce_weight, "feature_weight": args.feature_weight,
+                "classes_per_step": args.classes_per_step}
     out = Path(args.out) / f"distill-{args.method}-ipc{args.ipc}-seed{args.seed}"
     ds = distill(args.method, teacher, train_set, args.ipc, out, seed=args.seed, device=args.device,
                  progress=not args.quiet, teacher_checksum=model_checksum(teacher), **opts)

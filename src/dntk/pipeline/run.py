@@ -75,6 +75,7 @@ class RunConfig:
     ipc: int = 10                     # images per class for --distill
     distilled: str | None = None      # a distilled-set folder made by `dntk distill`
     wmdd_iterations: int = 200
+    wmdd_classes_per_step: int = 1    # classes optimised in one batch (use C on a GPU)
     base_model: str = "teacher"       # teacher | student (trained on the distilled set, soft labels)
     student_epochs: int = 60
     gradient_distill: str = "none"    # none | local-global | random | fps | kmeans | leverage
@@ -240,7 +241,8 @@ def run(config: RunConfig) -> dict:
             if cfg.distilled:
                 distilled = load_distilled(cfg.distilled)
             else:
-                dkw = {"iterations": cfg.wmdd_iterations} if cfg.distill == "wmdd" else {}
+                dkw = ({"iterations": cfg.wmdd_iterations, "classes_per_step": cfg.wmdd_classes_per_step}
+                       if cfg.distill == "wmdd" else {})
                 distilled = run_distill(cfg.distill, teacher, train_set, cfg.ipc,
                                         out / f"distill-{cfg.distill}-ipc{cfg.ipc}-seed{cfg.seed}", seed=cfg.seed,
                                         device=cfg.device, progress=cfg.progress, teacher_checksum=teacher_checksum, **dkw)
