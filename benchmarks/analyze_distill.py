@@ -1,0 +1,134 @@
+"""Why WMDD barely moves the kernel model: how much can *choosing* m real images well buy at all?
+
+Usage:  python benchmarks/analyze_distill.py [--ipcs 10 50] [--seeds 0 1 2]
+
+Same teacher, features and KRR as bench_distill.py (tensorsketch k = 4096 projected NTK features,
+per-class KRR on teacher logits, ridge 1e-4, fidelity/accuracy on all 3,925 val images). Each row
+picks IPC real training images per class, the image nearest to each k-means centre (one image per
+centre, by optimal assignment) in a given space, and fits the kernel model on them:
+
+- ``random``: a random subset (the baseline of bench_distill.py);
+- ``penultimate``: the teacher's 512-d penultimate features, the space WMDD's barycenter lives in;
+- ``barycenter``: WMDD's own free-support Wasserstein barycenter (POT) in that space;
+- ``pooled activations``: globally pooled outputs of the stem and all four stages (forward only);
+- ``NTK features (oracle)``: the projected per-logit gradients of *all* 9,469 training images — what
+  a kernel model can only know after computing every Jacobian that distillation is meant to save.
+
+If even the oracle row is within noise of ``random``, no distiller that imitates the real
+distribution can beat a random subset on this metric. Writes benchmarks/results/distill_analysis.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gradients import ROOT, feature_arrays, teacher_and_data  # noqa: E402
+from common import machine, table, write_json  # noqa: E402
+
+import dntk  # noqa: E402
+from dntk import metrics  # noqa: E402
+from dntk.distill.wmdd import barycenter, class_features  # noqa: E402
+from dntk.kernels import PerClassKRR  # noqa: E402
+from dntk.pipeline.run import _cached, _digest, model_checksum  # noqa: E402
+
+
+def pooled_activations(model, X, batch=256) -> torch.Tensor:
+    """[n, Σ channels]: global-average-pooled stem and stage outputs, each block scaled to unit mean norm."""
+    names = [n for n in ("conv1", "layer1", "layer2", "layer3", "layer4") if hasattr(model, n)]
+    acts = {n: [] for n in names}
+    hooks = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: acts[n].append(o.mean((2, 3))))
+             for n in names]
+    try:
+        with torch.no_grad():
+            for s in range(0, len(X), batch):
+                model(X[s:s + batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    blocks = [torch.cat(acts[n]) for n in names]
+    return torch.cat([b / b.norm(dim=1).mean() for b in blocks], 1)
+
+
+def nearest_to_centres(centres: np.ndarray, points: np.ndarray) -> torch.Tensor:
+    """One distinct point per centre, minimising the total distance (Hungarian)."""
+    _, cols = linear_sum_assignment(torch.cdist(torch.as_tensor(centres).double(),
+                                                torch.as_tensor(points).double()).numpy())
+    return torch.as_tensor(cols)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ipcs", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    teacher, tr, te = teacher_and_data()
+    ck = model_checksum(teacher)
+    proj = dntk.projection.make("tensorsketch", k=4096, seed=0)
+    X, y = tr.tensors()
+    real = _cached(ROOT / f"bench-distill-feat-real-all-{_digest(ck)}.pt",
+                   lambda: feature_arrays(teacher, X, proj))
+    fte = _cached(ROOT / f"bench-val-{_digest(ck, 4096)}.pt", lambda: feature_arrays(teacher, te.tensors()[0], proj))
+    F, L = real["features"], real["logits"]
+    C = tr.num_classes
+    spaces = {"penultimate": class_features(teacher, X), "pooled activations": pooled_activations(teacher, X)}
+
+    def score(index):
+        pred = PerClassKRR(ridge=1e-4).fit(F[:, index], L[index]).predict(fte["features"])
+        return metrics.summarize(pred, fte["logits"], te.labels)
+
+    rows = []
+    for ipc in args.ipcs:
+        per = {}
+        for seed in args.seeds:
+            g = torch.Generator().manual_seed(seed)
+            picks = {k: [] for k in ("random", "penultimate", "barycenter", "pooled activations",
+                                     "NTK features (oracle)")}
+            for c in range(C):
+                idx = torch.nonzero(y == c).flatten()
+                picks["random"].append(idx[torch.randperm(len(idx), generator=g)[:ipc]])
+                for name, S in spaces.items():
+                    z = S[idx].double().numpy()
+                    km = KMeans(ipc, n_init=1, random_state=seed).fit(z)
+                    picks[name].append(idx[nearest_to_centres(km.cluster_centers_, z)])
+                pen = spaces["penultimate"][idx]
+                Z = barycenter(pen, ipc, seed=seed * 1000 + c)
+                picks["barycenter"].append(idx[nearest_to_centres(Z.numpy(), pen.numpy())])
+                # every logit's gradient features of the image, reduced to 128 principal components
+                ntk = F[:, idx].permute(1, 0, 2).reshape(len(idx), -1).double()
+                U, S_, _ = torch.pca_lowrank(ntk, q=min(128, len(idx)), center=False)
+                z = (U * S_).numpy()
+                km = KMeans(ipc, n_init=1, random_state=seed).fit(z)
+                picks["NTK features (oracle)"].append(idx[nearest_to_centres(km.cluster_centers_, z)])
+            for name, v in picks.items():
+                per.setdefault(name, []).append(score(torch.cat(v)))
+            print(f"ipc {ipc} seed {seed} done", flush=True)
+        base = per["random"]
+        for name, vals in per.items():
+            row = {"ipc": ipc, "m": ipc * C, "selection": name, "seeds": len(vals)}
+            for key in ("fidelity", "accuracy", "mse"):
+                xs = [v[key] for v in vals]
+                row[key], row[f"{key}_std"] = statistics.mean(xs), statistics.pstdev(xs)
+            row["fidelity_gain_over_random"] = row["fidelity"] - statistics.mean(v["fidelity"] for v in base)
+            rows.append(row)
+    ref = score(torch.arange(len(y)))
+    rows.append({"ipc": None, "m": len(y), "selection": "all real images", "seeds": 1, **ref})
+    cols = [("ipc", "IPC", "{}"), ("m", "m", "{}"), ("selection", "real images chosen by", ""),
+            ("fidelity", "KRR fidelity", "{:.4f}"), ("fidelity_std", "±", "{:.4f}"),
+            ("fidelity_gain_over_random", "gain vs random", "{:+.4f}"), ("accuracy", "KRR accuracy", "{:.4f}"),
+            ("accuracy_std", "±", "{:.4f}"), ("mse", "logit MSE", "{:.3f}")]
+    print(table(rows, cols))
+    write_json("distill_analysis.json", {"machine": machine(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
