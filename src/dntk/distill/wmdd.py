@@ -24,11 +24,11 @@ batch: the objective is summed per class, so each class gets exactly the gradien
 What it buys the per-class NTK kernel model (benchmarks/bench_distill.py, ImageNette 64 px, 6 seeds,
 benchmarks/results/distill.json): at IPC 10 the 2,000-step sets beat a random real subset (fidelity
 0.8716 ± 0.0027 vs 0.8651 ± 0.0057); at IPC 50 they tie (0.9217 ± 0.0022 vs 0.9221 ± 0.0017).
-benchmarks/analyze_distill.py shows why IPC 50 has no room: even picking the real images nearest to
+benchmarks/analyze_distill.py shows why IPC 50 has no room for it: picking the real images nearest to
 k-means centres of the *NTK features of all real images* (an oracle that needs every Jacobian) gains
-only +0.0004 over random there (+0.013 at IPC 10), and WMDD's own space — penultimate features and
-their barycenter — gains nothing. Matching the real distribution's representative points is not what
-the kernel model lacks at 500 points; an objective on the kernel itself (KIP-style) would be needed.
+only +0.0010 over random there, WMDD's own space (penultimate features, their barycenter) nothing,
+while picking the images the kernel model gets most wrong gains +0.0068. Representative points are
+not what the kernel model lacks at 500 points; an objective on the kernel itself (KIP-style) is.
 """
 
 from __future__ import annotations
