@@ -50,7 +50,9 @@ def krr(model, X, fte, te, key, ridge=1e-4):
     return metrics.summarize(pred, fte["logits"], te.labels)
 
 
-def student_accuracy(ds: DistilledSet, teacher, te, epochs, seed, key):
+def student_accuracy(ds: DistilledSet, teacher, te, epochs, seed, key, relabel=False):
+    """Test accuracy of a student trained on ds with the teacher's soft labels: fixed per image, or
+    (relabel) the teacher's logits on every augmented batch, as WMDD's FKD relabelling does."""
     def run():
         with torch.no_grad():
             soft = teacher(ds.images)
@@ -58,7 +60,8 @@ def student_accuracy(ds: DistilledSet, teacher, te, epochs, seed, key):
         torch.manual_seed(seed)
         cfg = TrainConfig(epochs=epochs, optimizer="adamw", batch_size=min(64, len(ds)), weight_decay=0.01, seed=seed,
                           eval_every=epochs)
-        train(student, ds, te, cfg, ROOT / f"bench-student-{key}", soft_labels=soft, progress=False)
+        labels = {"teacher": teacher} if relabel else {"soft_labels": soft}
+        train(student, ds, te, cfg, ROOT / f"bench-student-{key}", progress=False, **labels)
         return {"accuracy": evaluate(student, te)[0]}
     return _cached(ROOT / f"bench-student-{key}.result.pt", run)["accuracy"]
 
@@ -138,10 +141,13 @@ def main():
             key = f"{name}-ipc{ipc}-seed{seed}-{_digest(ds.images)}"
             k = krr(teacher, ds.images, fte, te, key)
             acc = student_accuracy(ds, teacher, te, args.student_epochs, seed, key + f"-e{args.student_epochs}")
+            acc_relabel = student_accuracy(ds, teacher, te, args.student_epochs, seed,
+                                           key + f"-e{args.student_epochs}-relabel", relabel=True)
             st = manifest.get("settings", {})
             gpu_peaks = [r.get("peak_gpu_mb") for r in manifest.get("per_class", {}).values()
                          if r.get("peak_gpu_mb") is not None]
             row = {"ipc": ipc, "m": len(ds), "method": name, "seed": seed, **k, "student_accuracy": acc,
+                   "student_accuracy_relabel": acc_relabel,
                    "distill_seconds": manifest.get("seconds"),
                    "distill_peak_mb": max(gpu_peaks) if gpu_peaks else manifest.get("peak_memory_mb"),
                    "distill_peak_kind": "GPU allocated" if gpu_peaks else "process RSS",
@@ -183,7 +189,8 @@ def main():
             row = {"ipc": ipc, "m": sel[0]["m"], "method": method, "seeds": len(sel)}
             row.update({k: sel[0][k] for k in ("distill_device", "distill_peak_kind", "wmdd_iterations", "wmdd_lr",
                                                 "wmdd_bn_weight")})
-            for key in ("fidelity", "accuracy", "mse", "student_accuracy", "distill_seconds", "distill_peak_mb"):
+            for key in ("fidelity", "accuracy", "mse", "student_accuracy", "student_accuracy_relabel", "distill_seconds",
+                        "distill_peak_mb"):
                 vals = [r[key] for r in sel if r.get(key) is not None]
                 row[key] = statistics.mean(vals) if vals else None
                 row[f"{key}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
@@ -194,6 +201,7 @@ def main():
             ("distill_device", "device", ""), ("fidelity", "KRR fidelity", "{:.4f}"),
             ("fidelity_std", "±", "{:.4f}"), ("accuracy", "KRR accuracy", "{:.4f}"), ("accuracy_std", "±", "{:.4f}"),
             ("student_accuracy", "student acc.", "{:.4f}"), ("student_accuracy_std", "±", "{:.4f}"),
+            ("student_accuracy_relabel", "relabelled", "{:.4f}"), ("student_accuracy_relabel_std", "±", "{:.4f}"),
             ("distill_seconds", "distill s", "{:.0f}"), ("distill_peak_mb", "peak MB", "{:.0f}"), ("distill_peak_kind", "peak of", "")]
     print(f"\nteacher val accuracy {teacher_acc:.4f}; WMDD iterations per class: {args.iterations}; "
           f"student epochs: {args.student_epochs}; seeds {args.seeds}")

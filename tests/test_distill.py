@@ -160,3 +160,26 @@ def test_student_on_distilled_images_with_soft_labels(digits_teacher, tmp_path):
                                              augment="shift", eval_every=10), tmp_path, soft_labels=soft,
                 progress=False)
     assert res.best_accuracy > 0.5   # 200 images with the teacher's soft labels: far above chance (0.1)
+
+
+def test_student_relabelled_by_the_teacher(digits_teacher, tmp_path):
+    """Without augmentation, relabelling every batch with the teacher is the same as fixed soft labels
+    (identical weights); with augmentation it still trains a useful student; both at once is refused."""
+    model, tr, te = digits_teacher
+    ds = select_real(tr, 20, "random", seed=0)
+    with torch.no_grad():
+        soft = model.eval()(ds.images)
+    cfg = TrainConfig(epochs=3, batch_size=32, optimizer="adamw", augment="none", eval_every=3)
+    fixed, relabelled = SmallCNN(1, 10), SmallCNN(1, 10)
+    relabelled.load_state_dict(fixed.state_dict())
+    train(fixed, ds, te, cfg, tmp_path / "fixed", soft_labels=soft, progress=False)
+    train(relabelled, ds, te, cfg, tmp_path / "relabel", teacher=model, progress=False)
+    for a, b in zip(fixed.state_dict().values(), relabelled.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    aug = SmallCNN(1, 10)
+    res = train(aug, ds, te, TrainConfig(epochs=30, batch_size=32, optimizer="adamw", weight_decay=0.01,
+                                         augment="shift", eval_every=10), tmp_path / "aug", teacher=model,
+                progress=False)
+    assert res.best_accuracy > 0.5
+    with pytest.raises(DNTKError, match="not both"):
+        train(SmallCNN(1, 10), ds, te, cfg, tmp_path / "both", soft_labels=soft, teacher=model, progress=False)

@@ -364,12 +364,9 @@ def run(config: RunConfig) -> dict:
 
 def _train_student(cfg, teacher, X_train, y_train_labels, test_set, out, checksum):
     """A student of the teacher's architecture trained on the distilled images only, with the
-    teacher's soft labels (WMDD-style relabelling)."""
+    teacher's soft labels on every augmented batch (WMDD's FKD-style relabelling)."""
     from ..distill.store import DistilledSet
 
-    with torch.no_grad():
-        teacher.eval()
-        soft = torch.cat([teacher(X_train[s:s + 256].to(cfg.device)).cpu() for s in range(0, len(X_train), 256)])
     ds = DistilledSet(X_train, y_train_labels, list(test_set.classes), test_set.mean, test_set.std, test_set.name,
                       cfg.distill)
     student = build_model(cfg.model, test_set.num_classes, in_channels=test_set.image_shape[0],
@@ -377,7 +374,7 @@ def _train_student(cfg, teacher, X_train, y_train_labels, test_set, out, checksu
     torch.manual_seed(cfg.seed)
     tcfg = TrainConfig(epochs=cfg.student_epochs, optimizer="adamw", batch_size=min(64, len(ds)), seed=cfg.seed,
                        weight_decay=0.01, augment="shift" if cfg.dataset == "digits" else "crop_flip")
-    train(student, ds, test_set, tcfg, out / f"student-{_digest(checksum, _digest(X_train))}", soft_labels=soft,
+    train(student, ds, test_set, tcfg, out / f"student-{_digest(checksum, _digest(X_train))}", teacher=teacher.eval(),
           device=cfg.device, progress=cfg.progress)
     student.eval()
     return student, evaluate(student, test_set, device=cfg.device)[0]

@@ -103,24 +103,30 @@ def _atomic_save(obj, path: Path):
 
 
 def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: TrainConfig, out_dir, *,
-          soft_labels: torch.Tensor | None = None, device="cpu", progress: bool = True,
-          resume: bool = True, max_seconds: float | None = None) -> TrainResult:
+          soft_labels: torch.Tensor | None = None, teacher: nn.Module | None = None, device="cpu",
+          progress: bool = True, resume: bool = True, max_seconds: float | None = None) -> TrainResult:
     """Train ``model`` on ``train_set``, evaluating on ``val_set`` every epoch.
 
     soft_labels: optional teacher logits [n_train, C]; then the loss is the temperature-scaled KL
-    divergence to softmax(soft_labels / T) (WMDD-style relabelling) instead of cross-entropy.
+    divergence to softmax(soft_labels / T) instead of cross-entropy — one fixed target per image.
+    teacher: instead, relabel every *augmented* batch with the teacher's logits (eval mode, no grad), as
+    WMDD / FKD do, so the target always describes the crop the student sees. Not both.
     max_seconds: stop after the epoch that crosses this wall-clock budget (the run can be resumed).
     """
     if config.optimizer not in ("sgd", "adamw"):
         raise DNTKError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'adamw'")
     if config.epochs < 1:
         raise DNTKError(f"epochs must be ≥ 1, got {config.epochs}")
+    if soft_labels is not None and teacher is not None:
+        raise DNTKError("give soft_labels (fixed per image) or teacher (relabels each augmented batch), not both")
     if soft_labels is not None and soft_labels.shape[0] != len(train_set):
         raise DNTKError(f"soft_labels has {soft_labels.shape[0]} rows for {len(train_set)} training images")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg_json = json.dumps(asdict(config), sort_keys=True)
+    cfg_json = json.dumps({**asdict(config), "relabel_teacher": teacher is not None}, sort_keys=True)
     model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
     lr = config.resolved_lr()
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay,
@@ -137,7 +143,8 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
     last = out_dir / "last.pt"
     if resume and last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
-        if same_config(state.get("config"), config):
+        if same_config(state.get("config"), config) and \
+                json.loads(state["config"]).get("relabel_teacher", False) == (teacher is not None):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -157,10 +164,14 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
             x, y = train_set.tensors(idx)
             x = augment_batch(x, config.augment, gen).to(device)
             out = model(x)
-            if soft_labels is not None:
+            if soft_labels is not None or teacher is not None:
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(x)
+                else:
+                    target = soft_labels[idx].to(device)
                 T = config.soft_label_temperature
-                loss = F.kl_div(F.log_softmax(out / T, 1), F.softmax(soft_labels[idx].to(device) / T, 1),
-                                reduction="batchmean") * T * T
+                loss = F.kl_div(F.log_softmax(out / T, 1), F.softmax(target / T, 1), reduction="batchmean") * T * T
             else:
                 loss = F.cross_entropy(out, y.to(device), label_smoothing=config.label_smoothing)
             if not torch.isfinite(loss):
