@@ -120,6 +120,7 @@ def main():
     jobs = [(m, s) for m in args.methods for s in args.seeds]
     jobs += [(m, s) for m in args.extra_methods for s in args.extra_seeds if (m, s) not in jobs]
     order = list(dict.fromkeys(args.methods + args.extra_methods))
+    members = [torch.nonzero(tr.labels == c).flatten() for c in range(tr.num_classes)]
     for ipc in args.ipcs:
         for method, seed in sorted(jobs, key=lambda j: (order.index(j[0]), j[1])):
             t = time.perf_counter()
@@ -155,7 +156,6 @@ def main():
                    "wmdd_iterations": st.get("iterations"), "wmdd_lr": st.get("lr"),
                    "wmdd_bn_weight": st.get("bn_weight"), "wall_seconds": time.perf_counter() - t}
             if name.startswith("wmdd"):
-                members = [torch.nonzero(tr.labels == c).flatten() for c in range(tr.num_classes)]
                 row["init_index"] = torch.cat([members[c][torch.tensor(r["init_indices"])]
                                                for c, r in enumerate(manifest["per_class"].values())]).tolist()
             results.append(row)

@@ -183,3 +183,28 @@ def test_student_relabelled_by_the_teacher(digits_teacher, tmp_path):
     assert res.best_accuracy > 0.5
     with pytest.raises(DNTKError, match="not both"):
         train(SmallCNN(1, 10), ds, te, cfg, tmp_path / "both", soft_labels=soft, teacher=model, progress=False)
+
+
+def test_resume_check_knows_the_label_source_and_old_checkpoints():
+    import json
+    from dataclasses import asdict
+
+    from dntk.training import same_config
+
+    cfg = TrainConfig(epochs=3)
+    old = {k: v for k, v in asdict(cfg).items() if k != "eval_every"}     # written before eval_every existed
+    assert same_config(json.dumps(old), cfg)
+    assert not same_config(json.dumps(old), cfg, relabel_teacher=True)
+    assert same_config(json.dumps({**old, "relabel_teacher": True}), cfg, relabel_teacher=True)
+    assert not same_config(json.dumps({**old, "epochs": 4}), cfg)
+
+
+def test_wmdd_restores_the_teachers_trainable_flags(digits_teacher, tmp_path):
+    model, tr, _ = digits_teacher
+    params = list(model.parameters())
+    params[0].requires_grad_(False)
+    try:
+        wmdd(model, tr, WMDDConfig(ipc=1, iterations=1, classes_per_step=10), tmp_path, progress=False)
+        assert [p.requires_grad for p in params] == [False] + [True] * (len(params) - 1)
+    finally:
+        params[0].requires_grad_(True)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import ImageSet
 from ..errors import DNTKError
-from ..models import penultimate
+from ..models import forward_with_penultimate, penultimate
 from .store import DistilledSet, check_ipc, peak_rss_mb, reset_peak_rss, save_distilled
 
 
@@ -120,14 +120,21 @@ class _BNInputs:
 def class_bn_statistics(teacher: nn.Module, images: torch.Tensor, batch: int = 256) -> list[tuple]:
     """Per BN layer, (mean, variance) of its input over all ``images`` [n, c, h, w] (eval mode),
     accumulated exactly over batches from per-channel sums of x and x²."""
+    return class_statistics(teacher, images, batch)[1]
+
+
+def class_statistics(teacher: nn.Module, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, list]:
+    """One pass over ``images``: (penultimate features [n, d], per-BN-layer (mean, variance) of the
+    layer's input) — what WMDD needs from a class's real images."""
     rec = _BNInputs(bn_layers(teacher))
     sums: list[list] = []
+    feats = []
     teacher.eval()
     try:
         with torch.no_grad():
             for s in range(0, images.shape[0], batch):
                 rec.values.clear()
-                teacher(images[s:s + batch])
+                feats.append(forward_with_penultimate(teacher, images[s:s + batch])[1])
                 for i, x in enumerate(rec.values):
                     dims = [0] + list(range(2, x.dim()))
                     part = [x.double().sum(dims), (x.double() ** 2).sum(dims), x.numel() // x.shape[1]]
@@ -141,7 +148,15 @@ def class_bn_statistics(teacher: nn.Module, images: torch.Tensor, batch: int = 2
     for sx, sxx, n in sums:
         mean = sx / n
         stats.append((mean.float(), (sxx / n - mean ** 2).clamp_min(0).float()))
-    return stats
+    return torch.cat(feats), stats
+
+
+def stack_bn_targets(stats: list, device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """G classes' per-layer (mean, var) → per layer (mean [G, ch], var [G, ch]) on ``device``."""
+    if not stats or not stats[0]:
+        return []
+    return [(torch.stack([s[i][0] for s in stats]).to(device), torch.stack([s[i][1] for s in stats]).to(device))
+            for i in range(len(stats[0]))]
 
 
 def _jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -158,38 +173,31 @@ def _jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-def grouped_objective(teacher, x, classes, supports, bn_stats, cfg: WMDDConfig, layers) -> tuple[torch.Tensor, list]:
+def grouped_objective(teacher, x, classes, supports, bn_targets, cfg: WMDDConfig, layers) -> tuple[torch.Tensor, list]:
     """The WMDD loss summed over G classes optimised in one batch.
 
     x: [G·ipc, c, h, w], class g's images at rows g·ipc … (g+1)·ipc − 1; classes: G class indices;
-    supports: [G, ipc, d] barycenter points matched to the images; bn_stats: G lists of per-layer
-    (mean, var). Every term is computed per class (BN moments over that class's images only), so the
-    gradient for class g's pixels is exactly that of its own loss: optimising G classes together is
-    optimising each alone. Returns the total and one record of loss parts per class."""
+    supports: [G, ipc, d] barycenter points matched to the images; bn_targets: per BN layer
+    (mean [G, ch], var [G, ch]) from ``stack_bn_targets``. Every term is computed per class (BN
+    moments over that class's images only), so the gradient for class g's pixels is exactly that of
+    its own loss: optimising G classes together is optimising each alone. Returns the total and one
+    record of loss parts per class."""
     G, ipc = len(classes), supports.shape[1]
     rec = _BNInputs(layers) if cfg.bn_weight and layers else None
-    feats_box = {}
-    head = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1]
-    h = head.register_forward_hook(lambda m, i, o: feats_box.__setitem__("f", i[0]))
     try:
-        logits = teacher(x)
+        logits, feats = forward_with_penultimate(teacher, x)
     finally:
-        h.remove()
         if rec:
             rec.remove()
-    feats = feats_box["f"].flatten(1).view(G, ipc, -1)
-    l_feat = (feats - supports).norm(dim=2).mean(1)                                        # [G]
+    l_feat = (feats.view(G, ipc, -1) - supports).norm(dim=2).mean(1)                      # [G]
     target = torch.as_tensor(classes, device=x.device).repeat_interleave(ipc)
     l_ce = F.cross_entropy(logits, target, reduction="none").view(G, ipc).mean(1)          # [G]
     l_bn = torch.zeros(G, device=x.device)
     if rec:
-        for i, val in enumerate(rec.values):
+        for val, (mu, var) in zip(rec.values, bn_targets):
             v = val.view(G, ipc, *val.shape[1:])
             dims = [1] + list(range(3, v.dim()))
-            m_, var_ = v.mean(dims), v.var(dims, unbiased=False)                              # [G, ch]
-            mu = torch.stack([s[i][0] for s in bn_stats]).to(x.device)
-            sd = torch.stack([s[i][1] for s in bn_stats]).to(x.device)
-            l_bn = l_bn + (m_ - mu).norm(dim=1) + (var_ - sd).norm(dim=1)
+            l_bn = l_bn + (v.mean(dims) - mu).norm(dim=1) + (v.var(dims, unbiased=False) - var).norm(dim=1)
     per_class = cfg.feature_weight * l_feat + cfg.ce_weight * l_ce + cfg.bn_weight * l_bn
     parts = [{"feature": float(a), "ce": float(b), "bn": float(c), "total": float(t)}
              for a, b, c, t in zip(l_feat.tolist(), l_ce.tolist(), l_bn.tolist(), per_class.tolist())]
@@ -197,8 +205,10 @@ def grouped_objective(teacher, x, classes, supports, bn_stats, cfg: WMDDConfig, 
 
 
 def wmdd_objective(teacher, x, target_class, support, bn_stats, cfg: WMDDConfig, layers) -> tuple[torch.Tensor, dict]:
-    """The WMDD loss of one class's synthetic images x [ipc, c, h, w] (teacher in eval mode)."""
-    total, parts = grouped_objective(teacher, x, [target_class], support[None], [bn_stats], cfg, layers)
+    """The WMDD loss of one class's synthetic images x [ipc, c, h, w] (teacher in eval mode);
+    bn_stats: the class's per-layer (mean, var)."""
+    total, parts = grouped_objective(teacher, x, [target_class], support[None],
+                                     stack_bn_targets([bn_stats], x.device), cfg, layers)
     return total, parts[0]
 
 
@@ -210,10 +220,10 @@ def class_targets(teacher, real: torch.Tensor, target_class: int, cfg: WMDDConfi
     from scipy.optimize import linear_sum_assignment
 
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + target_class)
-    feats = class_features(teacher, real.to(device), cfg.batch_features).cpu()
+    feats, stats = class_statistics(teacher, real.to(device), cfg.batch_features)
+    feats = feats.cpu()
+    stats = [(m.cpu(), v.cpu()) for m, v in stats]
     support = barycenter(feats, cfg.ipc, seed=cfg.seed * 1000 + target_class, iterations=cfg.barycenter_iterations)
-    stats = [(m.cpu(), v.cpu()) for m, v in class_bn_statistics(teacher, real.to(device), cfg.batch_features)] \
-        if layers else []
     init = torch.randperm(real.shape[0], generator=gen)[: cfg.ipc]
     _, cols = linear_sum_assignment(torch.cdist(feats[init].double(), support.double()).numpy())
     return {"support": support[torch.as_tensor(cols)], "stats": stats, "init_indices": init}
@@ -229,12 +239,12 @@ def optimise_group(teacher, init: torch.Tensor, classes: list[int], supports: to
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.iterations))
     supports = supports.to(device)
-    stats = [[(m.to(device), v.to(device)) for m, v in s] for s in stats]
+    bn_targets = stack_bn_targets(stats, device)
     first = last = None
     label = f"wmdd class {classes[0]}" if len(classes) == 1 else f"wmdd classes {classes[0]}–{classes[-1]}"
     for _ in tqdm(range(cfg.iterations), desc=label, disable=not progress, leave=False):
         xin = _jitter(x, gen) if cfg.jitter else x
-        loss, parts = grouped_objective(teacher, xin, classes, supports, stats, cfg, layers)
+        loss, parts = grouped_objective(teacher, xin, classes, supports, bn_targets, cfg, layers)
         if first is None:
             first = parts
         opt.zero_grad(set_to_none=True)
@@ -243,7 +253,7 @@ def optimise_group(teacher, init: torch.Tensor, classes: list[int], supports: to
         sched.step()
         last = parts
     with torch.no_grad():
-        _, final = grouped_objective(teacher, x, classes, supports, stats, cfg, layers)
+        _, final = grouped_objective(teacher, x, classes, supports, bn_targets, cfg, layers)
     if first is None:
         first = last = final
     records = [{"initial_loss": a, "final_loss": b, "last_jittered_loss": c} for a, b, c in zip(first, final, last)]
@@ -298,6 +308,7 @@ def wmdd(teacher: nn.Module, dataset: ImageSet, cfg: WMDDConfig, out_dir, *, pro
     if not layers and cfg.bn_weight:
         warnings.warn("the teacher has no BatchNorm layers: the BN-statistics term is off", RuntimeWarning, stacklevel=2)
     teacher.to(device).eval()
+    trainable = [p.requires_grad for p in teacher.parameters()]
     for p in teacher.parameters():
         p.requires_grad_(False)
     reset_peak_rss()
@@ -325,8 +336,8 @@ def wmdd(teacher: nn.Module, dataset: ImageSet, cfg: WMDDConfig, out_dir, *, pro
                        "device": str(device)}
                 blobs[c] = write_class_blob(out_dir, c, x[i * cfg.ipc:(i + 1) * cfg.ipc], rec, cfg, teacher_checksum)
     finally:
-        for p in teacher.parameters():
-            p.requires_grad_(True)
+        for p, flag in zip(teacher.parameters(), trainable):
+            p.requires_grad_(flag)
     images = torch.cat([blobs[c]["images"] for c in range(C)])
     labels = torch.arange(C).repeat_interleave(torch.tensor([blobs[c]["images"].shape[0] for c in range(C)]))
     ds = DistilledSet.from_normalised(images, labels, dataset, method="wmdd")

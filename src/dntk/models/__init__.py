@@ -66,16 +66,21 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     raise DNTKError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
 
 
-def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Penultimate-layer features [B, d] (the input of the final Linear)."""
+def forward_with_penultimate(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward: (output, penultimate-layer features [B, d] — the input of the final Linear)."""
     head = _final_linear(model)
     box = {}
     h = head.register_forward_hook(lambda m, i, o: box.__setitem__("f", i[0]))
     try:
-        model(x)
+        out = model(x)
     finally:
         h.remove()
-    return box["f"].flatten(1)
+    return out, box["f"].flatten(1)
+
+
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Penultimate-layer features [B, d] (the input of the final Linear)."""
+    return forward_with_penultimate(model, x)[1]
 
 
 def _final_linear(model):

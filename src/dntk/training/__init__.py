@@ -53,14 +53,20 @@ class TrainResult:
     resumed_from: int = 0
 
 
-def same_config(stored_json: str | None, config: TrainConfig) -> bool:
-    """A checkpoint's stored configuration matches ``config``; fields added to TrainConfig after the
-    checkpoint was written count as their defaults, so old runs stay resumable."""
+def _config_json(config: TrainConfig, relabel_teacher: bool) -> str:
+    return json.dumps({**asdict(config), "relabel_teacher": relabel_teacher}, sort_keys=True)
+
+
+def same_config(stored_json: str | None, config: TrainConfig, relabel_teacher: bool = False) -> bool:
+    """A checkpoint's stored configuration matches ``config`` (and the label source: fixed or
+    relabelled by a teacher); keys added after the checkpoint was written count as their defaults, so
+    old runs stay resumable."""
     if not stored_json:
         return False
     stored = json.loads(stored_json)
-    defaults = asdict(TrainConfig())
-    return all(stored.get(key, defaults[key]) == value for key, value in asdict(config).items())
+    expected = json.loads(_config_json(config, relabel_teacher))
+    defaults = json.loads(_config_json(TrainConfig(), False))
+    return all(stored.get(key, defaults[key]) == value for key, value in expected.items())
 
 
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -123,7 +129,7 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
         raise DNTKError(f"soft_labels has {soft_labels.shape[0]} rows for {len(train_set)} training images")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg_json = json.dumps({**asdict(config), "relabel_teacher": teacher is not None}, sort_keys=True)
+    cfg_json = _config_json(config, teacher is not None)
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
@@ -143,8 +149,7 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
     last = out_dir / "last.pt"
     if resume and last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
-        if same_config(state.get("config"), config) and \
-                json.loads(state["config"]).get("relabel_teacher", False) == (teacher is not None):
+        if same_config(state.get("config"), config, relabel_teacher=teacher is not None):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
