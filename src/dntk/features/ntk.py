@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -69,9 +74,52 @@ def _contract(g1: dict, g2: dict, blocks: str) -> torch.Tensor:
     return total
 
 
+class _BlockStore:
+    """x2's gradient blocks, each computed once: kept in memory while the running total stays within
+    ``budget`` bytes, the rest written to a private temporary folder (one ``torch.save`` file per
+    block, on the CPU) and read back on every use. ``close()`` deletes the folder and its files."""
+
+    def __init__(self, budget: int, spill_dir, device):
+        self.budget, self.parent, self.device = budget, spill_dir, device
+        self.kept: dict[int, dict] = {}
+        self.files: dict[int, Path] = {}
+        self.kept_bytes = 0
+        self.spilled_bytes = 0
+        self.folder: Path | None = None
+
+    def put(self, key: int, grads: dict, nbytes: int) -> None:
+        if self.kept_bytes + nbytes <= self.budget:
+            self.kept[key] = grads
+            self.kept_bytes += nbytes
+            return
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="dntk-ntk-spill-", dir=self.parent))
+        path = self.folder / f"x2-block-{key:09d}.pt"
+        torch.save({name: t.cpu() for name, t in grads.items()}, path)
+        self.files[key] = path
+        self.spilled_bytes += nbytes
+
+    def get(self, key: int) -> dict:
+        if key in self.kept:
+            return self.kept[key]
+        return torch.load(self.files[key], map_location=self.device, weights_only=True)
+
+    def close(self) -> None:
+        self.kept.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+        self.files.clear()
+
+
+def _check_int(value, what: str, minimum: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DNTKError(f"{what} must be an integer ≥ {minimum}, got {value!r}; {fix}")
+
+
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *, blocks: str = "per_class",
                   batch_size: int | None = None, classes=None, backend: str = "auto",
-                  memory_budget_bytes: int = 2 << 30) -> torch.Tensor:
+                  memory_budget_bytes: int = 2 << 30, spill_dir: str | os.PathLike | None = None) -> torch.Tensor:
     """Exact empirical NTK K[(i,a),(j,b)] = ⟨∇θ f_a(x1_i), ∇θ f_b(x2_j)⟩ (float64).
 
     Args:
@@ -82,17 +130,36 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
             are computed and mirrored).
         blocks: ``"per_class"`` → [C, n1, n2] with K[c, i, j] = ⟨∇f_c(x1_i), ∇f_c(x2_j)⟩;
             ``"full"`` → [n1, C, n2, C]; ``"trace"`` → [n1, n2], the sum over logits.
-        batch_size: inputs per gradient pass; default keeps one pass's gradients B·C·P·4 bytes
-            ≤ 256 MiB.
+        batch_size: inputs per gradient pass (≥ 1); default keeps one pass's gradients
+            B·C·P·itemsize ≤ 256 MiB.
         classes: restrict to these logits (C then means len(classes)).
-        memory_budget_bytes: if all of x2's gradients fit (n2·C·P·itemsize bytes), they are
-            computed once and kept; otherwise they are recomputed for every x1 block.
+        memory_budget_bytes: bytes of x2's gradients kept in memory (≥ 0). x2's gradients are
+            computed once, block by block; blocks are kept in memory while the running total stays
+            within the budget, and the rest are spilled to disk (see ``spill_dir``).
+        spill_dir: folder in which a private temporary folder for the spilled blocks is made
+            (default: the system's temporary directory, ``tempfile.gettempdir()``). The folder and
+            every file in it are deleted before returning, also on error.
 
-    Peak memory ≈ 2·B·C·P·itemsize (one x1 block and one x2 block of gradients, or all of x2's
-    gradients when they fit the budget) + one batch's activations + the [n1·C, n2·C] result.
+    Cost, with B = batch_size, G = C·P·itemsize bytes of gradients per input:
+        gradient passes: ⌈n2/B⌉ + ⌈n1/B⌉ (x2's blocks once, then each x1 block once), or ⌈n/B⌉
+            when x2 is None — never a recomputation, whatever the budget.
+        disk: max(0, n2·G − memory_budget_bytes) bytes written once (rounded up to whole blocks)
+            and read back ⌈n1/B⌉ times (symmetric case: about half of that, j ≥ i only); the free
+            space is checked before the first gradient pass and too little of it is an error.
+        peak memory ≈ min(n2·G, memory_budget_bytes) + 2·B·G (one x1 and one x2 block) + one
+            batch's activations + the [n1·C, n2·C] result.
+    Spilling trades gradient passes for disk reads: the Jacobian of one ResNet-18 input with 10
+    logits is 448 MB in float32, so 500 spilled inputs take 224 GB of disk.
     """
     if blocks not in BLOCKS:
         raise DNTKError(f"unknown blocks={blocks!r}; use one of {', '.join(BLOCKS)}")
+    _check_int(memory_budget_bytes, "memory_budget_bytes", 0,
+               "pass the number of bytes of x2's gradients to keep in memory (0 spills them all to disk)")
+    if batch_size is not None:
+        _check_int(batch_size, "batch_size", 1, "pass a positive number of inputs per gradient pass, or None for the default")
+    if spill_dir is not None and not Path(spill_dir).is_dir():
+        raise DNTKError(f"spill_dir {str(spill_dir)!r} is not an existing folder; create it or pass None for the "
+                        f"system's temporary directory")
     device = model_device(model)
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
@@ -114,16 +181,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
 
     starts1 = list(range(0, n1, batch_size))
     starts2 = list(range(0, n2, batch_size))
-    keep_x2 = n2 * C * P * itemsize <= memory_budget_bytes
-    cached2: dict[int, dict] = {}
-
-    def grads2(s):
-        if s in cached2:
-            return cached2[s]
-        g = _gradients(capture, x2[s : s + batch_size], classes)
-        if keep_x2:
-            cached2[s] = g
-        return g
+    per_input = C * P * itemsize
+    _check_spill_space(starts2, n2, batch_size, per_input, memory_budget_bytes, spill_dir)
 
     if blocks == "per_class":
         K = torch.zeros(C, n1, n2, dtype=torch.float64)
@@ -149,17 +208,40 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
             if mirror:
                 K[s2 : s2 + b2, s1 : s1 + b1] = block.T.cpu()
 
-    for s1 in starts1:
-        if symmetric:
-            g1 = grads2(s1)
-        else:
-            g1 = _gradients(capture, x1[s1 : s1 + batch_size], classes)
-        for s2 in starts2:
-            if symmetric and s2 < s1:
-                continue
-            g2 = g1 if (symmetric and s2 == s1) else grads2(s2)
-            put(s1, s2, _contract(g1, g2, blocks), mirror=symmetric and s2 != s1)
+    store = _BlockStore(memory_budget_bytes, spill_dir, device)
+    try:
+        for s2 in starts2:  # every x2 block's gradients exactly once
+            xb = x2[s2 : s2 + batch_size]
+            store.put(s2, _gradients(capture, xb, classes), xb.shape[0] * per_input)
+        for s1 in starts1:
+            g1 = store.get(s1) if symmetric else _gradients(capture, x1[s1 : s1 + batch_size], classes)
+            for s2 in starts2:
+                if symmetric and s2 < s1:
+                    continue
+                g2 = g1 if (symmetric and s2 == s1) else store.get(s2)
+                put(s1, s2, _contract(g1, g2, blocks), mirror=symmetric and s2 != s1)
+    finally:
+        store.close()
     return K
+
+
+def _check_spill_space(starts2, n2, batch_size, per_input, budget, spill_dir) -> None:
+    """Refuse before any gradient pass when the blocks that exceed the budget cannot fit on disk."""
+    kept, spill = 0, 0
+    for s in starts2:
+        nbytes = min(batch_size, n2 - s) * per_input
+        if kept + nbytes <= budget:
+            kept += nbytes
+        else:
+            spill += nbytes
+    if spill == 0:
+        return
+    folder = spill_dir if spill_dir is not None else tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if spill > free:
+        raise DNTKError(f"x2's gradients need {spill / 2**30:.2f} GiB of disk beyond memory_budget_bytes="
+                        f"{budget:,}, but {folder} has only {free / 2**30:.2f} GiB free; pass spill_dir= a folder on a "
+                        f"larger disk, raise memory_budget_bytes, or use fewer x2 inputs or classes")
 
 
 def _num_outputs(model, x, capture) -> int:
