@@ -153,3 +153,60 @@ def test_interrupted_feature_extraction_resumes_at_the_missing_chunk(tmp_path):
     assert chunks[2].exists()
     assert all(c.stat().st_mtime_ns == stamps[c] for c in chunks if c != chunks[2])
     assert second["kernel_model"] == first["kernel_model"]
+
+
+@pytest.mark.parametrize("verb,flag,value,rule", [
+    ("run", "--k", "0", "an integer ≥ 1"), ("run", "--k", "-4", "an integer ≥ 1"),
+    ("run", "--budget", "0", "an integer ≥ 1"), ("run", "--budget", "-1", "an integer ≥ 1"),
+    ("run", "--m", "0", "an integer ≥ 1"), ("run", "--n-test", "0", "an integer ≥ 1"),
+    ("run", "--ipc", "0", "an integer ≥ 1"), ("run", "--epochs", "0", "an integer ≥ 1"),
+    ("run", "--batch-size", "0", "an integer ≥ 1"), ("run", "--train-batch-size", "0", "an integer ≥ 1"),
+    ("run", "--clusters", "0", "an integer ≥ 1"), ("run", "--student-epochs", "0", "an integer ≥ 1"),
+    ("run", "--image-size", "0", "an integer ≥ 1"), ("run", "--wmdd-classes-per-step", "0", "an integer ≥ 1"),
+    ("run", "--wmdd-iterations", "-1", "an integer ≥ 0"), ("run", "--lr", "0", "a finite number > 0"),
+    ("run", "--ridge", "-0.5", "a finite number ≥ 0"), ("run", "--k", "4k", "an integer ≥ 1"),
+    ("distill", "--ipc", "0", "an integer ≥ 1"), ("distill", "--iterations", "-5", "an integer ≥ 0"),
+    ("distill", "--classes-per-step", "0", "an integer ≥ 1"), ("distill", "--wmdd-lr", "0", "a finite number > 0"),
+    ("ntk", "--n", "0", "an integer ≥ 1"),
+])
+def test_nonsense_numbers_are_refused_not_defaulted(tmp_path, capsys, verb, flag, value, rule):
+    """`--k 0` used to mean the default (code did `k or default`): now argparse refuses it, naming
+    the flag and the valid range, before any work is done."""
+    extra = ["--checkpoint", "none.pt"] if verb == "ntk" else []
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--out", str(tmp_path), "--quiet", *extra, flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be {rule}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing trained or written
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("k", 0, "--k 0 is out of range: it must be an integer ≥ 1, or leave it unset for the default (min(4096, P/2))"),
+    ("budget", 0, "--budget 0 is out of range: it must be an integer ≥ 1"),
+    ("m", -3, "--m -3 is out of range: it must be an integer ≥ 1"),
+    ("n_test", 0, "--n-test 0 is out of range"), ("epochs", 0, "--epochs 0 is out of range"),
+    ("batch_size", 0, "--batch-size 0 is out of range"), ("ipc", 0, "--ipc 0 is out of range"),
+    ("clusters", 0, "--clusters 0 is out of range"), ("feature_chunk", 0, "--feature-chunk 0 is out of range"),
+    ("batch_size", None, "--batch-size None is out of range: it must be an integer ≥ 1"),
+    ("k", 2.5, "--k 2.5 is out of range"), ("lr", 0.0, "--lr 0.0 is out of range: it must be a number > 0"),
+    ("ridge", float("nan"), "--ridge nan is out of range: it must be a number ≥ 0"),
+    ("m_grid", [10, 0], "--m-grid [10, 0] must be a non-empty list of integers ≥ 1"),
+])
+def test_run_config_refuses_nonsense_numbers(tmp_path, field, value, message):
+    from dntk.errors import DNTKError
+    from dntk.pipeline import RunConfig, run
+
+    with pytest.raises(DNTKError) as e:
+        run(RunConfig(out=str(tmp_path / "out"), progress=False, **{field: value}))
+    assert message in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_config_none_means_default():
+    from dntk.pipeline import RunConfig
+    from dntk.pipeline.run import teacher_train_config
+
+    c = RunConfig().resolved()
+    assert (c.m, c.epochs, c.image_size, c.k, c.budget, c.n_test) == (500, 30, 8, None, None, None)
+    assert teacher_train_config("digits").epochs == 30 and teacher_train_config("folder", epochs=2).epochs == 2
+    assert teacher_train_config("digits", epochs=0).epochs == 0  # passed through, refused by train(), not defaulted

@@ -39,7 +39,9 @@ def default_image_size(dataset: str) -> int:
 
 def teacher_train_config(dataset: str, *, epochs=None, optimizer="sgd", lr=None, seed=0, batch_size=128) -> TrainConfig:
     """The teacher recipe shared by `dntk run`, `dntk train` and `dntk distill`."""
-    return TrainConfig(epochs=epochs or (30 if dataset == "digits" else 15), optimizer=optimizer, lr=lr, seed=seed,
+    if epochs is None:
+        epochs = 30 if dataset == "digits" else 15
+    return TrainConfig(epochs=epochs, optimizer=optimizer, lr=lr, seed=seed,
                        batch_size=batch_size, augment="shift" if dataset == "digits" else "crop_flip")
 
 
@@ -89,11 +91,16 @@ class RunConfig:
 
     def resolved(self) -> "RunConfig":
         c = RunConfig(**asdict(self))
+        c.check_numbers()
         digits = c.dataset == "digits"
-        c.model = c.model or default_model(c.dataset)
-        c.image_size = c.image_size or default_image_size(c.dataset)
-        c.epochs = c.epochs or (30 if digits else 15)
-        c.m = c.m or 500
+        if c.model is None:
+            c.model = default_model(c.dataset)
+        if c.image_size is None:
+            c.image_size = default_image_size(c.dataset)
+        if c.epochs is None:
+            c.epochs = 30 if digits else 15
+        if c.m is None:
+            c.m = 500
         if c.projector not in NAMES:
             raise DNTKError(f"unknown projector {c.projector!r}; valid names: {', '.join(NAMES)}")
         from .gradient_stage import GRADIENT_METHODS
@@ -115,6 +122,57 @@ class RunConfig:
         if c.targets not in ("logits", "onehot"):
             raise DNTKError(f"unknown targets {c.targets!r}; use 'logits' or 'onehot'")
         return c
+
+    def check_numbers(self) -> None:
+        """Refuse numeric settings outside their range (None keeps meaning "the default"); never
+        replace a nonsense value such as k=0 by a default."""
+        for name, (minimum, default) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if value is None and default is not None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                unset = f", or leave it unset for the default ({default})" if default is not None else ""
+                raise DNTKError(f"--{name.replace('_', '-')} {value!r} is out of range: it must be an integer ≥ "
+                                f"{minimum}{unset}")
+        for name, (low, inclusive, default) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if value is None and default is not None:
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                (value >= low if inclusive else value > low)
+            if not ok:
+                unset = f", or leave it unset for the default ({default})" if default is not None else ""
+                raise DNTKError(f"--{name.replace('_', '-')} {value!r} is out of range: it must be a number "
+                                f"{'≥' if inclusive else '>'} {low:g}{unset}")
+        if self.m_grid is not None:
+            bad = [v for v in self.m_grid if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+            if bad or not self.m_grid:
+                raise DNTKError(f"--m-grid {self.m_grid!r} must be a non-empty list of integers ≥ 1 (training-set "
+                                f"sizes), or unset for the default log grid")
+
+
+# name -> (smallest valid value, what None means; None when None is not allowed)
+_INT_RANGES = {
+    "k": (1, "min(4096, P/2)"),
+    "m": (1, "500"),
+    "n_test": (1, "the whole test split"),
+    "image_size": (1, "64; digits 8"),
+    "epochs": (1, "30 for digits, 15 otherwise"),
+    "train_batch_size": (1, None),
+    "batch_size": (1, None),
+    "feature_chunk": (1, None),
+    "ipc": (1, None),
+    "wmdd_iterations": (0, None),
+    "wmdd_classes_per_step": (1, None),
+    "student_epochs": (1, None),
+    "budget": (1, "none: Algorithm 1 picks s from the thresholds"),
+    "clusters": (1, None),
+}
+# name -> (bound, bound allowed, what None means; None when None is not allowed)
+_FLOAT_RANGES = {
+    "lr": (0.0, False, "0.05 for sgd, 2e-3 for adamw"),
+    "ridge": (0.0, True, None),
+}
 
 
 class _Stages:
@@ -263,7 +321,7 @@ def run(config: RunConfig) -> dict:
         base_name = "student"
         base_checksum = model_checksum(base)
         log(f"student trained on the {cfg.m} distilled images: test accuracy {student_acc:.4f}")
-    k = cfg.k or min(4096, P // 2)
+    k = cfg.k if cfg.k is not None else min(4096, P // 2)
     projector = make_projector(cfg.projector, k=k, seed=cfg.seed)
     fkey = _digest(base_checksum, cfg.projector, k, cfg.seed, _digest(X_train), len(test_set), _digest(test_set.labels))
 
@@ -280,7 +338,7 @@ def run(config: RunConfig) -> dict:
 
     # -- kernel model ------------------------------------------------------------------------------------
     with st.time("kernel_model"):
-        grid = cfg.m_grid or default_m_grid(cfg.m, C)
+        grid = cfg.m_grid if cfg.m_grid is not None else default_m_grid(cfg.m, C)
         grid = sorted({g for g in grid if 0 < g <= cfg.m} | {cfg.m})
         curve = krr_metrics(F_train, y_train, F_test, logits_test, y_test, cfg.ridge, grid)
     final = curve[-1]
