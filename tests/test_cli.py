@@ -210,3 +210,46 @@ def test_run_config_none_means_default():
     assert (c.m, c.epochs, c.image_size, c.k, c.budget, c.n_test) == (500, 30, 8, None, None, None)
     assert teacher_train_config("digits").epochs == 30 and teacher_train_config("folder", epochs=2).epochs == 2
     assert teacher_train_config("digits", epochs=0).epochs == 0  # passed through, refused by train(), not defaulted
+
+
+def test_onehot_targets_mse_is_against_the_onehot_targets(tiny_run, tmp_path):
+    """With --targets onehot, `mse` is the error against the one-hot targets the regression fitted
+    (recomputed here with numpy from the saved features), and `mse_vs_teacher_logits` against the
+    teacher's logits."""
+    import numpy as np
+    import torch
+
+    from dntk.data import balanced_indices, load_splits
+
+    out = tmp_path / "onehot"
+    assert main(["run", "--out", str(out), "--targets", "onehot", "--m-grid", "30",
+                 "--checkpoint", str(tiny_run / "teacher" / "best.pt"), *TINY]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["targets"] == "onehot"
+
+    def load(tag):
+        chunks = [torch.load(p) for p in sorted(out.glob(f"features-{tag}-*/chunk-*.pt"))]
+        return (np.concatenate([c["features"].double().numpy() for c in chunks], 1),
+                np.concatenate([c["logits"].double().numpy() for c in chunks]))
+
+    (F_tr, _), (F_te, logits_te) = load("train"), load("test")
+    train, test = load_splits("digits", image_size=8)
+    y_tr = train.labels[balanced_indices(train.labels, 30, 10, seed=0)].numpy()
+    y_te = test.labels[balanced_indices(test.labels, 40, 10)].numpy()
+    Y_tr, Y_te = np.eye(10)[y_tr], np.eye(10)[y_te]
+    pred = np.zeros_like(Y_te)
+    for c in range(10):  # per-class KRR, trace-normalised kernel, relative ridge 1e-4
+        K = F_tr[c] @ F_tr[c].T
+        nu = np.diag(K).mean()
+        alpha = np.linalg.solve(K / nu + 1e-4 * np.eye(30), Y_tr[:, c])
+        pred[:, c] = (F_te[c] @ F_tr[c].T / nu) @ alpha
+    km = res["kernel_model"]
+    assert km["mse"] == pytest.approx(((pred - Y_te) ** 2).mean(), rel=1e-8)
+    assert km["mse_vs_teacher_logits"] == pytest.approx(((pred - logits_te) ** 2).mean(), rel=1e-8)
+    assert km["accuracy"] == pytest.approx((pred.argmax(1) == y_te).mean())
+    assert abs(km["mse"] - km["mse_vs_teacher_logits"]) > 0.05  # logits are not one-hot: the two differ
+
+
+def test_logit_targets_report_one_mse(tiny_run):
+    km = json.loads((tiny_run / "results.json").read_text())["kernel_model"]
+    assert km["mse"] == km["mse_vs_teacher_logits"]

@@ -139,3 +139,17 @@ def test_metrics_hand_made():
     assert metrics.kernel_alignment(3 * A, A) == pytest.approx(1.0)
     B = torch.ones(1, 3, 3, dtype=torch.float64)
     assert metrics.kernel_alignment(A, B) == pytest.approx(3 / (3 ** 0.5 * 3))
+
+
+def test_summarize_mse_is_against_the_regression_targets():
+    """One-hot targets: `mse` against them, `mse_vs_teacher_logits` against the logits (hand-computed)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    pred = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
+    labels = torch.tensor([0, 2])
+    onehot = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    s = metrics.summarize(pred, logits, labels, onehot)
+    assert s["mse"] == pytest.approx((0.5 ** 2 + 1.0) / 6)                    # only (1, 1) and (1, 2) differ
+    assert s["mse_vs_teacher_logits"] == pytest.approx((1 + 1 + 2.5 ** 2 + 1) / 6)
+    assert s["fidelity"] == 1.0 and s["accuracy"] == 0.5
+    default = metrics.summarize(pred, logits, labels)                         # targets = logits
+    assert default["mse"] == default["mse_vs_teacher_logits"] == s["mse_vs_teacher_logits"]

@@ -30,7 +30,8 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def logit_mse(predictions: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over inputs and classes of (f_K,c(x) − f_c(x))²."""
+    """Mean over inputs and classes of (f_K,c(x) − f_c(x))²; ``logits`` may be any targets [n, C]
+    (e.g. one-hot labels)."""
     p, f = _pair(predictions, logits, "mse")
     return float(((p - f) ** 2).mean())
 
@@ -73,8 +74,20 @@ def kernel_alignment(K1: torch.Tensor, K2: torch.Tensor) -> float:
     return float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean())
 
 
-def summarize(predictions: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None) -> dict:
-    out = {"fidelity": fidelity(predictions, logits), "mse": logit_mse(predictions, logits)}
+def summarize(predictions: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None,
+              targets: torch.Tensor | None = None) -> dict:
+    """The kernel model's test metrics.
+
+    predictions: the kernel model's outputs [n, C]; logits: the network's (teacher's) logits [n, C];
+    labels: true labels [n] or None; targets: what the kernel model was regressed on, on the test
+    inputs [n, C] (one-hot labels when it was fitted on one-hot targets); None means the logits.
+
+    Returns ``fidelity`` (argmax agreement with the logits), ``mse`` (mean squared error against
+    ``targets``, the quantity the regression fits), ``mse_vs_teacher_logits`` (against the logits,
+    equal to ``mse`` when the targets are the logits) and, with labels, ``accuracy``."""
+    out = {"fidelity": fidelity(predictions, logits),
+           "mse": logit_mse(predictions, logits if targets is None else targets),
+           "mse_vs_teacher_logits": logit_mse(predictions, logits)}
     if labels is not None:
         out["accuracy"] = accuracy(predictions, labels)
     return out

@@ -49,18 +49,19 @@ def distill(method: str, F, Y, *, budget=None, tau_v=0.95, tau_g=0.9, n_clusters
     raise DNTKError(f"unknown gradient distillation {method!r}; valid names: none, {', '.join(GRADIENT_METHODS)}")
 
 
-def fit_evaluate(features, targets, F_test, logits_test, labels_test, ridge) -> dict:
-    """Metrics of PerClassKRR(ridge, normalize=None) fitted on (features, targets)."""
+def fit_evaluate(features, targets, F_test, logits_test, labels_test, ridge, targets_test=None) -> dict:
+    """Metrics of PerClassKRR(ridge, normalize=None) fitted on (features, targets). ``targets_test``:
+    the test inputs' targets of the same kind as ``targets`` (``mse`` is against them; None = logits)."""
     pred = PerClassKRR(ridge=ridge, normalize=None).fit(features, targets).predict(F_test)
-    return metrics.summarize(pred, logits_test, labels_test)
+    return metrics.summarize(pred, logits_test, labels_test, targets_test)
 
 
-def evaluate_distilled(dg, F_test, logits_test, labels_test, ridge) -> dict:
-    return fit_evaluate(dg.features, dg.targets, F_test, logits_test, labels_test, ridge)
+def evaluate_distilled(dg, F_test, logits_test, labels_test, ridge, targets_test=None) -> dict:
+    return fit_evaluate(dg.features, dg.targets, F_test, logits_test, labels_test, ridge, targets_test)
 
 
 def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, methods, seeds=(0, 1, 2), n_clusters=10,
-                  tau_v=0.95, tau_g=0.9, mode="per_class") -> list[dict]:
+                  tau_v=0.95, tau_g=0.9, mode="per_class", targets_test=None) -> list[dict]:
     """Metrics (mean ± std over seeds) for every method and budget s."""
     rows = []
     m = F.shape[1]
@@ -73,7 +74,7 @@ def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, met
             for seed in seeds:
                 dg = distill(method, F, Y, budget=s, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters, mode=mode,
                              seed=seed)
-                runs.append(evaluate_distilled(dg, F_test, logits_test, labels_test, ridge))
+                runs.append(evaluate_distilled(dg, F_test, logits_test, labels_test, ridge, targets_test))
             row = {"method": method, "s": s, "compression": m / s, "seeds": len(seeds),
                    "seconds": (time.perf_counter() - t) / len(seeds)}
             for key in runs[0]:
@@ -85,7 +86,8 @@ def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, met
 
 
 def grid_search(F, Y, F_test, logits_test, labels_test, *, ridge, tau_vs=(0.45, 0.55, 0.65, 0.75, 0.85, 0.95),
-                tau_gs=(0.7, 0.8, 0.9, 0.95, 0.99), clusters=(5, 10, 15, 20), mode="per_class", seed=0) -> dict:
+                tau_gs=(0.7, 0.8, 0.9, 0.95, 0.99), clusters=(5, 10, 15, 20), mode="per_class", seed=0,
+                targets_test=None) -> dict:
     """Algorithm 1 over the (τ_v, τ_g, H) grid; returns {"rows", "pareto"} over (mean s, accuracy)."""
     rows = []
     for H in clusters:
@@ -94,7 +96,7 @@ def grid_search(F, Y, F_test, logits_test, labels_test, *, ridge, tau_vs=(0.45, 
                 dg = local_global(F, Y, tau_v=tv, tau_g=tg, n_clusters=H, mode=mode, seed=seed)
                 if min(dg.sizes) == 0:
                     continue
-                res = evaluate_distilled(dg, F_test, logits_test, labels_test, ridge)
+                res = evaluate_distilled(dg, F_test, logits_test, labels_test, ridge, targets_test)
                 rows.append({"tau_v": tv, "tau_g": tg, "n_clusters": H, "s": sum(dg.sizes) / len(dg.sizes), **res})
     return {"rows": rows, "pareto": pareto_front(rows, "s", "accuracy")}
 
@@ -138,18 +140,21 @@ def local_global_figures(K, class_names, out: Path, *, n_clusters=10, tau_v=0.95
     return summary
 
 
-def rank_curve(F, Y, F_test, logits_test, labels_test, ridge, ranks=FIG5_RANKS) -> list[dict]:
+def rank_curve(F, Y, F_test, logits_test, labels_test, ridge, ranks=FIG5_RANKS, targets_test=None) -> list[dict]:
     m = F.shape[1]
     rs = [r for r in ranks if r <= min(m, F.shape[2])]
     model = PerClassKRR(ridge=ridge, normalize=None, form="dual").fit(F, Y)
     preds = model.sweep(F_test, ridges=(ridge,), ranks=rs)
-    return [{"rank": r, **metrics.summarize(preds[(ridge, r)], logits_test, labels_test)} for r in rs]
+    return [{"rank": r, **metrics.summarize(preds[(ridge, r)], logits_test, labels_test, targets_test)} for r in rs]
 
 
 def run_gradient_stage(F_train, Y, labels_train, F_test, logits_test, labels_test, *, method, budget, tau_v, tau_g,
                        n_clusters, ridge, seed, out: Path, class_names=None, mode="per_class",
-                       fig3_budgets=(5, 10, 25), fig3_seeds=(0,)) -> dict:
-    """Everything stage 3 adds to results.json, with Figures 2–5 written to ``out``."""
+                       fig3_budgets=(5, 10, 25), fig3_seeds=(0,), targets_test=None) -> dict:
+    """Everything stage 3 adds to results.json, with Figures 2–5 written to ``out``.
+
+    ``targets_test``: the test inputs' regression targets of the kind Y holds (one-hot labels when Y
+    is one-hot); every ``mse`` is against them, ``mse_vs_teacher_logits`` against logits_test."""
     F, Ft, nu = normalise(F_train, F_test)
     m = F.shape[1]
     timings = {}
@@ -160,20 +165,21 @@ def run_gradient_stage(F_train, Y, labels_train, F_test, logits_test, labels_tes
     t = time.perf_counter()
     dg = distill(method, F, Y, budget=budget, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters, mode=mode, seed=seed)
     timings["distill"] = time.perf_counter() - t
-    res = evaluate_distilled(dg, Ft, logits_test, labels_test, ridge)
-    full = fit_evaluate(F, Y, Ft, logits_test, labels_test, ridge)
+    res = evaluate_distilled(dg, Ft, logits_test, labels_test, ridge, targets_test)
+    full = fit_evaluate(F, Y, Ft, logits_test, labels_test, ridge, targets_test)
     t = time.perf_counter()
     methods = ("local-global",) + METHODS
     budgets = sorted({b for b in fig3_budgets if b <= m} | ({budget} if budget else set()))
     curves = budget_curves(F, Y, Ft, logits_test, labels_test, ridge=ridge, budgets=budgets, methods=methods,
-                           seeds=fig3_seeds, n_clusters=n_clusters, tau_v=tau_v, tau_g=tau_g, mode=mode)
+                           seeds=fig3_seeds, n_clusters=n_clusters, tau_v=tau_v, tau_g=tau_g, mode=mode,
+                           targets_test=targets_test)
     figure3(curves, m, out / "figure3.png")
     timings["figure3"] = time.perf_counter() - t
     t = time.perf_counter()
     lg = local_global_figures(spec["kernels"], class_names, out, n_clusters=n_clusters, tau_v=tau_v, tau_g=tau_g, seed=seed)
     timings["figure4"] = time.perf_counter() - t
     t = time.perf_counter()
-    rc = rank_curve(F, Y, Ft, logits_test, labels_test, ridge)
+    rc = rank_curve(F, Y, Ft, logits_test, labels_test, ridge, targets_test=targets_test)
     figure5(rc, out / "figure5.png")
     timings["figure5"] = time.perf_counter() - t
     s = dg.sizes

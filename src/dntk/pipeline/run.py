@@ -151,6 +151,10 @@ class RunConfig:
                                 f"sizes), or unset for the default log grid")
 
 
+# the kernel model's summary in results.json: mse is against the regression targets used (--targets),
+# mse_vs_teacher_logits against the teacher's logits (the two agree with --targets logits)
+KM_KEYS = ("fidelity", "accuracy", "mse", "mse_vs_teacher_logits", "condition_number", "min_eigenvalue")
+
 # name -> (smallest valid value, what None means; None when None is not allowed)
 _INT_RANGES = {
     "k": (1, "min(4096, P/2)"),
@@ -226,10 +230,14 @@ def default_m_grid(m: int, C: int) -> list[int]:
     return grid
 
 
-def krr_metrics(F_train, y_train, F_test, logits_test, labels_test, ridge, m_values, *, kernels=None):
+def krr_metrics(F_train, y_train, F_test, logits_test, labels_test, ridge, m_values, *, kernels=None,
+                targets_test=None):
     """Metrics of the per-class KRR for each training prefix size in m_values.
 
-    F_train [C, m, k] (or, with kernels=(K_train [C, m, m], K_test [C, n, m]), precomputed)."""
+    F_train [C, m, k] (or, with kernels=(K_train [C, m, m], K_test [C, n, m]), precomputed).
+    targets_test [n, C]: the test inputs' regression targets of the kind y_train holds (one-hot
+    labels with ``--targets onehot``); ``mse`` is measured against them, ``mse_vs_teacher_logits``
+    against logits_test. None means y_train are logits."""
     rows = []
     for mm in m_values:
         model = PerClassKRR(ridge=ridge, normalize="trace")
@@ -243,7 +251,7 @@ def krr_metrics(F_train, y_train, F_test, logits_test, labels_test, ridge, m_val
             pred = model.predict_kernel(K_test[:, :, :mm])
             Kt = K_train[:, :mm, :mm]
         cond = metrics.kernel_conditioning(Kt)
-        row = {"m": mm, **metrics.summarize(pred, logits_test, labels_test),
+        row = {"m": mm, **metrics.summarize(pred, logits_test, labels_test, targets_test),
                "condition_number": cond["condition_number"], "min_eigenvalue": cond["min_eigenvalue"]}
         rows.append(row)
     return rows
@@ -335,12 +343,14 @@ def run(config: RunConfig) -> dict:
     F_train, F_test = ftr["features"], fte["features"]
     logits_train, logits_test = ftr["logits"], fte["logits"]
     y_train = logits_train.double() if cfg.targets == "logits" else one_hot(y_train_labels, C)
+    y_test_targets = logits_test.double() if cfg.targets == "logits" else one_hot(y_test, C)  # mse is against these
 
     # -- kernel model ------------------------------------------------------------------------------------
     with st.time("kernel_model"):
         grid = cfg.m_grid if cfg.m_grid is not None else default_m_grid(cfg.m, C)
         grid = sorted({g for g in grid if 0 < g <= cfg.m} | {cfg.m})
-        curve = krr_metrics(F_train, y_train, F_test, logits_test, y_test, cfg.ridge, grid)
+        curve = krr_metrics(F_train, y_train, F_test, logits_test, y_test, cfg.ridge, grid,
+                            targets_test=y_test_targets)
     final = curve[-1]
     results = {
         "config": asdict(cfg),
@@ -348,7 +358,8 @@ def run(config: RunConfig) -> dict:
                     "source": cfg.checkpoint or str(out / "teacher" / "best.pt"),
                     "best_epoch": trained.best_epoch if trained else None},
         "projector": {"name": projector.name, "k": projector.dim, "seed": cfg.seed},
-        "kernel_model": {key: final[key] for key in ("fidelity", "accuracy", "mse", "condition_number", "min_eigenvalue")},
+        "targets": cfg.targets,
+        "kernel_model": {key: final[key] for key in KM_KEYS},
         "base_model": {"name": base_name, "test_accuracy": student_acc if student_acc is not None else test_acc,
                        "checksum": base_checksum},
         "distillation": None if distilled is None else {
@@ -366,10 +377,11 @@ def run(config: RunConfig) -> dict:
             t_tr = features(X_train, "train-teacher", teacher, tkey)
             t_te = features(X_test, "test-teacher", teacher, tkey)
             t_y = t_tr["logits"].double() if cfg.targets == "logits" else one_hot(y_train_labels, C)
+            t_yt = t_te["logits"].double() if cfg.targets == "logits" else one_hot(y_test, C)
             results["curves"]["teacher"] = krr_metrics(t_tr["features"], t_y, t_te["features"], t_te["logits"], y_test,
-                                                       cfg.ridge, grid)
+                                                       cfg.ridge, grid, targets_test=t_yt)
         results["kernel_model_teacher"] = {key: results["curves"]["teacher"][-1][key]
-                                           for key in ("fidelity", "accuracy", "mse", "condition_number", "min_eigenvalue")}
+                                           for key in KM_KEYS}
 
     # -- exact comparison -------------------------------------------------------------------------------
     if cfg.exact:
@@ -379,12 +391,11 @@ def run(config: RunConfig) -> dict:
                 "K_test": empirical_ntk(base, X_test.to(cfg.device), X_train.to(cfg.device))})
             Kp = torch.einsum("cik,cjk->cij", F_train.double(), F_train.double())
             ex_curve = krr_metrics(None, y_train, None, logits_test, y_test, cfg.ridge, grid,
-                                   kernels=(ex["K_train"], ex["K_test"]))
+                                   kernels=(ex["K_train"], ex["K_test"]), targets_test=y_test_targets)
         results["exact"] = {
             "kernel_relative_error": metrics.kernel_relative_error(Kp, ex["K_train"]),
             "kernel_alignment": metrics.kernel_alignment(Kp, ex["K_train"]),
-            "kernel_model": {key: ex_curve[-1][key] for key in ("fidelity", "accuracy", "mse", "condition_number",
-                                                                "min_eigenvalue")},
+            "kernel_model": {key: ex_curve[-1][key] for key in KM_KEYS},
         }
         results["curves"]["exact"] = ex_curve
 
@@ -393,6 +404,7 @@ def run(config: RunConfig) -> dict:
 
         with st.time("gradient_distillation"):
             gd = run_gradient_stage(F_train, y_train, y_train_labels, F_test, logits_test, y_test,
+                                    targets_test=y_test_targets,
                                     method=cfg.gradient_distill, budget=cfg.budget, tau_v=cfg.tau_v, tau_g=cfg.tau_g,
                                     n_clusters=min(cfg.clusters, cfg.m), ridge=cfg.ridge, seed=cfg.seed, out=out,
                                     class_names=train_set.classes, mode=cfg.gd_mode)
@@ -460,8 +472,12 @@ def _feature_dict(r):
 def format_results(res: dict) -> str:
     km = res["kernel_model"]
     lines = ["", f"{'':28s}{'projected':>14s}" + (f"{'exact eNTK':>14s}" if "exact" in res else "")]
-    for key in ("fidelity", "accuracy", "mse", "condition_number", "min_eigenvalue"):
-        row = f"{key:28s}{km[key]:>14.4g}"
+    targets = res.get("targets", "logits")
+    for key in KM_KEYS:
+        if key == "mse_vs_teacher_logits" and targets == "logits":
+            continue  # identical to mse
+        name = {"mse": f"mse (vs {targets} targets)", "mse_vs_teacher_logits": "mse vs teacher logits"}.get(key, key)
+        row = f"{name:28s}{km[key]:>14.4g}"
         if "exact" in res:
             row += f"{res['exact']['kernel_model'][key]:>14.4g}"
         lines.append(row)

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = [("fidelity", "test fidelity"), ("accuracy", "test accuracy"), ("mse", "test MSE (logits)"),
+PANELS = [("fidelity", "test fidelity"), ("accuracy", "test accuracy"), ("mse", "test MSE (vs regression targets)"),
           ("condition_number", "condition number"), ("min_eigenvalue", "min eigenvalue")]
 
 
