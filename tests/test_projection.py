@@ -75,13 +75,67 @@ def test_sketch_is_unbiased(cnn_case, name):
 
 
 def test_sjlt_matrix_structure():
+    """S equals the matrix rebuilt from the projector's own hash tables: S[i, h_r(i)] += σ_r(i)/√s
+    over its s hashes r. A coordinate whose s buckets are distinct has exactly s nonzeros of
+    magnitude 1/√s and squared row norm exactly 1; where two hashes collide the entries add
+    (±2/√s, or cancel to 0). With this seed both kinds of row occur, so neither clause is vacuous."""
     lin = torch.nn.Linear(5, 3)
-    p = make("sjlt", k=16, seed=1, s=3).bind(dntk.features.parameter_table(lin).specs)
+    s = 3
+    p = make("sjlt", k=16, seed=1, s=s).bind(dntk.features.parameter_table(lin).specs)
     S = p.matrix()
     assert S.shape == (18, 16)
+    ref, offset, distinct = torch.zeros(18, 16, dtype=torch.float64), 0, []
+    for name, spec in p.specs.items():
+        idx = torch.stack([p._index(name, r, "cpu") for r in range(s)])         # [s, numel]
+        sign = torch.stack([p._full_signs(name, r, "cpu") for r in range(s)]).double()
+        for i in range(spec.numel):
+            for r in range(s):
+                ref[offset + i, idx[r, i]] += sign[r, i] / math.sqrt(s)
+            distinct.append(len(set(idx[:, i].tolist())) == s)
+        offset += spec.numel
+    assert torch.allclose(S, ref, rtol=0, atol=1e-7)  # float32 entries of ±1/√s sums
+    distinct = torch.tensor(distinct)
+    assert bool(distinct.any()) and bool((~distinct).any())
     nz = (S != 0).sum(1)
-    assert bool((nz >= 1).all() and (nz <= 3).all())  # ≤ s buckets (two hashes may collide)
-    assert torch.allclose(S.abs()[S != 0].unique(), torch.tensor([1 / math.sqrt(3)], dtype=S.dtype)) or nz.max() > 1
+    assert bool((nz[distinct] == s).all())
+    assert torch.allclose(S[distinct].abs()[S[distinct] != 0], torch.tensor(1 / math.sqrt(s), dtype=S.dtype))
+    assert torch.allclose((S[distinct] ** 2).sum(1), torch.ones(int(distinct.sum()), dtype=S.dtype))
+    assert bool((nz[~distinct] < s).all())
+    collided = S[~distinct][S[~distinct] != 0].abs()
+    assert bool(((collided - 1 / math.sqrt(s)).abs() < 1e-7).logical_or((collided - 2 / math.sqrt(s)).abs() < 1e-7).all())
+
+
+@pytest.mark.parametrize("name", ["sjlt", "tensorsketch", "gaussian", "identity"])
+def test_matrix_in_row_chunks_equals_projecting_the_identity(name):
+    """matrix() feeds unit vectors in row chunks; the result equals projecting eye(numel) whole."""
+    specs = [dntk.projection.BlockSpec("w", 60, (6, 10)), dntk.projection.BlockSpec("b", 7)]
+    p = make(name, k=32, seed=3).bind(specs)
+    ref = []
+    for spec in specs:
+        out = torch.zeros(spec.numel, p.dim)
+        p.project(spec.name, torch.eye(spec.numel), out)
+        ref.append(out.double())
+    ref = torch.cat(ref)
+    for chunk in (1, 25, 1 << 22):  # one row at a time, 3-row chunks of b, everything at once
+        assert torch.equal(p.matrix(chunk_numbers=chunk), ref)
+
+
+def test_matrix_refuses_huge_blocks_before_allocating(monkeypatch):
+    """A block of 10⁶ entries at k = 8 passes the P·k guard (8·10⁶) but its identity would be 10¹²
+    numbers: refused with a DNTKError, not an allocation attempt."""
+    p = make("sjlt", k=8, seed=0).bind([dntk.projection.BlockSpec("embedding.weight", 10**6)])
+
+    def no_alloc(*a, **kw):
+        raise AssertionError("matrix() allocated before refusing")
+
+    monkeypatch.setattr(torch, "eye", no_alloc)
+    monkeypatch.setattr(torch, "zeros", no_alloc)
+    with pytest.raises(dntk.DNTKError, match=r"Σ numel² = 1,000,000,000,000 .*'embedding.weight' has numel 1,000,000"):
+        p.matrix()
+    monkeypatch.undo()
+    big = make("sjlt", k=4096, seed=0).bind([dntk.projection.BlockSpec("w", 20_000)])
+    with pytest.raises(dntk.DNTKError, match=r"P·k = 81,920,000 numbers"):
+        big.matrix()
 
 
 @pytest.mark.parametrize("name", ["sjlt", "tensorsketch", "gaussian"])

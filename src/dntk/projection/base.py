@@ -111,18 +111,37 @@ class Projector:
         block = torch.bmm(g, a.transpose(1, 2)).reshape(g.shape[0], -1)
         self.project(key, block, out)
 
-    def matrix(self, dtype=torch.float64) -> torch.Tensor:
+    def matrix(self, dtype=torch.float64, *, max_numbers: int = 50_000_000, max_unit_entries: int = 1 << 31,
+               chunk_numbers: int = 1 << 22) -> torch.Tensor:
         """The whole map S as a dense [P, k] matrix, by projecting unit vectors. For tests and
-        small models only (P·k entries)."""
+        small models only.
+
+        Cost: the result holds P·k numbers (refused above ``max_numbers``); the unit vectors of a
+        block are fed in row chunks of at most ``chunk_numbers`` entries (at least one row), so
+        the identity [numel, numel] is never built whole; the work is Σ numel² over blocks (refused
+        above ``max_unit_entries``). Peak memory ≈ P·k numbers + one chunk + one [rows, k] buffer."""
         k = self.dim
-        if self.num_params * k > 50_000_000:
-            raise DNTKError(f"matrix() would hold P·k = {self.num_params * k:,} numbers; it is meant for small models")
+        if self.num_params * k > max_numbers:
+            raise DNTKError(f"matrix() would hold P·k = {self.num_params * k:,} numbers (limit {max_numbers:,}); it is "
+                            f"meant for small models — use project() on the vectors you need, or pass a larger max_numbers")
+        work = sum(spec.numel ** 2 for spec in self.specs.values())
+        if work > max_unit_entries:
+            big = max(self.specs.values(), key=lambda sp: sp.numel)
+            raise DNTKError(f"matrix() would project Σ numel² = {work:,} unit-vector entries (limit {max_unit_entries:,}; "
+                            f"largest block {big.name!r} has numel {big.numel:,}); it is meant for small models — use "
+                            f"project() on the vectors you need, or pass a larger max_unit_entries")
+        if isinstance(chunk_numbers, bool) or not isinstance(chunk_numbers, int) or chunk_numbers < 1:
+            raise DNTKError(f"chunk_numbers must be a positive integer, got {chunk_numbers!r}")
         rows = []
         for spec in self.specs.values():
-            eye = torch.eye(spec.numel, dtype=torch.float32)
-            out = torch.zeros(spec.numel, k, dtype=torch.float32)
-            self.project(spec.name, eye, out)
-            rows.append(out.to(dtype))
+            step = max(1, chunk_numbers // spec.numel)
+            for start in range(0, spec.numel, step):
+                n = min(step, spec.numel - start)
+                unit = torch.zeros(n, spec.numel, dtype=torch.float32)
+                unit[torch.arange(n), torch.arange(start, start + n)] = 1.0
+                out = torch.zeros(n, k, dtype=torch.float32)
+                self.project(spec.name, unit, out)
+                rows.append(out.to(dtype))
         return torch.cat(rows, 0)
 
     def __repr__(self) -> str:
