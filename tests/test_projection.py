@@ -1,5 +1,6 @@
 """Projected features: scaling, JL accuracy, the two evaluation paths, reproducibility."""
 
+import copy
 import math
 import subprocess
 import sys
@@ -232,3 +233,31 @@ def test_cpu_and_cuda_agree(cnn_case):
     gpu = dntk.gradient_features(model.cuda(), x.cuda(), p, progress=False).features
     model.cpu()
     assert rel(gpu, cpu) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["tensorsketch", "sjlt", "gaussian", "rademacher"])
+def test_half_precision_models(name, dtype, monkeypatch):
+    """bfloat16/float16 models: torch.fft has no CPU kernels for them, so the tensorsketch FFT path
+    (forced here and asserted taken) works in float32. Features are finite and their kernel is
+    within bf16 tolerance (5e-2 relative) of the float32 model's with the same seed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
+    x = torch.randn(16, 64)
+    opts = {"fft_max_bytes": 1 << 30} if name == "tensorsketch" else {}
+    ref = dntk.gradient_features(model, x, make(name, k=256, seed=3, **opts), progress=False)
+    ffts = []
+    real_rfft = torch.fft.rfft
+
+    def rfft(t, *a, **kw):
+        ffts.append(t.dtype)
+        return real_rfft(t, *a, **kw)
+
+    monkeypatch.setattr(torch.fft, "rfft", rfft)
+    half = dntk.gradient_features(copy.deepcopy(model).to(dtype), x.to(dtype), make(name, k=256, seed=3, **opts),
+                                  progress=False)
+    if name == "tensorsketch":  # the 64→128 layer takes the FFT path, in float32
+        assert ffts and set(ffts) == {torch.float32}
+    assert half.features.dtype == torch.float32 and bool(torch.isfinite(half.features).all())
+    assert rel(half.kernel(), ref.kernel()) < 5e-2
+    assert rel(half.logits, ref.logits) < 5e-2

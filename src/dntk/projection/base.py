@@ -15,7 +15,9 @@ parameter used twice (tied weights) simply contributes twice.
 Reproducibility: every random quantity of block ``name`` comes from a generator seeded by a hash of
 ``(seed, name, purpose)`` on the CPU, then moved to the block's device. So the map S depends only on
 the seed and the model's parameter names and shapes — never on batch size, batch order, the process,
-or the device.
+or the device. Whether the *features* (S applied by floating-point sums) are bitwise identical
+depends on the device: see :mod:`dntk.projection.sketches` (CPU: yes; CUDA: to float rounding, or
+bitwise run to run only under ``torch.use_deterministic_algorithms(True)``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,27 @@
-"""Concrete projectors. See :mod:`dntk.projection` for the cost/accuracy table."""
+"""Concrete projectors. See :mod:`dntk.projection` for the cost/accuracy table.
+
+What is bit-identical where (torch 2.14):
+
+- **The map S** is a function of (seed, parameter names and shapes) only: hash tables, signs and
+  dense chunks are generated on the CPU and copied to the block's device, so every device, batch
+  size, batch order and process uses exactly the same S (for the same torch version).
+- **CPU**: the bucket sums (``index_add_``) run sequentially and the FFTs are deterministic, so the
+  projection of the same gradients is bitwise identical run to run, across batch sizes, batch
+  orders and processes. For a float64 model the features are bitwise identical across all of
+  these (tested). For float32 models the *network's* gradients themselves differ at ~1e-6
+  relative across batch sizes (oneDNN picks batch-size-dependent convolution algorithms).
+- **CUDA, default settings**: ``index_add_`` (sjlt, tensorsketch's count sketches and its
+  materialised path) accumulates with atomic adds, whose order varies from run to run, and
+  cuBLAS/cuDNN pick shape-dependent algorithms; features agree with the CPU's and between runs to
+  float rounding (CPU vs CUDA: ≤ 1e-5 relative, tested on a GPU), not bitwise.
+- **CUDA with** ``torch.use_deterministic_algorithms(True)`` (and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
+  in the environment, which PyTorch then requires for cuBLAS): torch 2.14 documents
+  ``torch.index_add`` on CUDA among the operations that then run deterministically — it
+  dispatches to the sort-based ``index_put_(..., accumulate=True)`` kernel instead of atomics — and
+  cuDNN uses deterministic convolutions, so repeated runs with the same GPU model, software and
+  batch size give bitwise-identical features. They are still not bitwise equal to the CPU's, nor
+  across batch sizes. (From PyTorch's documentation and source; not measured by this project.)
+"""
 
 from __future__ import annotations
 
@@ -8,6 +31,9 @@ import torch
 
 from ..errors import DNTKError
 from .base import BlockSpec, Projector, _check_out, chunk_rows, cpu_generator, random_signs
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class _DeviceCache:
@@ -106,6 +132,10 @@ class SJLTProjector(Projector):
     nothing. Products of independent ±1 are still pairwise independent, which is what the
     estimator's unbiasedness needs; the bucket hash stays fully random. Either evaluation path
     (materialised block or factors) uses the same signs, so S is one fixed matrix.
+
+    Buckets are summed with ``index_add_``: bitwise reproducible on the CPU; on CUDA atomic (run-to-run
+    differences at float rounding) unless ``torch.use_deterministic_algorithms(True)`` — see the
+    module docstring for exactly what is bit-identical where.
     """
 
     name = "sjlt"
@@ -177,6 +207,10 @@ class TensorSketchProjector(Projector):
     the large, low-resolution layers where most parameters live. Each layer takes whichever path
     is cheaper; both give the same sketch. The remaining parameters (biases, norm affines) are
     computed exactly and CountSketched with independent hashes.
+
+    Half-precision (bfloat16/float16) factors are count-sketched and transformed in float32, since
+    torch.fft has no bfloat16 kernels and no CPU float16 ones. Count sketches use ``index_add_``:
+    see the module docstring for what is bit-identical on CPU and CUDA.
     """
 
     name = "tensorsketch"
@@ -242,12 +276,16 @@ class TensorSketchProjector(Projector):
         B, rows, T = g.shape
         if spec.factors is None or not self._fft_is_cheaper(rows, a.shape[1], T, B):
             return super().project_outer(key, g, a, out, cache)
+        # torch.fft has no bfloat16 kernels (CPU or CUDA) and float16 only on CUDA for powers of two:
+        # half-precision factors are count-sketched and transformed in float32, and the result is
+        # added in out's dtype (rounded once, like the other paths)
+        work = torch.float32 if g.dtype in _HALF else g.dtype
         fa = cache.get(key)
         if fa is None:
             hc, sc = self._hash(key, "col", a.shape[1], a.device)
-            fa = torch.fft.rfft(self._count_sketch(a, hc, sc), dim=-1)
+            fa = torch.fft.rfft(self._count_sketch(a.to(work), hc, sc), dim=-1)
             cache[key] = fa
         hr, sr = self._hash(key, "row", rows, g.device)
-        fg = torch.fft.rfft(self._count_sketch(g, hr, sr), dim=-1)
+        fg = torch.fft.rfft(self._count_sketch(g.to(work), hr, sr), dim=-1)
         conv = torch.fft.irfft((fg * fa).sum(1), n=self.k, dim=-1)
         out += conv.to(out.dtype)
