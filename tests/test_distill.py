@@ -1,5 +1,8 @@
 """Stage 1: barycenters, BN statistics, the WMDD objective, k-center, the on-disk format."""
 
+import itertools
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -117,10 +120,30 @@ def test_kcenter_is_a_valid_greedy_cover():
     for t in range(1, 12):  # each pick is the point farthest from the ones before it
         d = torch.cdist(X.double(), X[picks[:t]].double()).min(1).values
         assert picks[t] == int(torch.argmax(d))
-    # greedy is a 2-approximation of the optimal radius, which no random set beats
-    for _ in range(5):
-        rand = torch.randperm(120, generator=g)[:12].tolist()
-        assert covering_radius(X, picks) <= 2 * covering_radius(X, rand)
+    # the picks equal a naive O(n²·m) farthest-point greedy in plain Python, and covering_radius
+    # equals the radius of those centres computed the same way
+    pts = X.double().tolist()
+    dist = lambda a, b: math.sqrt(sum((u - v) ** 2 for u, v in zip(a, b)))
+    naive = [7]
+    while len(naive) < 12:
+        gaps = [min(dist(p, pts[j]) for j in naive) for p in pts]
+        naive.append(max(range(len(pts)), key=lambda i: (gaps[i], -i)))  # first index among ties, as argmax
+    assert picks == naive
+    radius = max(min(dist(p, pts[j]) for j in naive) for p in pts)
+    assert covering_radius(X, picks) == pytest.approx(radius, rel=1e-12)
+
+
+def test_kcenter_hand_example_and_optimum():
+    """1-D points 0, 1, 2, 10, 11, 20 from 0: farthest is 20, then 10; radius 2 (point 2 to 0).
+    On a tiny random set the greedy radius is within 2× the optimum found by trying every subset."""
+    X = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [20.0]])
+    assert kcenter_greedy(X, 3, first=0) == [0, 5, 3]
+    assert covering_radius(X, [0, 5, 3]) == pytest.approx(2.0)
+    g = torch.Generator().manual_seed(3)
+    Y = torch.randn(10, 2, generator=g)
+    greedy = covering_radius(Y, kcenter_greedy(Y, 3, first=4))
+    optimum = min(covering_radius(Y, list(c)) for c in itertools.combinations(range(10), 3))
+    assert optimum <= greedy <= 2 * optimum
 
 
 def test_random_and_kcenter_subsets(digits_teacher, tmp_path):
