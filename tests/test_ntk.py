@@ -89,8 +89,8 @@ def test_tied_parameters_count_once_and_frozen_ones_not_at_all():
     assert all(p.requires_grad is False for p in model.frozen.parameters())
 
 
-class Unsupported(nn.Module):
-    """A grouped conv and a free-standing parameter: the hook backend cannot take these."""
+class GroupedAndFree(nn.Module):
+    """A grouped conv and a free-standing parameter (formerly sent the whole model to vmap)."""
 
     def __init__(self):
         super().__init__()
@@ -102,20 +102,25 @@ class Unsupported(nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1)) * self.scale
 
 
-def test_generic_backend_for_unsupported_layers():
+def test_grouped_conv_and_free_parameter_take_per_call_paths():
     torch.manual_seed(5)
-    model = Unsupported().double()
-    assert GradientCapture(model).backend == "func"
+    model = GroupedAndFree().double()
     x = torch.randn(4, 4, 4, 4, dtype=torch.float64)
     J = brute_force_jacobian(model, x)
+    cap = GradientCapture(model)
+    assert cap.backend == "ops"
     assert rel(dntk.empirical_ntk(model, x, blocks="full"), torch.einsum("icp,jdp->icjd", J, J)) < 1e-10
+    r = dntk.gradient_features(model, x, "identity", progress=False)
+    assert r.paths == {"conv.weight": "closed", "conv.bias": "closed", "scale": "op-vjp",
+                       "fc.weight": "factored", "fc.bias": "closed"}
+    assert rel(dntk.empirical_ntk(model, x, blocks="full", backend="func"), torch.einsum("icp,jdp->icjd", J, J)) < 1e-10
 
 
 def test_norm_layers_and_sequence_linear():
     torch.manual_seed(6)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(2),   # [B, 4, 16]
                           nn.LayerNorm(16), nn.Linear(16, 5), nn.Flatten(), nn.Linear(20, 3)).double()
-    assert GradientCapture(model).backend == "hooks"
+    assert GradientCapture(model).backend == "ops"
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
     J = brute_force_jacobian(model, x)
     assert rel(dntk.empirical_ntk(model, x, blocks="full"), torch.einsum("icp,jdp->icjd", J, J)) < 1e-10

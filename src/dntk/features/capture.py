@@ -1,42 +1,75 @@
-"""Per-sample, per-logit parameter gradients, one parameter block at a time.
+"""Per-sample, per-logit parameter gradients, one parameter block at a time — correct or refuse.
 
-How the hook backend works (and why it is fast on CPUs): one forward pass over a batch records, for
-every Linear / Conv2d / norm layer, the quantity its weight gradient is built from (the layer input,
-unfolded into patches for Conv2d, or the normalised input for norms) and keeps the layer's output as
-a leaf of the backward. Then, for each logit c, a single backward of Σ_b f_c(x_b) *to the layer
-outputs only* gives g_b = ∂f_c(x_b)/∂out_b for every sample at once — in eval mode the samples do
-not interact, so the gradient of the sum is the per-sample gradient. The per-sample weight gradient
-is Σ_t g_b[:, t] a_b[:, t]ᵀ; it is handed to a *sink* as these two factors, so a projector can sketch
-it without ever forming it (see :mod:`dntk.projection`). Parameters are frozen during the pass so
-autograd never builds the summed weight gradients it would otherwise compute.
+How the engine works. One forward pass runs under a :class:`torch.overrides.TorchFunctionMode`
+that sees every torch call. A call is *interesting* when one of its arguments is a trainable
+parameter (matched by identity) or a tensor computed from parameters only:
 
-Two details keep it exact:
-- layer outputs are cloned inside the forward hook, so in-place operations later in the network
-  (``relu(inplace=True)``, ``out += identity``) cannot change the tensor we differentiate against;
-- the recorded inputs are fresh tensors (patches, normalised inputs) made at hook time.
+- **derivations** — calls whose tensor arguments are parameters, parameter-derived tensors or
+  constants, but no data (``w - w.mean()`` in a weight-standardised conv, ``g·v/‖v‖`` in
+  weight norm, ``cls_token.expand(B, -1, -1)``, ``table[index]`` in Swin's relative position
+  bias). They run on a per-pass *alias* of each parameter (a detached leaf that requires grad), so
+  the derived tensor keeps an autograd graph back to its parameters.
+- **consumptions** — calls that mix parameters (or derived tensors) with data. Each is computed
+  on the aliases, its output is *recorded* (the graph node we differentiate against) and a clone
+  is handed to the network, so later in-place operations cannot touch the recorded tensor.
+  In-place consumptions (``x.mul_(gamma)``) are computed out of place and copied into ``x``.
 
-Models with trainable parameters in other module types (embeddings, custom parameters, grouped
-convolutions, ...) use the generic ``torch.func`` backend (``vmap(jacrev)``), which is slower but
-handles any differentiable model.
+Then, for each logit c, one backward of Σ_b f_c(x_b) to the recorded outputs gives every
+sample's output gradient at once. Per-sample parameter gradients follow per recorded call:
 
-BatchNorm: the model is put in eval mode for the pass (running statistics; restored afterwards), so
-a model in training mode is analysed as it would predict. A BatchNorm layer without running
-statistics couples the samples of a batch and is rejected.
+=============  ==========================================================================  =========
+path           calls                                                                        cost
+=============  ==========================================================================  =========
+``factored``   ``F.linear`` and ungrouped ``conv1d``/``conv2d`` with a parameter weight:     cheapest
+               Σ_t g_t a_tᵀ handed to the projector as factors, never formed
+``closed``     biases, norm affines (batch/layer/group norm), grouped/depthwise convs,     O(B·numel)
+               embeddings: the per-sample block in closed form from the output gradient
+``derived``    a closed-form call whose weight is a derived tensor: the per-sample block    O(B·numel)
+               of the derived tensor is pulled back to its parameters by a batched vjp
+``op-vjp``     any other call (layer scale ``x * gamma``, ``x + pos_embed``, ``cat`` with  O(B·op)
+               a class token, ``multi_head_attention_forward``, ``conv3d``, ...): the
+               call's own vjp with the output gradient masked to one sample at a time
+=============  ==========================================================================  =========
+
+Every path is exact; memory grows with the parameters of one call, never with the model's P.
+Which path each parameter took is recorded (:attr:`GradientCapture.paths`).
+
+Which entries belong to which sample. Nothing assumes the batch sits in dim 0 of a recorded
+tensor (sequence-first ``[T, B, d]`` Linear inputs, ``[T·B, E]`` inside attention, ``[B·windows,
+…]`` in Swin). On the first batch of every new call pattern the engine *measures* it: with
+s_b = Σ_c r_c f_c(x_b) for random r, it backpropagates Σ_b s_b and, for each bit j of the sample
+index, Σ_b 2^{bit_j(b)} s_b. An entry that feeds sample b only gets exactly 1× or 2× the first
+gradient, which spells b in binary; an entry feeding several samples gets neither, and the
+model is refused (it mixes the samples of a batch, so per-sample gradients of the batch are not
+the model's gradients on single inputs). From the per-entry sample index the engine picks the
+layout ``(dim, major|minor)`` that explains every entry (e.g. dim 1 for ``[T, B, d]``, dim 0
+b-minor for ``[T·B, E]``); calls whose layout is not of that form use ``op-vjp`` with the
+measured index map. Entries with zero gradient for a random combination of logits have zero
+gradient for every logit (with probability one), so they cannot make the choice wrong.
+
+BatchNorm: the model runs in eval mode (running statistics; mode restored afterwards). A norm
+that uses batch statistics couples the samples and is refused.
+
+The generic ``torch.func`` backend (``backend="func"``, vmap(jacrev) over the whole model) is kept
+as an independent reference; it builds B·C·P numbers and is never chosen automatically.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import DNTKError
 from ..projection.base import BlockSpec
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+PATHS = ("factored", "closed", "derived", "op-vjp", "func")
 
 
 @dataclass
@@ -52,60 +85,21 @@ class ParameterTable:
         return sum(s.numel for s in self.specs)
 
 
-def _factors(module: nn.Module, pname: str):
-    if pname != "weight":
-        return None
-    if isinstance(module, nn.Linear):
-        return (module.out_features, module.in_features)
-    if isinstance(module, nn.Conv2d) and _conv_supported(module):
-        w = module.weight
-        return (w.shape[0], w[0].numel())
-    return None
-
-
-def _conv_supported(m: nn.Conv2d) -> bool:
-    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-
-
-def _module_supported(m: nn.Module) -> bool:
-    if isinstance(m, nn.Linear):
-        return True
-    if isinstance(m, nn.Conv2d):
-        return _conv_supported(m)
-    if isinstance(m, _NORMS):
-        return True
-    return False
-
-
 def parameter_table(model: nn.Module) -> ParameterTable:
+    """Unique trainable parameters in ``model.named_parameters()`` order. Every parameter with
+    two or more dimensions is a (rows = shape[0], cols = numel / rows) block for the projectors,
+    whichever path its gradient takes, so the map S depends only on names and shapes."""
     names, params, specs = {}, {}, []
-    owner = {}
-    for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            owner.setdefault(id(p), (module, pname))
     for name, p in model.named_parameters():  # deduplicated by identity
         if not p.requires_grad:
             continue
         names[id(p)] = name
         params[name] = p
-        module, pname = owner[id(p)]
-        specs.append(BlockSpec(name, p.numel(), _factors(module, pname)))
+        factors = (p.shape[0], p.numel() // p.shape[0]) if p.dim() >= 2 and p.numel() > 0 else None
+        specs.append(BlockSpec(name, p.numel(), factors))
     if not specs:
         raise DNTKError("the model has no parameters with requires_grad=True; unfreeze the parameters whose NTK you want")
     return ParameterTable(names, params, specs)
-
-
-def hooks_supported(model: nn.Module, table: ParameterTable) -> bool:
-    """True when every trainable parameter lives directly in a module the hook backend handles."""
-    covered = set()
-    for module in model.modules():
-        own = [p for _, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        if not _module_supported(module):
-            return False
-        covered.update(id(p) for p in own)
-    return covered == set(table.names)
 
 
 @contextmanager
@@ -140,128 +134,696 @@ def check_logits(out, batch: int) -> torch.Tensor:
     return out
 
 
-class _Record:
-    __slots__ = ("module", "kind", "a", "out")
+# ------------------------------------------------------------------------------------------------
+# recording
+# ------------------------------------------------------------------------------------------------
+_LINEAR = {F.linear, torch._C._nn.linear}
+_CONV = {torch.conv1d: 1, torch.conv2d: 2, F.conv1d: 1, F.conv2d: 2}
+_INPLACE_DUNDER = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__", "__itruediv__": "__truediv__"}
 
-    def __init__(self, module, kind, a, out):
-        self.module, self.kind, self.a, self.out = module, kind, a, out
+
+def _name(func) -> str:
+    return getattr(func, "__name__", None) or str(func)
 
 
-def _make_hook(records: list):
-    def hook(module, inputs, output):
-        x = inputs[0]
-        B = x.shape[0]
-        if isinstance(module, nn.Linear):
-            a = x.detach().reshape(B, -1, module.in_features).transpose(1, 2).contiguous()  # [B, in, T]
-            kind = "linear"
-        elif isinstance(module, nn.Conv2d):
-            a = F.unfold(x.detach(), module.kernel_size, dilation=module.dilation,
-                         padding=module.padding, stride=module.stride)  # [B, in·kh·kw, T]
-            kind = "conv"
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            a = (x.detach() - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
-            kind = "channel"
-        elif isinstance(module, nn.GroupNorm):
-            a = F.group_norm(x.detach(), module.num_groups, None, None, module.eps)
-            kind = "channel"
-        elif isinstance(module, nn.LayerNorm):
-            a = F.layer_norm(x.detach(), module.normalized_shape, None, None, module.eps)
-            kind = "layernorm"
-        else:  # pragma: no cover - filtered by hooks_supported
+class _Source:
+    """Where a weight/bias argument came from: a parameter (by name) or a derived tensor."""
+
+    __slots__ = ("param", "tensor", "roots")
+
+    def __init__(self, param: str | None, tensor: torch.Tensor | None, roots: tuple[str, ...]):
+        self.param, self.tensor, self.roots = param, tensor, roots
+
+
+@dataclass
+class _Use:
+    """One recorded call that consumed parameters (or derived tensors) together with data."""
+
+    kind: str                              # linear | conv | batch_norm | layer_norm | group_norm | embedding | generic
+    name: str                              # the torch function, for messages
+    outs: list                             # recorded output tensors (graph nodes)
+    roots: tuple[str, ...]                 # parameter names this call can send gradient to
+    weight: _Source | None = None
+    bias: _Source | None = None
+    data: dict = field(default_factory=dict)
+
+
+def _out_of_place(func):
+    name = _name(func)
+    if name in _INPLACE_DUNDER:
+        return getattr(torch.Tensor, _INPLACE_DUNDER[name], None)
+    if name.endswith("_") and not name.startswith("_"):
+        return getattr(torch.Tensor, name[:-1], None)
+    return None
+
+
+def _is_inplace(func) -> bool:
+    name = _name(func)
+    return name in _INPLACE_DUNDER or (name.endswith("_") and not name.startswith("_"))
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, table: ParameterTable, pass_id: int):
+        super().__init__()
+        self.table = table
+        self.pass_id = pass_id
+        self.aliases: dict[str, torch.Tensor] = {}
+        self.uses: list[_Use] = []
+
+    # -- tagging -----------------------------------------------------------------------------------
+    def alias(self, name: str) -> torch.Tensor:
+        a = self.aliases.get(name)
+        if a is None:
+            a = self.table.params[name].detach().requires_grad_(True)
+            a._dntk_roots = (self.pass_id, (name,))
+            self.aliases[name] = a
+        return a
+
+    def roots_of(self, t: torch.Tensor):
+        """Parameter names t is derived from, or None when t is not parameter-derived."""
+        name = self.table.names.get(id(t))
+        if name is not None:
+            return (name,)
+        tag = getattr(t, "_dntk_roots", None)
+        if tag is None:
             return None
-        out = output.clone()
-        records.append(_Record(module, kind, a, output))
+        pass_id, roots = tag
+        if pass_id != self.pass_id:
+            raise DNTKError("the model reuses a tensor it computed from its parameters in an earlier forward pass (a cached "
+                            "derived weight); its gradient cannot be traced in this pass — disable the cache, or recompute "
+                            "it in forward()")
+        return roots
+
+    @staticmethod
+    def _mark_batched(out):
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                t._dntk_b = True
         return out
 
-    return hook
+    # -- dispatch ----------------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, spec = tree_flatten((args, kwargs))
+        roots: list[str] = []
+        tracked, batched = False, False
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                r = self.roots_of(t)
+                if r is not None:
+                    tracked = True
+                    roots.extend(x for x in r if x not in roots)
+                elif getattr(t, "_dntk_b", False):
+                    batched = True
+        if not tracked:
+            out = func(*args, **kwargs)
+            return self._mark_batched(out) if batched else out
+        flat2 = [self.alias(self.table.names[id(t)]) if isinstance(t, torch.Tensor) and id(t) in self.table.names else t
+                 for t in flat]
+        args2, kwargs2 = tree_unflatten(flat2, spec)
+        if not batched:  # a derivation: parameters (and constants) in, a parameter-derived tensor out
+            with torch.enable_grad():
+                out = func(*args2, **kwargs2)
+            tag = (self.pass_id, tuple(roots))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    t._dntk_roots = tag
+            return out
+        if func is F.multi_head_attention_forward:
+            res = self._attention(args2, kwargs2)
+            if res is not None:
+                return res
+        return self._consume(func, args2, kwargs2, tuple(roots))
+
+    def _attention(self, args, kwargs):
+        """``nn.MultiheadAttention`` as two recorded linear calls around scaled dot-product attention,
+        for the standard configuration (packed in-projection, no bias_k/bias_v, no masks, no
+        attention weights returned, eval mode); anything else returns None (op-vjp)."""
+        names = ["query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+                 "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+                 "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+                 "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal"]
+        defaults = {"training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
+                    "use_separate_proj_weight": False, "static_k": None, "static_v": None, "is_causal": False}
+        a = dict(defaults)
+        a.update(zip(names, args))
+        a.update(kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        plain = (a["bias_k"] is None and a["bias_v"] is None and not a["add_zero_attn"] and not a["training"]
+                 and a["key_padding_mask"] is None and not a["need_weights"] and a["attn_mask"] is None
+                 and not a["use_separate_proj_weight"] and a["static_k"] is None and a["static_v"] is None
+                 and not a["is_causal"] and q is k and k is v and isinstance(q, torch.Tensor) and q.dim() == 3
+                 and self.roots_of(q) is None and a["in_proj_weight"] is not None)
+        if not plain:
+            return None
+        T, Bq, E = q.shape
+        H = int(a["num_heads"])
+        if E % H or a["in_proj_weight"].shape != (3 * E, E):
+            return None
+        hd = E // H
+
+        def linear(x, w, b):
+            roots = tuple(n for t in (w, b) if isinstance(t, torch.Tensor) for n in (self.roots_of(t) or ()))
+            return self._consume(F.linear, (x, w, b), {}, roots)
+
+        proj = linear(q, a["in_proj_weight"], a["in_proj_bias"])                    # [T, B, 3E]
+        qkv = proj.unflatten(-1, (3, H, hd)).permute(2, 1, 3, 0, 4)                 # [3, B, H, T, hd]
+        att = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])                # [B, H, T, hd]
+        att = att.permute(2, 0, 1, 3).reshape(T, Bq, E)
+        out = linear(att, a["out_proj_weight"], a["out_proj_bias"])                 # [T, B, E]
+        return out, None
+
+    def _source(self, t) -> _Source | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        r = self.roots_of(t)
+        if r is None:
+            return None  # a constant (or data) in a weight slot: no parameter gradient flows there
+        if len(r) == 1 and self.aliases.get(r[0]) is t:
+            return _Source(r[0], t, r)
+        return _Source(None, t, r)
+
+    def _consume(self, func, args, kwargs, roots):
+        if _is_inplace(func):
+            base = _out_of_place(func)
+            if base is None:
+                raise DNTKError(f"the in-place call {_name(func)} modifies data with a trainable parameter and has no "
+                                "out-of-place form dntk knows; write it out of place in the model")
+            target = args[0]
+            with torch.enable_grad():
+                res = base(*args, **kwargs)
+            self._record(base, args, kwargs, res, roots)
+            with torch.enable_grad():
+                target.copy_(res)
+            target._dntk_b = True
+            return target
+        with torch.enable_grad():
+            out = func(*args, **kwargs)
+        self._record(func, args, kwargs, out, roots)
+        handed = tree_flatten(out)
+        clones = [t.clone() if isinstance(t, torch.Tensor) else t for t in handed[0]]
+        for t in clones:
+            if isinstance(t, torch.Tensor):
+                t._dntk_b = True
+        return tree_unflatten(clones, handed[1])
+
+    def _record(self, func, args, kwargs, out, roots):
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not outs:
+            return  # not differentiable with respect to the parameters: no gradient flows
+        use = _Use("generic", _name(func), outs, roots)
+        try:
+            self._classify(use, func, args, kwargs, out)
+        except _Generic:
+            use.kind, use.weight, use.bias, use.data = "generic", None, None, {}
+        self.uses.append(use)
+
+    def _classify(self, use, func, args, kwargs, out):
+        """Fill use.kind/weight/bias/data for calls with a closed form; raise _Generic otherwise."""
+        def arg(i, name, default=None):
+            return args[i] if len(args) > i else kwargs.get(name, default)
+
+        if func in _LINEAR:
+            x, w, b = arg(0, "input"), arg(1, "weight"), arg(2, "bias")
+            if self.roots_of(x) is not None or not isinstance(out, torch.Tensor) or x.dim() < 2:
+                raise _Generic
+            use.kind, use.weight, use.bias = "linear", self._source(w), self._source(b)
+            use.data["x"] = x.detach().clone()
+            return
+        if func in _CONV:
+            nd = _CONV[func]
+            x, w, b = arg(0, "input"), arg(1, "weight"), arg(2, "bias")
+            if self.roots_of(x) is not None or x.dim() != nd + 2 or not isinstance(out, torch.Tensor):
+                raise _Generic
+            stride, padding = arg(3, "stride", 1), arg(4, "padding", 0)
+            dilation, groups = arg(5, "dilation", 1), arg(6, "groups", 1)
+            kernel = tuple(w.shape[2:])
+            stride, dilation = _tup(stride, nd), _tup(dilation, nd)
+            xx = x.detach()
+            if nd == 1:  # conv1d as a conv2d of height 1
+                xx, kernel, stride, dilation = xx.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation
+            if isinstance(padding, str):
+                if padding == "valid":
+                    pads = [(0, 0)] * len(kernel)
+                elif padding == "same":
+                    pads = []
+                    for k_, d_ in zip(kernel, dilation):
+                        total = d_ * (k_ - 1)
+                        pads.append((total // 2, total - total // 2))
+                else:
+                    raise _Generic
+            else:
+                p = _tup(padding, nd)
+                if nd == 1:
+                    p = (0,) + p
+                pads = [(q, q) for q in p]
+            if any(lo != hi for lo, hi in pads):
+                flat_pad = []
+                for lo, hi in reversed(pads):
+                    flat_pad += [lo, hi]
+                xx, sym = F.pad(xx, flat_pad), (0, 0)
+            else:
+                sym = tuple(lo for lo, _ in pads)
+            use.kind, use.weight, use.bias = "conv", self._source(w), self._source(b)
+            use.data.update(a=F.unfold(xx, kernel, dilation=dilation, padding=sym, stride=stride), groups=int(groups))
+            return
+        if func is F.batch_norm:
+            x, rm, rv = arg(0, "input"), arg(1, "running_mean"), arg(2, "running_var")
+            w, b, training, eps = arg(3, "weight"), arg(4, "bias"), arg(5, "training", False), arg(7, "eps", 1e-5)
+            if training or rm is None or rv is None:
+                raise DNTKError("a batch_norm call uses the statistics of the batch (training=True or no running "
+                                "statistics), so each sample's output depends on the rest of its batch and per-sample "
+                                "gradients are not defined; use running statistics (eval mode, track_running_stats=True)")
+            if self.roots_of(x) is not None or x.dim() < 2:
+                raise _Generic
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            xhat = (x.detach() - rm.detach().view(shape)) * torch.rsqrt(rv.detach().view(shape) + eps)
+            use.kind, use.weight, use.bias = "batch_norm", self._source(w), self._source(b)
+            use.data.update(xhat=xhat, channel=1)
+            return
+        if func is F.group_norm:
+            x, G, w, b, eps = arg(0, "input"), arg(1, "num_groups"), arg(2, "weight"), arg(3, "bias"), arg(4, "eps", 1e-5)
+            if self.roots_of(x) is not None or x.dim() < 2:
+                raise _Generic
+            use.kind, use.weight, use.bias = "group_norm", self._source(w), self._source(b)
+            use.data.update(xhat=F.group_norm(x.detach(), G, None, None, eps), channel=1)
+            return
+        if func is F.layer_norm:
+            x, shape, w, b, eps = arg(0, "input"), arg(1, "normalized_shape"), arg(2, "weight"), arg(3, "bias"), arg(4, "eps", 1e-5)
+            if self.roots_of(x) is not None:
+                raise _Generic
+            shape = tuple(shape) if not isinstance(shape, int) else (shape,)
+            use.kind, use.weight, use.bias = "layer_norm", self._source(w), self._source(b)
+            use.data.update(xhat=F.layer_norm(x.detach(), shape, None, None, eps), nd=len(shape))
+            return
+        if func is F.embedding:
+            idx, w = arg(0, "input"), arg(1, "weight")
+            padding_idx, max_norm = arg(2, "padding_idx"), arg(3, "max_norm")
+            if arg(5, "scale_grad_by_freq", False):
+                raise DNTKError("an embedding with scale_grad_by_freq=True scales its gradient by how often each index "
+                                "occurs in the whole batch, which couples the samples; per-sample gradients are not "
+                                "defined — build it with scale_grad_by_freq=False")
+            if max_norm is not None or self.roots_of(idx) is not None:
+                raise _Generic
+            use.kind, use.weight = "embedding", self._source(w)
+            if padding_idx is not None and padding_idx < 0:
+                padding_idx += w.shape[0]
+            use.data.update(idx=idx.detach().clone(), padding_idx=padding_idx)
+            return
+        raise _Generic
 
 
+class _Generic(Exception):
+    pass
+
+
+def _tup(v, n):
+    if isinstance(v, (tuple, list)):
+        return tuple(int(u) for u in v)
+    return (int(v),) * n
+
+
+# ------------------------------------------------------------------------------------------------
+# sample layouts
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Where the samples of a batch sit in a recorded tensor: dim ``dim`` of size B·r holds sample
+    b at indices b·r … b·r + r − 1 (``major``) or at b, b + B, … (``minor``). B = 1 needs none."""
+
+    dim: int
+    order: str  # "major" | "minor"
+
+
+def split_batch(t: torch.Tensor, layout, B: int) -> torch.Tensor:
+    """[..., N = B·r at layout.dim, ...] → [B, ...] with the r entries in the old place, so that
+    dim i of t is dim i + 1 of the result."""
+    if layout is None:
+        return t.unsqueeze(0)
+    d = layout.dim
+    r = t.shape[d] // B
+    if layout.order == "major":
+        return t.unflatten(d, (B, r)).movedim(d, 0)
+    return t.unflatten(d, (r, B)).movedim(d + 1, 0)
+
+
+def _sample_ids(shape, layout: Layout, B: int, device) -> torch.Tensor:
+    N = shape[layout.dim]
+    ar = torch.arange(N, device=device)
+    ids = ar // (N // B) if layout.order == "major" else ar % B
+    view = [1] * len(shape)
+    view[layout.dim] = N
+    return ids.view(view).expand(shape)
+
+
+def _masked(g: torch.Tensor, layout, B: int, ids: torch.Tensor | None, bs: slice) -> torch.Tensor:
+    """Output gradient g split into one cotangent per sample of bs: [len(bs), *g.shape]."""
+    samples = torch.arange(B, device=g.device)[bs]
+    if layout is None and ids is None:
+        return g.unsqueeze(0)
+    if ids is None:
+        ids = _sample_ids(g.shape, layout, B, g.device)
+    mask = ids.unsqueeze(0) == samples.view(-1, *([1] * g.dim()))
+    return g.unsqueeze(0) * mask.to(g.dtype)
+
+
+class _LayoutError(Exception):
+    pass
+
+
+def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> list:
+    """For each recorded output: a :class:`Layout`, an index tensor (sample of every entry, when no
+    layout explains it), or None (no gradient reaches it in this batch). Raises _LayoutError(i)
+    when entry of output i feeds several samples."""
+    B, C = logits.shape
+    gen = torch.Generator().manual_seed(7919 + seed)
+    r = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(logits.dtype).to(logits.device)
+    s = logits @ r
+    nbits = max(1, (B - 1).bit_length())
+
+    def grads(w):
+        out = torch.autograd.grad((s * w).sum(), outs, retain_graph=True, allow_unused=True)
+        return list(out)
+
+    base = grads(torch.ones(B, dtype=s.dtype, device=s.device))
+    ar = torch.arange(B, device=s.device)
+    bits = [grads((((ar >> j) & 1) + 1).to(s.dtype)) for j in range(nbits)]
+    layouts = []
+    for i, o in enumerate(outs):
+        g1 = base[i]
+        if g1 is None:
+            layouts.append(None)
+            continue
+        finite = torch.isfinite(g1)
+        mag = torch.where(finite, g1.abs(), torch.zeros_like(g1))
+        top = float(mag.max()) if mag.numel() else 0.0
+        if top == 0.0:
+            if not bool(finite.all()):
+                raise DNTKError("non-finite gradients in the batch, everywhere in a layer's output; check the inputs for "
+                                "NaN/inf and the model for overflow (e.g. run in float64)")
+            layouts.append(None)
+            continue
+        eps = torch.finfo(g1.dtype).eps
+        support = mag > top * 1e3 * eps   # non-finite entries are left out; the layout carries them to their samples
+        tol = 1e-3 * mag + top * 1e2 * eps
+        ids = torch.zeros(g1.shape, dtype=torch.long, device=g1.device)
+        for j in range(nbits):
+            q = bits[j][i] if bits[j][i] is not None else torch.zeros_like(g1)
+            one = (q - g1).abs() <= tol
+            two = (q - 2 * g1).abs() <= tol
+            if not bool((one | two)[support].all()):
+                raise _LayoutError(i)
+            ids |= two.long() << j
+        if bool((ids[support] >= B).any()):
+            raise _LayoutError(i)
+        found = None
+        for d in range(o.dim()):
+            if o.shape[d] % B:
+                continue
+            for order in ("major", "minor"):
+                lay = Layout(d, order)
+                if bool((_sample_ids(o.shape, lay, B, o.device) == ids)[support].all()):
+                    found = lay
+                    break
+            if found is not None:
+                break
+        if found is None:
+            ids = ids.masked_fill(~support, 0)
+        layouts.append(found if found is not None else ids)
+    return layouts
+
+
+# ------------------------------------------------------------------------------------------------
+# the capture
+# ------------------------------------------------------------------------------------------------
 class GradientCapture:
     """Computes per-sample, per-logit gradients of one batch and feeds them to a sink.
 
     Sink protocol (any object with these two methods):
         ``block(c, name, block[B, numel])`` — a materialised per-sample gradient block;
         ``outer(c, name, g[B, rows, T], a[B, cols, T])`` — a weight gradient Σ_t g_t a_tᵀ in factors.
-    ``c`` is the position of the logit in ``classes``.
+    ``c`` is the position of the logit in ``classes``. A parameter may receive one ``outer`` and
+    one ``block`` per logit (its uses of each kind summed).
+
+    ``paths`` maps each parameter name to the set of paths its gradient has taken so far
+    (``factored``, ``closed``, ``derived``, ``op-vjp``; see the module docstring).
     """
 
     def __init__(self, model: nn.Module, backend: str = "auto"):
         self.model = model
         self.table = parameter_table(model)
-        supported = hooks_supported(model, self.table)
+        if backend == "hooks":  # the historical name of the default engine
+            backend = "ops"
         if backend == "auto":
-            backend = "hooks" if supported else "func"
-        if backend == "hooks" and not supported:
-            raise DNTKError("backend='hooks' needs every trainable parameter in a Linear, Conv2d (groups=1, zero padding) "
-                            "or norm layer; use backend='func' (generic, slower)")
-        if backend not in ("hooks", "func"):
-            raise DNTKError(f"unknown backend {backend!r}; use 'auto', 'hooks' or 'func'")
+            backend = "ops"
+        if backend not in ("ops", "func"):
+            raise DNTKError(f"unknown backend {backend!r}; use 'auto' (= 'ops'), 'ops' or 'func'")
         self.backend = backend
+        self.paths: dict[str, set[str]] = {}
+        self._layouts: dict[tuple, list] = {}
+        self._passes = 0
 
     @property
     def specs(self) -> list[BlockSpec]:
         return self.table.specs
 
+    def path_summary(self) -> dict[str, str]:
+        """{parameter name: 'factored' | 'closed' | … joined by '+'}; 'none' when no gradient has reached it."""
+        return {n: "+".join(p for p in PATHS if p in self.paths.get(n, ())) or "none" for n in self.table.params}
+
     def run(self, x: torch.Tensor, classes: list[int] | None, sink) -> torch.Tensor:
         """Feed the gradients of batch x [B, ...] to ``sink``; return the logits [B, C] (detached)."""
-        if self.backend == "hooks":
-            return self._run_hooks(x, classes, sink)
+        if self.backend == "ops":
+            return self._run_ops(x, classes, sink)
         return self._run_func(x, classes, sink)
 
-    # -- hook backend ------------------------------------------------------------------------------
-    def _run_hooks(self, x, classes, sink):
+    # -- op-level engine -----------------------------------------------------------------------------
+    def _run_ops(self, x, classes, sink):
         model, table = self.model, self.table
-        records: list[_Record] = []
-        handles = [m.register_forward_hook(_make_hook(records))
-                   for m in model.modules()
-                   if _module_supported(m) and any(p.requires_grad for p in m.parameters(recurse=False))]
-        try:
-            with analysis_mode(model, table, freeze=True), torch.enable_grad():
-                xin = x.detach().requires_grad_(x.is_floating_point())
-                logits = check_logits(model(xin), x.shape[0])
-        finally:
-            for h in handles:
-                h.remove()
-        classes = _resolve_classes(classes, logits.shape[1])
-        outs = [r.out for r in records]
+        self._passes += 1
+        rec = _Recorder(table, self._passes)
         B = x.shape[0]
+        with analysis_mode(model, table, freeze=True), torch.enable_grad():
+            xin = x.detach()
+            if xin.is_floating_point():
+                xin.requires_grad_(True)
+            xin._dntk_b = True
+            with rec:
+                out = model(xin)
+            logits = check_logits(out, B)
+        classes = _resolve_classes(classes, logits.shape[1])
+        uses = rec.uses
+        self._aliases = rec.aliases
+        outs = [o for u in uses for o in u.outs]
+        if not logits.requires_grad or not outs:
+            return logits.detach()  # no trainable parameter reaches the logits: every gradient is zero
+
+        layouts = [None] * len(outs)
+        if B > 1:
+            sig = (B, tuple((u.name, u.roots, tuple(tuple(o.shape) for o in u.outs)) for u in uses))
+            layouts = self._layouts.get(sig)
+            if layouts is None:
+                try:
+                    layouts = measure_layouts(logits, outs)
+                except _LayoutError as e:
+                    u = _owner(uses, e.args[0])
+                    raise DNTKError(
+                        f"the samples of a batch interact in the model: an entry of the output of {u.name} (using "
+                        f"parameters {', '.join(u.roots)}) influences the logits of more than one sample, so per-sample "
+                        "gradients of a batch are not the model's gradients on single inputs; use batch_size=1, or "
+                        "remove the cross-sample operation (e.g. batch statistics)") from None
+                if all(isinstance(lay, Layout) for lay in layouts):
+                    self._layouts[sig] = layouts  # structural: reused for batches with the same call pattern
+        per_use, k = [], 0
+        for u in uses:
+            per_use.append(layouts[k : k + len(u.outs)])
+            k += len(u.outs)
+
+        plans = [self._plan(u, lays, B) for u, lays in zip(uses, per_use)]
+        factors: dict[str, list] = {}
+        for u, plan in zip(uses, plans):
+            if plan.get("a") is not None and u.weight is not None and u.weight.param is not None:
+                factors.setdefault(u.weight.param, []).append(plan["a"])
+        a_cat = {n: (fs[0] if len(fs) == 1 else torch.cat(fs, -1)) for n, fs in factors.items()}
+
         for ci, c in enumerate(classes):
-            grads = torch.autograd.grad(logits[:, c].sum(), outs, retain_graph=ci < len(classes) - 1, allow_unused=True)
-            for rec, g in zip(records, grads):
-                if g is None:
-                    g = torch.zeros_like(rec.out)
-                self._emit(ci, rec, g, B, sink)
+            last = ci == len(classes) - 1
+            gs = torch.autograd.grad(logits[:, c].sum(), outs, retain_graph=True, allow_unused=True)
+            g_fac: dict[str, list] = {}
+            blocks: dict[str, torch.Tensor] = {}
+            k = 0
+            for u, plan in zip(uses, plans):
+                g_u = gs[k : k + len(u.outs)]
+                k += len(u.outs)
+                if all(g is None for g in g_u):
+                    continue
+                self._emit(u, plan, g_u, B, g_fac, blocks)
+            for name, gl in g_fac.items():
+                sink.outer(ci, name, gl[0] if len(gl) == 1 else torch.cat(gl, -1), a_cat[name])
+            for name, blk in blocks.items():
+                sink.block(ci, name, blk)
+            if last:
+                break
+        self._aliases = {}
         return logits.detach()
 
-    def _emit(self, ci, rec, g, B, sink):
-        m, names = rec.module, self.table.names
-        w, b = m.weight, getattr(m, "bias", None)
-        if rec.kind in ("linear", "conv"):
-            rows = w.shape[0]
-            if rec.kind == "linear":
-                gf = g.reshape(B, -1, rows).transpose(1, 2)  # [B, out, T]
-            else:
-                gf = g.reshape(B, rows, -1)
-            if w.requires_grad and id(w) in names:
-                sink.outer(ci, names[id(w)], gf, rec.a)
-            if b is not None and b.requires_grad and id(b) in names:
-                sink.block(ci, names[id(b)], gf.sum(-1))
+    def _note(self, names, path):
+        for n in names:
+            self.paths.setdefault(n, set()).add(path)
+
+    def _plan(self, u: _Use, lays: list, B: int) -> dict:
+        """Decide, once per batch, how each recorded call is differentiated per sample."""
+        lay = lays[0] if lays else None
+        if u.kind == "generic" or (B > 1 and not isinstance(lay, Layout) and lay is not None):
+            return {"path": "op-vjp", "layouts": lays}
+        if B > 1 and lay is None:  # no gradient reached the call in this batch
+            return {"path": "none"}
+        o = u.outs[0]
+        if u.kind == "linear":
+            if lay is not None and lay.dim >= o.dim() - 1:
+                return {"path": "op-vjp", "layouts": lays}
+            xb = split_batch(u.data.pop("x"), lay, B)
+            a = xb.reshape(B, -1, xb.shape[-1]).transpose(1, 2)
+            fac = u.weight is not None and u.weight.param is not None
+            return {"path": "linear", "layout": lay, "a": a.contiguous() if fac else a}
+        if u.kind == "conv":
+            if lay is not None and lay.dim != 0:
+                return {"path": "op-vjp", "layouts": lays}
+            a = u.data.pop("a")                                   # [N, cols, L]
+            ab = split_batch(a, lay, B)                            # [B, r, cols, L]
+            a = ab.transpose(1, 2).reshape(B, ab.shape[2], -1)     # [B, cols, r·L]
+            fac = u.data["groups"] == 1 and u.weight is not None and u.weight.param is not None
+            return {"path": "conv", "layout": lay, "a": a if fac else None, "a_mat": None if fac else a}
+        if u.kind in ("batch_norm", "group_norm"):
+            if lay is not None and lay.dim == u.data["channel"]:
+                return {"path": "op-vjp", "layouts": lays}
+            return {"path": u.kind, "layout": lay}
+        if u.kind == "layer_norm":
+            if lay is not None and lay.dim >= o.dim() - u.data["nd"]:
+                return {"path": "op-vjp", "layouts": lays}
+            return {"path": "layer_norm", "layout": lay}
+        if u.kind == "embedding":
+            if lay is not None and lay.dim >= o.dim() - 1:
+                return {"path": "op-vjp", "layouts": lays}
+            return {"path": "embedding", "layout": lay}
+        return {"path": "op-vjp", "layouts": lays}
+
+    def _emit(self, u, plan, g_u, B, g_fac, blocks):
+        path = plan["path"]
+        if path == "none":
             return
-        if rec.kind == "channel":
-            gw = (g * rec.a).reshape(B, g.shape[1], -1).sum(-1)  # affine is per channel (dim 1)
-            gb = g.reshape(B, g.shape[1], -1).sum(-1)
-        else:  # layernorm: affine over the trailing normalized_shape
-            nd = len(m.normalized_shape)
-            lead = g.dim() - nd
-            dims = list(range(1, lead))
-            gw = (g * rec.a).sum(dims) if dims else g * rec.a
-            gb = g.sum(dims) if dims else g
-            gw, gb = gw.reshape(B, -1), gb.reshape(B, -1)
-        if w is not None and w.requires_grad and id(w) in names:
-            sink.block(ci, names[id(w)], gw.reshape(B, -1))
-        if b is not None and b.requires_grad and id(b) in names:
-            sink.block(ci, names[id(b)], gb.reshape(B, -1))
+        if path == "op-vjp":
+            self._op_vjp(u, plan["layouts"], g_u, B, blocks)
+            return
+        g = g_u[0] if g_u[0] is not None else torch.zeros_like(u.outs[0])
+        lay = plan["layout"]
+        gb = split_batch(g, lay, B)
+        if path == "linear":
+            gf = gb.reshape(B, -1, gb.shape[-1]).transpose(1, 2)          # [B, out, T]
+            self._weight(u, gf, plan["a"], None, g_fac, blocks, B)
+            self._bias(u, lambda: gf.sum(-1), blocks, B)
+        elif path == "conv":
+            gf = gb.transpose(1, 2).reshape(B, gb.shape[2], -1)             # [B, out, r·L]
+            groups = u.data["groups"]
+            if plan["a"] is not None:
+                self._weight(u, gf, plan["a"], None, g_fac, blocks, B)
+            elif u.weight is not None:
+                a = plan["a_mat"]
+                w = u.weight.tensor
+                ga = gf.unflatten(1, (groups, -1))                            # [B, G, out_g, T]
+                aa = a.unflatten(1, (groups, -1))                             # [B, G, cols_g, T]
+                G = torch.einsum("bgot,bgit->bgoi", ga, aa).reshape(B, *w.shape)
+                self._weight(u, None, None, G, g_fac, blocks, B)
+            self._bias(u, lambda: gf.sum(-1), blocks, B)
+        elif path in ("batch_norm", "group_norm"):
+            ch = u.data["channel"] + 1
+            keep = lambda t: t.sum([d for d in range(1, t.dim()) if d != ch])  # noqa: E731
+            xh = split_batch(u.data["xhat"], lay, B)
+            if u.weight is not None:
+                self._weight(u, None, None, keep(gb * xh), g_fac, blocks, B)
+            self._bias(u, lambda: keep(gb), blocks, B)
+        elif path == "layer_norm":
+            nd = u.data["nd"]
+            xh = split_batch(u.data["xhat"], lay, B)
+            red = lambda t: t.sum(list(range(1, t.dim() - nd))) if t.dim() - nd > 1 else t  # noqa: E731
+            if u.weight is not None:
+                self._weight(u, None, None, red(gb * xh), g_fac, blocks, B)
+            self._bias(u, lambda: red(gb), blocks, B)
+        elif path == "embedding":
+            w = u.weight.tensor if u.weight is not None else None
+            if w is None:
+                return
+            idx = split_batch(u.data["idx"], lay, B).reshape(B, -1)
+            gg = gb.reshape(B, -1, gb.shape[-1])
+            G = torch.zeros(B, w.shape[0], w.shape[1], dtype=gg.dtype, device=gg.device)
+            G.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, w.shape[1]), gg)
+            if u.data["padding_idx"] is not None:
+                G[:, u.data["padding_idx"]] = 0
+            self._weight(u, None, None, G, g_fac, blocks, B)
+
+    # -- helpers that route one per-sample gradient of a weight/bias slot --------------------------
+    def _add_block(self, blocks, name, blk):
+        blk = blk.reshape(blk.shape[0], -1)
+        blocks[name] = blk if name not in blocks else blocks[name] + blk
+
+    def _weight(self, u, gf, a, G, g_fac, blocks, B):
+        src = u.weight
+        if src is None:
+            return
+        if src.param is not None and gf is not None:
+            g_fac.setdefault(src.param, []).append(gf)
+            self._note([src.param], "factored")
+            return
+        if G is None:
+            G = torch.bmm(gf, a.transpose(1, 2))
+        self._route(src, G.reshape(B, *src.tensor.shape), blocks, "closed")
+
+    def _bias(self, u, make, blocks, B):
+        src = u.bias
+        if src is None:
+            return
+        self._route(src, make().reshape(B, *src.tensor.shape), blocks, "closed")
+
+    def _route(self, src, G, blocks, path):
+        """A per-sample gradient G [B, *shape] of a weight slot: a parameter's block, or pulled back
+        through the derivation of a derived tensor (batched vjp)."""
+        if src.param is not None:
+            self._add_block(blocks, src.param, G)
+            self._note([src.param], path)
+            return
+        aliases = [self._aliases[n] for n in src.roots]
+        res = _batched_vjp([src.tensor], aliases, [G])
+        for n, r in zip(src.roots, res):
+            if r is not None:
+                self._add_block(blocks, n, r)
+        self._note(src.roots, "derived")
+
+    def _op_vjp(self, u, lays, g_u, B, blocks):
+        aliases = [self._aliases[n] for n in u.roots]
+        B_chunk = max(1, min(B, (256 << 20) // max(1, sum(o.numel() * o.element_size() for o in u.outs))))
+        parts = {n: [] for n in u.roots}
+        for s in range(0, B, B_chunk):
+            bs = slice(s, min(B, s + B_chunk))
+            cots = []
+            for o, g, lay in zip(u.outs, g_u, lays):
+                g = g if g is not None else torch.zeros_like(o)
+                if B == 1:
+                    cots.append(g.unsqueeze(0))
+                elif isinstance(lay, Layout):
+                    cots.append(_masked(g, lay, B, None, bs))
+                elif lay is None:
+                    cots.append(torch.zeros(bs.stop - bs.start, *o.shape, dtype=o.dtype, device=o.device))
+                else:
+                    cots.append(_masked(g, None, B, lay, bs))
+            res = _batched_vjp(u.outs, aliases, cots)
+            for n, r in zip(u.roots, res):
+                if r is None:
+                    r = torch.zeros(bs.stop - bs.start, *self._aliases[n].shape,
+                                    dtype=cots[0].dtype, device=cots[0].device)
+                parts[n].append(r)
+        for n in u.roots:
+            self._add_block(blocks, n, torch.cat(parts[n], 0))
+        self._note(u.roots, "op-vjp")
 
     # -- generic torch.func backend ----------------------------------------------------------------
     def _run_func(self, x, classes, sink):
@@ -283,7 +845,34 @@ class GradientCapture:
         for ci in range(len(classes_r)):
             for spec in table.specs:
                 sink.block(ci, spec.name, jac[spec.name][:, ci].reshape(B, -1))
+                self._note([spec.name], "func")
         return logits.detach()
+
+
+def _owner(uses, i):
+    k = 0
+    for u in uses:
+        k += len(u.outs)
+        if i < k:
+            return u
+    return uses[-1]
+
+
+def _batched_vjp(outputs, inputs, cotangents):
+    """Per-sample vjp: for each row of the cotangents [S, *out.shape], d<out, cot>/d inputs → [S, *in.shape]."""
+    try:
+        return torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, allow_unused=True,
+                                   is_grads_batched=True)
+    except RuntimeError:  # an op without a batching rule: one vjp per sample (same numbers, slower)
+        S = cotangents[0].shape[0]
+        rows = [torch.autograd.grad(outputs, inputs, [c[s] for c in cotangents], retain_graph=True, allow_unused=True)
+                for s in range(S)]
+        out = []
+        for j, inp in enumerate(inputs):
+            col = [r[j] for r in rows]
+            out.append(None if all(c is None for c in col) else
+                       torch.stack([c if c is not None else torch.zeros_like(inp) for c in col]))
+        return out
 
 
 def _resolve_classes(classes, C: int) -> list[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,10 @@ class FeatureResult:
     labels: int64 [n] when the inputs carried labels, else None.
     classes: the logit indices along the first axis of ``features``.
     projector: the projector used (its name, k and seed reproduce the features).
+    paths: {parameter name: how its per-sample gradient was computed} — ``factored``, ``closed``,
+        ``derived``, ``op-vjp`` (joined by ``+`` when a parameter is used in several ways), ``func``
+        for the whole-model torch.func backend, ``none`` when no gradient reached it; see
+        :mod:`dntk.features.capture`.
     """
 
     features: torch.Tensor
@@ -31,6 +35,16 @@ class FeatureResult:
     labels: torch.Tensor | None
     classes: list[int]
     projector: Projector
+    paths: dict[str, str] = field(default_factory=dict)
+    num_params: dict[str, int] = field(default_factory=dict)
+
+    def path_shares(self) -> dict[str, float]:
+        """Fraction of the trainable parameters (by count) whose gradient took each path."""
+        total = sum(self.num_params.values()) or 1
+        shares: dict[str, float] = {}
+        for name, path in self.paths.items():
+            shares[path] = shares.get(path, 0.0) + self.num_params.get(name, 0) / total
+        return shares
 
     def kernel(self, c: int | None = None) -> torch.Tensor:
         """Per-class kernels Φ_c Φ_cᵀ in float64: [C', n, n], or [n, n] for position c."""
@@ -71,7 +85,8 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
         device: where to compute; the model is moved there. Default: the model's device, and a
             tensor input on another device is an error.
         progress: show a progress bar.
-        backend: ``auto`` (hooks when the model allows, else torch.func), ``hooks`` or ``func``.
+        backend: ``auto`` / ``ops`` (the per-call engine of :mod:`dntk.features.capture`, exact on
+            any model or refusing with a DNTKError) or ``func`` (whole-model vmap(jacrev), B·C·P memory).
 
     Returns:
         :class:`FeatureResult` with ``features`` float32 [C', n, k] and ``logits`` float32 [n, C].
@@ -102,7 +117,8 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
     for x, y, start in iter_batches(inputs, batch_size, device, strict):
         sink = _RowSink(projector, x.shape[0], device)
         logits = capture.run(x, classes, sink)
-        out = sink.stacked()  # [C', B, k]
+        n_cls = len(classes) if classes is not None else logits.shape[1]
+        out = sink.stacked(n_cls, logits.dtype)  # [C', B, k]
         bad = ~torch.isfinite(out).all(dim=2).all(dim=0) | ~torch.isfinite(logits).all(dim=1)
         if bool(bad.any()):
             idx = (torch.nonzero(bad).flatten() + start).tolist()
@@ -116,7 +132,8 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
     bar.close()
     resolved = list(range(logits_all[0].shape[1])) if classes is None else [int(c) for c in classes]
     labels = torch.cat(labels_all) if labels_all and len(labels_all) == len(feats) else None
-    return FeatureResult(torch.cat(feats, 1), torch.cat(logits_all), labels, resolved, projector)
+    return FeatureResult(torch.cat(feats, 1), torch.cat(logits_all), labels, resolved, projector,
+                         paths=capture.path_summary(), num_params={s.name: s.numel for s in capture.specs})
 
 
 class _RowSink:
@@ -140,5 +157,6 @@ class _RowSink:
     def outer(self, c, name, g, a):
         self.projector.project_outer(name, g, a, self._row(c, g.dtype), self.cache)
 
-    def stacked(self) -> torch.Tensor:
-        return torch.stack([self.rows[c] for c in sorted(self.rows)])
+    def stacked(self, n_classes: int, dtype) -> torch.Tensor:
+        """[C', B, k]; a logit no parameter's gradient reached has zero features."""
+        return torch.stack([self.rows[c] if c in self.rows else self._row(c, dtype) for c in range(n_classes)])

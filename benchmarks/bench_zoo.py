@@ -1,0 +1,167 @@
+"""The per-logit engine on the models people bring: full-size torchvision and timm classifiers.
+
+Usage:  python benchmarks/bench_zoo.py [--size 64] [--n 16] [--batch 8] [--models a,b,...]
+
+For every model (random initialisation, BatchNorm statistics calibrated on the batch, C = 10
+logits, ImageNette photos resized to --size) it reports:
+
+- P and the share of parameters per gradient path (dntk.FeatureResult.paths): ``factored``
+  (Linear/Conv weights as outer-product factors), ``closed`` (biases, norms, grouped convs,
+  embeddings in closed form), ``derived`` (weights computed from parameters, pulled back),
+  ``op-vjp`` (any other call's own vjp per sample); "fast" = factored + closed;
+- ms per (sample, logit) of the default projector (tensorsketch, k = 4096) against bare
+  per-sample gradients of the same model: ``torch.func`` vmap(grad) per logit over the same
+  batches, timed in the same run (the floor a hand-written script pays before any projection);
+- peak RSS rise of each;
+- the per-class kernel's relative Frobenius error against the exact eNTK (dntk.empirical_ntk) on
+  the first 4 images and logits 0–1 (exact kernels of more logits do not fit the memory of a
+  2-core machine for the largest models).
+
+Writes benchmarks/results/zoo.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dntk  # noqa: E402
+from common import machine, peak_memory, real_images, table, write_json  # noqa: E402
+from dntk.projection import make  # noqa: E402
+
+
+def builders(size: int) -> dict:
+    tv = torchvision.models
+    out = {
+        "resnet18": lambda: tv.resnet18(num_classes=10),
+        "mobilenet_v3_small": lambda: tv.mobilenet_v3_small(num_classes=10),
+        "efficientnet_b0": lambda: tv.efficientnet_b0(num_classes=10),
+        "convnext_tiny": lambda: tv.convnext_tiny(num_classes=10),
+        "regnet_y_400mf": lambda: tv.regnet_y_400mf(num_classes=10),
+        "vit_b_16": lambda: tv.vit_b_16(num_classes=10, image_size=size),
+        "swin_t": lambda: tv.swin_t(num_classes=10),
+    }
+    try:
+        import timm
+
+        out.update({
+            "timm resnetv2_50x1_bit (StdConv)": lambda: timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10),
+            "timm deit3_small (cls token, layer scale)": lambda: timm.create_model(
+                "deit3_small_patch16_224", pretrained=False, num_classes=10, img_size=size),
+            "timm convnext_atto": lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10),
+        })
+    except ImportError:
+        print("[warn] timm not installed: timm models skipped")
+    return out
+
+
+def wake(model):
+    """Zero-initialised parameters (torchvision ViT's head) block every gradient below them at
+    initialisation; give them small random values so every path is exercised."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() and not bool(p.any()):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+def calibrate(model, x):
+    """BatchNorm running statistics from the batch itself (so eval-mode outputs are sensible)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def bare_gradients(model, x, C, batch):
+    """vmap(grad) of each logit over each batch: the per-sample gradients themselves."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+    for c in range(C):
+        def f(p, xi, c=c):
+            return functional_call(model, (p, buffers), (xi.unsqueeze(0),))[0, c]
+
+        for s in range(0, x.shape[0], batch):
+            g = vmap(grad(f), in_dims=(None, 0))(params, x[s: s + batch])
+            del g
+
+
+def kernel_error(model, x, k, seed=0):
+    classes = [0, 1]
+    exact = dntk.empirical_ntk(model, x, classes=classes, batch_size=1)
+    feats = dntk.gradient_features(model, x, make("tensorsketch", k=k, seed=seed), classes=classes,
+                                   progress=False).kernel()
+    return float((feats - exact).norm() / exact.norm())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--n", type=int, default=16, help="images timed per model")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--models", default=None, help="comma-separated subset of the model names")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    x_all = real_images(max(args.n, 4), args.size)
+    C = 10
+    rows = []
+    todo = builders(args.size)
+    if args.models:
+        keep = args.models.split(",")
+        todo = {k: v for k, v in todo.items() if any(k.startswith(w) for w in keep)}
+    for name, build in todo.items():
+        torch.manual_seed(0)
+        model = calibrate(wake(build()), x_all[: args.n])
+        x = x_all[: args.n]
+        P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        dntk.gradient_features(model, x[:2], make("tensorsketch", k=args.k, seed=0), progress=False)  # warm-up
+        with peak_memory() as mem_d:
+            t = time.perf_counter()
+            r = dntk.gradient_features(model, x, make("tensorsketch", k=args.k, seed=0), batch_size=args.batch,
+                                       progress=False)
+            t_d = time.perf_counter() - t
+        with peak_memory() as mem_b:
+            t = time.perf_counter()
+            bare_gradients(model, x, C, args.batch)
+            t_b = time.perf_counter() - t
+        shares = r.path_shares()
+        err = kernel_error(model, x_all[:4], args.k)
+        row = {"model": name, "P": P, "fast": shares.get("factored", 0) + shares.get("closed", 0),
+               "derived": shares.get("derived", 0.0), "op_vjp": shares.get("op-vjp", 0.0),
+               "ms_dntk": 1000 * t_d / (args.n * C), "ms_bare": 1000 * t_b / (args.n * C),
+               "peak_dntk_mb": mem_d["peak_mb"], "peak_bare_mb": mem_b["peak_mb"], "kernel_err": err,
+               "paths": r.paths}
+        row["ratio"] = row["ms_dntk"] / row["ms_bare"]
+        rows.append(row)
+        print(f"{name}: P={P:,} fast={row['fast']:.4f} derived={row['derived']:.4f} op-vjp={row['op_vjp']:.4f} "
+              f"dntk {row['ms_dntk']:.2f} ms vs bare {row['ms_bare']:.2f} ms ({row['ratio']:.2f}×), "
+              f"peak {row['peak_dntk_mb']:.0f} / {row['peak_bare_mb']:.0f} MB, kernel error {err:.4f}", flush=True)
+        del model, r
+    cols = [("model", "model", ""), ("P", "P", "{:,}"), ("fast", "fast path", "{:.2%}"),
+            ("derived", "derived", "{:.2%}"), ("op_vjp", "op-vjp", "{:.2%}"),
+            ("ms_dntk", "dntk ms/(sample, logit)", "{:.2f}"), ("ms_bare", "bare vmap(grad) ms", "{:.2f}"),
+            ("ratio", "dntk / bare", "{:.2f}"), ("peak_dntk_mb", "peak MB dntk", "{:.0f}"),
+            ("peak_bare_mb", "peak MB bare", "{:.0f}"), ("kernel_err", "kernel rel. error (k=4096)", "{:.4f}")]
+    print(table(rows, cols))
+    path = write_json("zoo.json", {"machine": machine(), "args": vars(args), "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
