@@ -44,24 +44,34 @@ def projected_reference(J: torch.Tensor, specs, projector) -> torch.Tensor:
     return out.reshape(n, C, -1).transpose(0, 1)  # [C, n, k]
 
 
-def check_model(model, x, expect=None, sketches=("sjlt", "tensorsketch"), k=64, batch_size=None):
-    J = brute_force_jacobian(model, x)
-    K = torch.einsum("icp,jcp->cij", J, J)
-    Ke = dntk.empirical_ntk(model, x, batch_size=batch_size)
-    assert rel(Ke, K) < 1e-6
+def check_model(model, x, expect=None, sketches=("sjlt", "tensorsketch"), k=64, batch_size=None, J=None):
+    """Exact eNTK, identity features and every sketch against brute force; returns J for reuse."""
+    exact_done = J is not None
+    J = brute_force_jacobian(model, x) if J is None else J
+    if not exact_done:
+        K = torch.einsum("icp,jcp->cij", J, J)
+        Ke = dntk.empirical_ntk(model, x, batch_size=batch_size)
+        assert rel(Ke, K) < 1e-6
     r = dntk.gradient_features(model, x, make("identity"), progress=False, batch_size=batch_size)
     assert rel(r.features.double(), J.transpose(0, 1)) < 1e-6
     assert "none" not in r.paths.values(), {n: p for n, p in r.paths.items() if p == "none"}
     for name, path in (expect or {}).items():
         assert r.paths[name] == path, (name, r.paths[name], path)
+    factored = any("factored" in p for p in r.paths.values())
     for sk in sketches:
-        opts = {"fft_max_bytes": 1 << 34} if sk == "tensorsketch" else {}
-        proj = make(sk, k=k, seed=3, **opts)
-        f = dntk.gradient_features(model, x, proj, progress=False, batch_size=batch_size).features.double()
-        ref = projected_reference(J, dntk.features.parameter_table(model).specs, proj)
-        # float32 feature storage: ~1e-7 relative; the bound leaves a factor 10
-        assert rel(f, ref) < 1e-6, sk
-    return r
+        variants = [{}]
+        if sk == "tensorsketch":  # the FFT path forced and asserted taken, and the materialised one
+            variants = [{"outer_path": "fft", "fft_max_bytes": 1 << 34}, {"outer_path": "materialise"}]
+        for opts in variants:
+            proj = make(sk, k=k, seed=3, **opts)
+            f = dntk.gradient_features(model, x, proj, progress=False, batch_size=batch_size).features.double()
+            if sk == "tensorsketch" and factored:
+                taken = proj.calls["fft" if opts["outer_path"] == "fft" else "materialise"]
+                assert taken > 0 and proj.calls["fft" if opts["outer_path"] != "fft" else "materialise"] == 0
+            ref = projected_reference(J, dntk.features.parameter_table(model).specs, proj)
+            # float32 feature storage: ~1e-7 relative; the bound leaves a factor 10
+            assert rel(f, ref) < 1e-6, (sk, opts)
+    return J
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -276,8 +286,8 @@ def test_pathological_case_is_exact(name):
     x = data()
     x = x.double() if x.is_floating_point() else x
     k = min(48, J_size(model) - 1)
-    check_model(model, x, expect, sketches=("sjlt", "tensorsketch", "gaussian"), k=k)
-    check_model(model, x, expect, sketches=("tensorsketch",), k=k, batch_size=3)  # uneven batches
+    J = check_model(model, x, expect, sketches=("sjlt", "tensorsketch", "gaussian"), k=k)
+    check_model(model, x, expect, sketches=("tensorsketch",), k=k, batch_size=3, J=J)  # uneven batches
 
 
 def test_cross_sample_model_is_refused():

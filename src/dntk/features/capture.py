@@ -655,8 +655,8 @@ class GradientCapture:
             for u, plan in zip(uses, plans):
                 g_u = gs[k : k + len(u.outs)]
                 k += len(u.outs)
-                if all(g is None for g in g_u):
-                    continue
+                if all(g is None for g in g_u) and plan.get("a") is None:
+                    continue  # unreachable from the logits: zero gradient (factored uses still add zero columns)
                 self._emit(u, plan, g_u, B, g_fac, blocks)
             for name, gl in g_fac.items():
                 sink.outer(ci, name, gl[0] if len(gl) == 1 else torch.cat(gl, -1), a_cat[name])

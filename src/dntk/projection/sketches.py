@@ -205,7 +205,8 @@ class TensorSketchProjector(Projector):
     Then sketch(Σ_t g_t a_tᵀ) = Σ_t CS_row(g_t) ⊛ CS_col(a_t), a circular convolution computed with
     real FFTs of length k in O(T·(rows + cols + k log k)) instead of O(T·rows·cols) — the win for
     the large, low-resolution layers where most parameters live. Each layer takes whichever path
-    is cheaper; both give the same sketch. The remaining parameters (biases, norm affines) are
+    is cheaper (``outer_path="auto"``; ``"fft"`` / ``"materialise"`` force one, and ``calls``
+    counts the blocks each path took); both give the same sketch. The remaining parameters (biases, norm affines) are
     computed exactly and CountSketched with independent hashes.
 
     Half-precision (bfloat16/float16) factors are count-sketched and transformed in float32, since
@@ -215,10 +216,14 @@ class TensorSketchProjector(Projector):
 
     name = "tensorsketch"
 
-    def __init__(self, k: int, seed: int = 0, *, fft_max_bytes: int = 256 << 20):
+    def __init__(self, k: int, seed: int = 0, *, fft_max_bytes: int = 256 << 20, outer_path: str = "auto"):
         super().__init__(k, seed)
+        if outer_path not in ("auto", "fft", "materialise"):
+            raise DNTKError(f"unknown outer_path {outer_path!r}; use 'auto' (cost model), 'fft' or 'materialise'")
         self._cache = _DeviceCache()
         self.fft_max_bytes = fft_max_bytes
+        self.outer_path = outer_path
+        self.calls = {"fft": 0, "materialise": 0}  # outer-product blocks per path, for tests and benchmarks
         self._plain = SJLTProjector(k, seed=seed ^ 0x5EED, s=1)
 
     def bind(self, specs):
@@ -274,8 +279,11 @@ class TensorSketchProjector(Projector):
         _check_out(out, self.k)
         spec = self._spec(key)
         B, rows, T = g.shape
-        if spec.factors is None or not self._fft_is_cheaper(rows, a.shape[1], T, B):
+        fft = self.outer_path == "fft" or (self.outer_path == "auto" and self._fft_is_cheaper(rows, a.shape[1], T, B))
+        if spec.factors is None or not fft:
+            self.calls["materialise"] += 1
             return super().project_outer(key, g, a, out, cache)
+        self.calls["fft"] += 1
         # torch.fft has no bfloat16 kernels (CPU or CUDA) and float16 only on CUDA for powers of two:
         # half-precision factors are count-sketched and transformed in float32, and the result is
         # added in out's dtype (rounded once, like the other paths)
