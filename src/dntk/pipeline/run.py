@@ -387,8 +387,10 @@ def run(config: RunConfig) -> dict:
     if cfg.exact:
         with st.time("exact"):
             ex = _cached(out / f"exact-{fkey}.pt", lambda: {
-                "K_train": empirical_ntk(base, X_train.to(cfg.device)),
-                "K_test": empirical_ntk(base, X_test.to(cfg.device), X_train.to(cfg.device))})
+                # gradients beyond the 2 GiB memory budget spill to a temporary folder in out (not /tmp,
+                # which may be RAM-backed); each image's gradients are computed once
+                "K_train": empirical_ntk(base, X_train.to(cfg.device), spill_dir=out),
+                "K_test": empirical_ntk(base, X_test.to(cfg.device), X_train.to(cfg.device), spill_dir=out)})
             Kp = torch.einsum("cik,cjk->cij", F_train.double(), F_train.double())
             ex_curve = krr_metrics(None, y_train, None, logits_test, y_test, cfg.ridge, grid,
                                    kernels=(ex["K_train"], ex["K_test"]), targets_test=y_test_targets)
