@@ -247,6 +247,17 @@ class ConvZoo(nn.Module):
         return self.head(torch.cat([y.mean((2, 3)), z.mean(2)], 1))
 
 
+class MatmulNet(nn.Module):
+    """Parameters used as the right operand of x @ W (the input side is W's rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.V = nn.Parameter(torch.randn(6, 5) / 2), nn.Parameter(torch.randn(5, 3) / 2)
+
+    def forward(self, x):  # x [B, T, 6]
+        return (torch.tanh(x @ self.W).matmul(self.V)).mean(1)
+
+
 PATHOLOGICAL = {
     "rnn_cell_called_3x": (RNNCell, lambda: torch.randn(5, 3, 16), {"cell.weight": "factored"}),
     "shared_weight_two_modules": (SharedWeight, lambda: torch.randn(5, 8), {"a.weight": "factored"}),
@@ -270,6 +281,7 @@ PATHOLOGICAL = {
                                       {"attn.out_proj.weight": "factored"}),
     "multihead_attention_need_weights": (lambda: Attention(True, True), lambda: torch.randn(4, 5, 8),
                                          {"attn.in_proj_weight": "op-vjp"}),
+    "matmul_with_parameter": (MatmulNet, lambda: torch.randn(4, 3, 6), {"W": "factored", "V": "factored"}),
     "transformer_encoder_layer": (lambda: nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
                                                         nn.Flatten(), nn.Linear(40, 3)),
                                   lambda: torch.randn(4, 5, 8), {"0.self_attn.in_proj_weight": "factored"}),

@@ -138,6 +138,7 @@ def check_logits(out, batch: int) -> torch.Tensor:
 # recording
 # ------------------------------------------------------------------------------------------------
 _LINEAR = {F.linear, torch._C._nn.linear}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _CONV = {torch.conv1d: 1, torch.conv2d: 2, F.conv1d: 1, F.conv2d: 2}
 _INPLACE_DUNDER = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__", "__itruediv__": "__truediv__"}
 
@@ -242,8 +243,7 @@ class _Recorder(TorchFunctionMode):
                  for t in flat]
         args2, kwargs2 = tree_unflatten(flat2, spec)
         if not batched:  # a derivation: parameters (and constants) in, a parameter-derived tensor out
-            with torch.enable_grad():
-                out = func(*args2, **kwargs2)
+            out = func(*args2, **kwargs2)  # the ambient grad mode: a model's own no_grad blocks stay gradient-free
             tag = (self.pass_id, tuple(roots))
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
@@ -310,15 +310,12 @@ class _Recorder(TorchFunctionMode):
                 raise DNTKError(f"the in-place call {_name(func)} modifies data with a trainable parameter and has no "
                                 "out-of-place form dntk knows; write it out of place in the model")
             target = args[0]
-            with torch.enable_grad():
-                res = base(*args, **kwargs)
+            res = base(*args, **kwargs)
             self._record(base, args, kwargs, res, roots)
-            with torch.enable_grad():
-                target.copy_(res)
+            target.copy_(res)
             target._dntk_b = True
             return target
-        with torch.enable_grad():
-            out = func(*args, **kwargs)
+        out = func(*args, **kwargs)
         self._record(func, args, kwargs, out, roots)
         handed = tree_flatten(out)
         clones = [t.clone() if isinstance(t, torch.Tensor) else t for t in handed[0]]
@@ -348,6 +345,14 @@ class _Recorder(TorchFunctionMode):
             if self.roots_of(x) is not None or not isinstance(out, torch.Tensor) or x.dim() < 2:
                 raise _Generic
             use.kind, use.weight, use.bias = "linear", self._source(w), self._source(b)
+            use.data["x"] = x.detach().clone()
+            return
+        if func in _MATMUL:
+            x, w = arg(0, "input"), arg(1, "other")
+            if (self.roots_of(x) is not None or not isinstance(w, torch.Tensor) or w.dim() != 2 or x.dim() < 2
+                    or self.roots_of(w) is None or not isinstance(out, torch.Tensor)):
+                raise _Generic
+            use.kind, use.weight = "matmul", self._source(w)
             use.data["x"] = x.detach().clone()
             return
         if func in _CONV:
@@ -561,7 +566,9 @@ class GradientCapture:
 
     Sink protocol (any object with these two methods):
         ``block(c, name, block[B, numel])`` — a materialised per-sample gradient block;
-        ``outer(c, name, g[B, rows, T], a[B, cols, T])`` — a weight gradient Σ_t g_t a_tᵀ in factors.
+        ``outer(c, name, g[B, rows, T], a[B, cols, T], fixed_a=True)`` — a weight gradient Σ_t g_t a_tᵀ
+        in factors; ``fixed_a`` says a is the same tensor for every logit of the batch (so a sink may
+        cache transforms of it).
     ``c`` is the position of the logit in ``classes``. A parameter may receive one ``outer`` and
     one ``block`` per logit (its uses of each kind summed).
 
@@ -659,7 +666,12 @@ class GradientCapture:
                     continue  # unreachable from the logits: zero gradient (factored uses still add zero columns)
                 self._emit(u, plan, g_u, B, g_fac, blocks)
             for name, gl in g_fac.items():
-                sink.outer(ci, name, gl[0] if len(gl) == 1 else torch.cat(gl, -1), a_cat[name])
+                if isinstance(name, tuple):  # x @ W: the column side changes with the logit, so no a-side cache
+                    rows = torch.cat([r for r, _ in gl], -1)
+                    cols = torch.cat([c for _, c in gl], -1)
+                    sink.outer(ci, name[1], rows, cols, fixed_a=False)
+                else:
+                    sink.outer(ci, name, gl[0] if len(gl) == 1 else torch.cat(gl, -1), a_cat[name])
             for name, blk in blocks.items():
                 sink.block(ci, name, blk)
             if last:
@@ -686,6 +698,12 @@ class GradientCapture:
             a = xb.reshape(B, -1, xb.shape[-1]).transpose(1, 2)
             fac = u.weight is not None and u.weight.param is not None
             return {"path": "linear", "layout": lay, "a": a.contiguous() if fac else a}
+        if u.kind == "matmul":  # x [..., in] @ W [in, out]: the weight gradient is Σ_t x_t g_tᵀ
+            if lay is not None and lay.dim >= o.dim() - 1:
+                return {"path": "op-vjp", "layouts": lays}
+            xb = split_batch(u.data.pop("x"), lay, B)
+            a = xb.reshape(B, -1, xb.shape[-1]).transpose(1, 2)
+            return {"path": "matmul", "layout": lay, "x_rows": a.contiguous()}
         if u.kind == "conv":
             if lay is not None and lay.dim != 0:
                 return {"path": "op-vjp", "layouts": lays}
@@ -722,6 +740,14 @@ class GradientCapture:
             gf = gb.reshape(B, -1, gb.shape[-1]).transpose(1, 2)          # [B, out, T]
             self._weight(u, gf, plan["a"], None, g_fac, blocks, B)
             self._bias(u, lambda: gf.sum(-1), blocks, B)
+        elif path == "matmul":
+            gf = gb.reshape(B, -1, gb.shape[-1]).transpose(1, 2)          # [B, out, T]
+            src = u.weight
+            if src.param is not None:   # rows of W are the input side: factors (x [B, in, T], g [B, out, T])
+                g_fac.setdefault(("var", src.param), []).append((plan["x_rows"], gf))
+                self._note([src.param], "factored")
+            else:
+                self._route(src, torch.bmm(plan["x_rows"], gf.transpose(1, 2)), blocks, "closed")
         elif path == "conv":
             gf = gb.transpose(1, 2).reshape(B, gb.shape[2], -1)             # [B, out, r·L]
             groups = u.data["groups"]

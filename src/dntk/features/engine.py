@@ -154,8 +154,8 @@ class _RowSink:
     def block(self, c, name, block):
         self.projector.project(name, block, self._row(c, block.dtype))
 
-    def outer(self, c, name, g, a):
-        self.projector.project_outer(name, g, a, self._row(c, g.dtype), self.cache)
+    def outer(self, c, name, g, a, fixed_a=True):
+        self.projector.project_outer(name, g, a, self._row(c, g.dtype), self.cache if fixed_a else {})
 
     def stacked(self, n_classes: int, dtype) -> torch.Tensor:
         """[C', B, k]; a logit no parameter's gradient reached has zero features."""

@@ -33,7 +33,7 @@ class _ExactSink:
     def block(self, c, name, block):
         self._add(c, name, block.detach())
 
-    def outer(self, c, name, g, a):
+    def outer(self, c, name, g, a, fixed_a=True):
         self._add(c, name, torch.bmm(g, a.transpose(1, 2)).reshape(g.shape[0], -1))
 
 
