@@ -206,8 +206,8 @@ class _Recorder(TorchFunctionMode):
         if name is not None:
             return (name,)
         tag = getattr(t, "_dntk_roots", None)
-        if tag is None:
-            return None
+        if tag is None or not t.requires_grad:
+            return None  # data or a constant (a derived tensor made under no_grad or detached counts as one)
         pass_id, roots = tag
         if pass_id != self.pass_id:
             raise DNTKError("the model reuses a tensor it computed from its parameters in an earlier forward pass (a cached "
