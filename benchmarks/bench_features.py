@@ -105,7 +105,7 @@ class _Bare:
     def block(self, c, name, block):
         pass
 
-    def outer(self, c, name, g, a):
+    def outer(self, c, name, g, a, fixed_a=True):
         torch.bmm(g, a.transpose(1, 2))
 
 
@@ -126,7 +126,7 @@ class _GroupSink:
     def block(self, c, name, block):
         self._add(c, name, block.detach())
 
-    def outer(self, c, name, g, a):
+    def outer(self, c, name, g, a, fixed_a=True):
         if name in self.names:
             self._add(c, name, torch.bmm(g, a.transpose(1, 2)).reshape(g.shape[0], -1))
 

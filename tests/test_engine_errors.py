@@ -98,3 +98,10 @@ def test_no_trainable_parameters():
 def test_unknown_blocks_mode():
     with pytest.raises(DNTKError, match="per_class, full, trace"):
         dntk.empirical_ntk(mlp(), torch.randn(2, 12), blocks="diag")
+
+
+def test_batch_size_zero_is_refused_not_defaulted():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    for bad in (0, -2, 1.5):
+        with pytest.raises(DNTKError, match="batch_size must be positive"):
+            dntk.gradient_features(model, torch.randn(4, 12), "sjlt", k=4, batch_size=bad, progress=False)

@@ -108,8 +108,8 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
         raise DNTKError(f"k={projector.dim} is larger than the number of parameters P={P}; a sketch cannot help here — "
                         f"use make('identity') for exact features or choose k < {P}")
     n = num_inputs(inputs)
-    batch_size = batch_size or default_batch_size(P, projector)
-    if batch_size < 1:
+    batch_size = default_batch_size(P, projector) if batch_size is None else batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DNTKError(f"batch_size must be positive, got {batch_size}")
 
     feats, logits_all, labels_all = [], [], []
@@ -147,7 +147,8 @@ class _RowSink:
 
     def _row(self, c, dtype):
         r = self.rows.get(c)
-        if r is None:  # accumulate in the model's precision (float64 models stay float64)
+        if r is None:  # float64 models accumulate in float64; half-precision ones in float32
+            dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
             r = self.rows[c] = torch.zeros(self.B, self.projector.dim, device=self.device, dtype=dtype)
         return r
 
