@@ -116,7 +116,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--models", default=None, help="comma-separated subset of the model names")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x_all = real_images(max(args.n, 4), args.size)
     C = 10

@@ -29,6 +29,8 @@ def test_results_json_is_complete_and_consistent(tiny_run):
     c = res["counts"]
     assert (c["n_real"], c["m"], c["n_test"]) == (1347, 30, 40)
     assert c["per_sample_gradients"] == (30 + 40) * 10
+    # the small CNN: conv/linear weights factored, biases and BatchNorm affines in closed form, nothing else
+    assert set(res["gradient_paths"]) == {"factored", "closed"} and abs(sum(res["gradient_paths"].values()) - 1) < 1e-9
     assert {"data", "teacher", "features_train", "features_test", "kernel_model", "exact"} <= set(res["timings_s"])
     assert res["peak_memory_mb"] > 0
     # the curve's last point is the reported model, and m grows along it

@@ -358,6 +358,7 @@ def run(config: RunConfig) -> dict:
                     "source": cfg.checkpoint or str(out / "teacher" / "best.pt"),
                     "best_epoch": trained.best_epoch if trained else None},
         "projector": {"name": projector.name, "k": projector.dim, "seed": cfg.seed},
+        "gradient_paths": ftr.get("path_shares"),  # share of parameters per engine path (dntk.features.capture)
         "targets": cfg.targets,
         "kernel_model": {key: final[key] for key in KM_KEYS},
         "base_model": {"name": base_name, "test_accuracy": student_acc if student_acc is not None else test_acc,
@@ -464,11 +465,11 @@ def chunked_features(folder: Path, model, X: torch.Tensor, projector, cfg: RunCo
             model, X[start:start + step], projector, batch_size=cfg.batch_size, device=cfg.device,
             progress=cfg.progress))))
     return {"features": torch.cat([p["features"] for p in parts], 1), "logits": torch.cat([p["logits"] for p in parts]),
-            "classes": parts[0]["classes"]}
+            "classes": parts[0]["classes"], "path_shares": parts[0].get("path_shares")}
 
 
 def _feature_dict(r):
-    return {"features": r.features, "logits": r.logits, "classes": r.classes}
+    return {"features": r.features, "logits": r.logits, "classes": r.classes, "path_shares": r.path_shares()}
 
 
 def format_results(res: dict) -> str:
