@@ -47,10 +47,10 @@ def projected_reference(J: torch.Tensor, specs, projector) -> torch.Tensor:
 def check_model(model, x, expect=None, sketches=("sjlt", "tensorsketch"), k=64, batch_size=None, J=None):
     """Exact eNTK, identity features and every sketch against brute force; returns J for reuse."""
     exact_done = J is not None
-    J = brute_force_jacobian(model, x) if J is None else J
+    J = brute_force_jacobian(model, x.clone()) if J is None else J  # clones: a model may modify its input
     if not exact_done:
         K = torch.einsum("icp,jcp->cij", J, J)
-        Ke = dntk.empirical_ntk(model, x, batch_size=batch_size)
+        Ke = dntk.empirical_ntk(model, x.clone(), batch_size=batch_size)
         assert rel(Ke, K) < 1e-6
     r = dntk.gradient_features(model, x, make("identity"), progress=False, batch_size=batch_size)
     assert rel(r.features.double(), J.transpose(0, 1)) < 1e-6
@@ -272,6 +272,74 @@ class PartlyNoGrad(nn.Module):
         return self.head(h)
 
 
+class ScaleTwice(nn.Module):
+    """The same free parameter in two successive op-vjp calls: each call counts once."""
+
+    def __init__(self):
+        super().__init__()
+        self.g, self.head = nn.Parameter(torch.randn(6)), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh((x * self.g) * self.g))
+
+
+class SharedMaskedAttention(nn.Module):
+    """ALBERT-style: one causal attention block applied twice (op-vjp: masks are not decomposed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        m = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+        for _ in range(2):
+            x = x + self.attn(x, x, x, need_weights=False, attn_mask=m)[0]
+        return self.head(x.mean(1))
+
+
+class SetItem(nn.Module):
+    """A mask token written with __setitem__, data written into a fresh buffer, in-place ops on a
+    parameter-derived tensor and an in-place multiply by a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask_token, self.h0, self.gamma = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(1, 8)), nn.Parameter(torch.randn(8))
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):  # x [B, 6]
+        x = x.clone()
+        x[x[:, 0] > 0] = self.mask_token
+        buf = torch.zeros(x.shape[0], 8, dtype=x.dtype)
+        buf[:, :6] = x
+        h = self.h0.repeat(x.shape[0], 1)
+        h += buf
+        h = self.fc(h)
+        h.mul_(self.gamma)
+        return self.head(torch.tanh(h))
+
+
+class Sorted(nn.Module):
+    """Samples processed in a data-dependent order: no (dim, order) layout, a per-entry index map."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        perm = torch.argsort(x[:, 1])
+        return self.head(torch.tanh(self.fc(x[perm]))[torch.argsort(perm)] * x[:, :1])
+
+
+class SelfInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x.sub_(0.5)  # the model modifies its own input
+        return self.fc(x) * self.fc.bias.type_as(x)
+
+
 PATHOLOGICAL = {
     "rnn_cell_called_3x": (RNNCell, lambda: torch.randn(5, 3, 16), {"cell.weight": "factored"}),
     "shared_weight_two_modules": (SharedWeight, lambda: torch.randn(5, 8), {"a.weight": "factored"}),
@@ -296,6 +364,11 @@ PATHOLOGICAL = {
     "multihead_attention_need_weights": (lambda: Attention(True, True), lambda: torch.randn(4, 5, 8),
                                          {"attn.in_proj_weight": "op-vjp"}),
     "model_no_grad_and_detach": (PartlyNoGrad, lambda: torch.randn(4, 6), {"fc.weight": "factored", "aux.weight": "none", "aux.bias": "none"}),
+    "free_parameter_used_twice": (ScaleTwice, lambda: torch.randn(4, 6), {"g": "op-vjp"}),
+    "shared_masked_attention_twice": (SharedMaskedAttention, lambda: torch.randn(4, 5, 8), {"attn.in_proj_weight": "op-vjp"}),
+    "setitem_and_inplace": (SetItem, lambda: torch.randn(4, 6), {"mask_token": "op-vjp", "h0": "op-vjp", "gamma": "op-vjp"}),
+    "data_dependent_order": (Sorted, lambda: torch.randn(4, 6), {}),
+    "input_modified_in_place_and_type_as": (SelfInPlace, lambda: torch.randn(4, 6), {"fc.weight": "factored"}),
     "matmul_with_parameter": (MatmulNet, lambda: torch.randn(4, 3, 6), {"W": "factored", "V": "factored"}),
     "transformer_encoder_layer": (lambda: nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
                                                         nn.Flatten(), nn.Linear(40, 3)),
@@ -339,3 +412,95 @@ def test_cross_sample_model_is_refused():
 
 def J_size(model):
     return dntk.features.parameter_table(model).num_params
+
+
+def test_float32_index_map_keeps_small_gradients_with_their_sample():
+    """float32, samples in data-dependent order, one sample's gradients 1e-5 of the others'."""
+    torch.manual_seed(0)
+    m = Sorted()
+    x = torch.randn(3, 6)
+    x[:, 1] = torch.tensor([0.5, -1.0, 2.0])
+    x[1, 0] = 1e-5
+    J = brute_force_jacobian(m.double(), x.double())
+    f = dntk.gradient_features(m.float(), x, "identity", progress=False).features.double()
+    for b in range(3):
+        assert rel(f[:, b], J[b]) < 1e-5, b
+
+
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        return torch.round(w * 4) / 4
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class Opaque(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.fc, self.head, self._w = how, nn.Linear(6, 6), nn.Linear(6, 3), None
+
+    def forward(self, x):
+        if self.how == "function":
+            w = _STE.apply(self.fc.weight)
+        else:  # a derived weight cached on the first call
+            if self._w is None:
+                self._w = self.fc.weight * 2
+            w = self._w
+        return self.head(torch.tanh(F.linear(x, w)))
+
+
+@pytest.mark.parametrize("how", ["function", "cache"])
+def test_uses_the_recorder_cannot_see_are_refused(how):
+    x = torch.randn(4, 6, dtype=torch.float64)
+    model = Opaque(how).double()
+    if how == "cache":
+        model(x)  # a user's warm-up forward fills the cache
+    with pytest.raises(dntk.DNTKError, match="cannot see"):
+        dntk.gradient_features(model, x, "sjlt", k=8, progress=False)
+    fresh = Opaque(how).double()
+    with pytest.raises(dntk.DNTKError):  # the cache filled under the recorder is refused on the next pass
+        dntk.empirical_ntk(fresh, x) if how == "cache" else dntk.empirical_ntk(fresh, x)
+
+
+class Mixer(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.fc = kind, nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.kind == "center":
+            x = x - x.mean(0)
+        elif self.kind == "detached_max":
+            x = x / x.detach().abs().max()
+        elif self.kind == "python_index":
+            table = self.fc.weight
+            return torch.stack([table[int(i) % 3] for i in x[:, 0] * 3])
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("kind", ["center", "detached_max", "python_index"])
+def test_value_mixing_and_data_leaving_torch_are_refused(kind):
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.raises(dntk.DNTKError):
+        dntk.gradient_features(Mixer(kind).double(), x, "sjlt", k=8, progress=False)
+
+
+def test_no_gradient_reaching_the_logits_gives_a_zero_kernel():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.unused = nn.Linear(6, 3), nn.Linear(2, 2)
+            self.fc.requires_grad_(False)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = Unused().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    K = dntk.empirical_ntk(model, x)
+    assert K.shape == (3, 4, 4) and float(K.abs().max()) == 0.0
+    f = dntk.gradient_features(model, x, "sjlt", k=4, progress=False).features
+    assert f.shape == (3, 4, 4) and float(f.abs().max()) == 0.0

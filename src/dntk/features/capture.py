@@ -140,7 +140,16 @@ def check_logits(out, batch: int) -> torch.Tensor:
 _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _CONV = {torch.conv1d: 1, torch.conv2d: 2, F.conv1d: 1, F.conv2d: 2}
-_INPLACE_DUNDER = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__", "__itruediv__": "__truediv__"}
+_INPLACE_DUNDER = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__", "__itruediv__": "__truediv__",
+                   "__setitem__": None}
+# Tensor methods whose other arguments contribute only a dtype, device or shape
+_SHAPE_ONLY = {"to", "type_as", "expand_as", "view_as", "reshape_as", "new_zeros", "new_ones", "new_full", "new_empty",
+               "new_tensor", "type"}
+
+
+def _setitem(t, index, value):
+    t[index] = value
+    return t
 
 
 def _name(func) -> str:
@@ -167,10 +176,13 @@ class _Use:
     weight: _Source | None = None
     bias: _Source | None = None
     data: dict = field(default_factory=dict)
+    cut: list | None = None                # outputs recomputed on detached data (op-vjp differentiates these)
 
 
 def _out_of_place(func):
     name = _name(func)
+    if name == "__setitem__":
+        return _setitem
     if name in _INPLACE_DUNDER:
         return getattr(torch.Tensor, _INPLACE_DUNDER[name], None)
     if name.endswith("_") and not name.startswith("_"):
@@ -223,6 +235,12 @@ class _Recorder(TorchFunctionMode):
         return out
 
     # -- dispatch ----------------------------------------------------------------------------------
+    def is_data(self, t: torch.Tensor) -> bool:
+        """Batched data: marked by the recorder, or any other tensor that is not parameter-derived but
+        requires grad (the input requires grad, so data that passed through a call the recorder could
+        not see — TorchScript, a custom autograd.Function — is still recognised)."""
+        return getattr(t, "_dntk_b", False) or (t.requires_grad and self.roots_of(t) is None)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         flat, spec = tree_flatten((args, kwargs))
@@ -234,18 +252,29 @@ class _Recorder(TorchFunctionMode):
                 if r is not None:
                     tracked = True
                     roots.extend(x for x in r if x not in roots)
-                elif getattr(t, "_dntk_b", False):
+                elif self.is_data(t):
                     batched = True
+        name = _name(func)
+        inplace = _is_inplace(func)
         if not tracked:
             out = func(*args, **kwargs)
-            return self._mark_batched(out) if batched else out
+            if batched:
+                self._mark_batched(out)
+                if inplace and isinstance(args[0], torch.Tensor):
+                    args[0]._dntk_b = True  # e.g. buf[:, :6] = x writes data into a fresh tensor
+            return out
+        if batched and name in _SHAPE_ONLY and isinstance(args[0], torch.Tensor) and self.roots_of(args[0]) is not None:
+            batched = False  # p.to(x), p.type_as(x), p.expand_as(x): the data gives only a dtype, device or shape
         flat2 = [self.alias(self.table.names[id(t)]) if isinstance(t, torch.Tensor) and id(t) in self.table.names else t
                  for t in flat]
         args2, kwargs2 = tree_unflatten(flat2, spec)
         if not batched:  # a derivation: parameters (and constants) in, a parameter-derived tensor out
+            if inplace and isinstance(args2[0], torch.Tensor) and args2[0] is self.aliases.get(self.table.names.get(id(args[0]), "")):
+                raise DNTKError(f"the model modifies the trainable parameter {self.table.names[id(args[0])]} in place "
+                                f"({name}) during forward; per-sample gradients of a parameter that changes are not defined")
             out = func(*args2, **kwargs2)  # the ambient grad mode: a model's own no_grad blocks stay gradient-free
             tag = (self.pass_id, tuple(roots))
-            for t in tree_flatten(out)[0]:
+            for t in tree_flatten(out)[0] + ([args2[0]] if inplace and isinstance(args2[0], torch.Tensor) else []):
                 if isinstance(t, torch.Tensor):
                     t._dntk_roots = tag
             return out
@@ -303,20 +332,41 @@ class _Recorder(TorchFunctionMode):
             return _Source(r[0], t, r)
         return _Source(None, t, r)
 
+    def _cut(self, func, args, kwargs):
+        """The call again with its data arguments detached: the graph of the result reaches the
+        parameters through this call alone (not through earlier uses behind the data)."""
+        flat, spec = tree_flatten((args, kwargs))
+        flat = [t.detach() if isinstance(t, torch.Tensor) and self.roots_of(t) is None else t for t in flat]
+        a, k = tree_unflatten(flat, spec)
+        return func(*a, **k)
+
     def _consume(self, func, args, kwargs, roots):
         if _is_inplace(func):
             base = _out_of_place(func)
-            if base is None:
-                raise DNTKError(f"the in-place call {_name(func)} modifies data with a trainable parameter and has no "
-                                "out-of-place form dntk knows; write it out of place in the model")
             target = args[0]
-            res = base(*args, **kwargs)
-            self._record(base, args, kwargs, res, roots)
+            if base is None:
+                raise DNTKError(f"the in-place call {_name(func)} mixes data and a trainable parameter and has no "
+                                "out-of-place form dntk knows; write it out of place in the model")
+            if self.table.names.get(id(target)) is not None or any(target is a for a in self.aliases.values()):
+                raise DNTKError(f"the model modifies a trainable parameter in place ({_name(func)}) during forward; "
+                                "per-sample gradients of a parameter that changes are not defined")
+            res = base(target.clone(), *args[1:], **kwargs)
+            use = self._record(base, (target.clone(),) + tuple(args[1:]), kwargs, res, roots)
+            if use is not None and use.kind == "generic":
+                tag = getattr(target, "_dntk_roots", None) if self.roots_of(target) is not None else None
+                ct = target.clone() if tag is not None else target.detach().clone()
+                if tag is not None:
+                    ct._dntk_roots = tag  # a parameter-derived target keeps its graph in the cut call
+                use.cut = self._pair(use, self._cut(base, (ct,) + tuple(args[1:]), kwargs))
             target.copy_(res)
             target._dntk_b = True
-            return target
+            if getattr(target, "_dntk_roots", None) is not None:
+                target._dntk_roots = None  # parameter-derived until now; data from here on
+            return None if _name(func) == "__setitem__" else target
         out = func(*args, **kwargs)
-        self._record(func, args, kwargs, out, roots)
+        use = self._record(func, args, kwargs, out, roots)
+        if use is not None and use.kind == "generic":
+            use.cut = self._pair(use, self._cut(func, args, kwargs))
         handed = tree_flatten(out)
         clones = [t.clone() if isinstance(t, torch.Tensor) else t for t in handed[0]]
         for t in clones:
@@ -324,16 +374,26 @@ class _Recorder(TorchFunctionMode):
                 t._dntk_b = True
         return tree_unflatten(clones, handed[1])
 
+    @staticmethod
+    def _pair(use, cut_out):
+        cuts = [t for t in tree_flatten(cut_out)[0] if isinstance(t, torch.Tensor)]
+        return [c if c.requires_grad else None for c in [cuts[i] for i in use.data.pop("_out_index")]]
+
     def _record(self, func, args, kwargs, out, roots):
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        flat = tree_flatten(out)[0]
+        index = [i for i, t in enumerate(t for t in flat if isinstance(t, torch.Tensor)) if t.requires_grad]
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        outs = [tensors[i] for i in index]
         if not outs:
-            return  # not differentiable with respect to the parameters: no gradient flows
+            return None  # not differentiable with respect to the parameters: no gradient flows
         use = _Use("generic", _name(func), outs, roots)
         try:
             self._classify(use, func, args, kwargs, out)
         except _Generic:
             use.kind, use.weight, use.bias, use.data = "generic", None, None, {}
+        use.data["_out_index"] = index
         self.uses.append(use)
+        return use
 
     def _classify(self, use, func, args, kwargs, out):
         """Fill use.kind/weight/bias/data for calls with a closed form; raise _Generic otherwise."""
@@ -496,10 +556,11 @@ class _LayoutError(Exception):
     pass
 
 
-def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> list:
+def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> tuple[list, bool]:
     """For each recorded output: a :class:`Layout`, an index tensor (sample of every entry, when no
-    layout explains it), or None (no gradient reaches it in this batch). Raises _LayoutError(i)
-    when entry of output i feeds several samples."""
+    layout explains it), or None (no gradient reaches it in this batch); and whether every layout was
+    the only one consistent with the batch. Raises _LayoutError(i) when an entry of output i feeds
+    several samples."""
     B, C = logits.shape
     gen = torch.Generator().manual_seed(7919 + seed)
     r = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(logits.dtype).to(logits.device)
@@ -513,7 +574,7 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> list:
     base = grads(torch.ones(B, dtype=s.dtype, device=s.device))
     ar = torch.arange(B, device=s.device)
     bits = [grads((((ar >> j) & 1) + 1).to(s.dtype)) for j in range(nbits)]
-    layouts = []
+    layouts, unique = [], True
     for i, o in enumerate(outs):
         g1 = base[i]
         if g1 is None:
@@ -541,21 +602,34 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> list:
             ids |= two.long() << j
         if bool((ids[support] >= B).any()):
             raise _LayoutError(i)
-        found = None
+        found, matches = None, 0
         for d in range(o.dim()):
             if o.shape[d] % B:
                 continue
             for order in ("major", "minor"):
                 lay = Layout(d, order)
                 if bool((_sample_ids(o.shape, lay, B, o.device) == ids)[support].all()):
-                    found = lay
-                    break
-            if found is not None:
-                break
+                    matches += 1
+                    found = found or lay
+        if matches != 1:
+            unique = False  # several layouts (or none) explain this batch: valid here, not cached
         if found is None:
-            ids = ids.masked_fill(~support, 0)
+            # an index map for this batch: every entry with any gradient must be classified
+            full = finite & (g1 != 0)
+            if bool((full & ~support).any()):
+                ids = ids.masked_fill(full & ~support, 0)
+                for j in range(nbits):
+                    q = bits[j][i] if bits[j][i] is not None else torch.zeros_like(g1)
+                    rel_tol = 1e-3 * g1.abs()
+                    one, two = (q - g1).abs() <= rel_tol, (q - 2 * g1).abs() <= rel_tol
+                    if not bool((one | two)[full].all()):
+                        raise _LayoutError(i)
+                    ids = torch.where(full & ~support, ids | (two.long() << j), ids)
+            ids = ids.masked_fill(~full, 0)
+            if bool((ids >= B).any()):
+                raise _LayoutError(i)
         layouts.append(found if found is not None else ids)
-    return layouts
+    return layouts, unique
 
 
 # ------------------------------------------------------------------------------------------------
@@ -601,7 +675,8 @@ class GradientCapture:
     def run(self, x: torch.Tensor, classes: list[int] | None, sink) -> torch.Tensor:
         """Feed the gradients of batch x [B, ...] to ``sink``; return the logits [B, C] (detached)."""
         if self.backend == "ops":
-            return self._run_ops(x, classes, sink)
+            with torch.enable_grad():  # also when called under no_grad: the engine differentiates
+                return self._run_ops(x, classes, sink)
         return self._run_func(x, classes, sink)
 
     # -- op-level engine -----------------------------------------------------------------------------
@@ -610,18 +685,43 @@ class GradientCapture:
         self._passes += 1
         rec = _Recorder(table, self._passes)
         B = x.shape[0]
-        with analysis_mode(model, table, freeze=True), torch.enable_grad():
-            xin = x.detach()
-            if xin.is_floating_point():
-                xin.requires_grad_(True)
+        with analysis_mode(model, table, freeze=False), torch.enable_grad():
+            leaf = x.detach()
+            if leaf.is_floating_point():
+                leaf.requires_grad_(True)
+            xin = leaf.clone() if leaf.requires_grad else leaf  # not a leaf: the model may modify its input in place
             xin._dntk_b = True
-            with rec:
-                out = model(xin)
+            try:
+                with rec:
+                    out = model(xin)
+            except DNTKError:
+                raise
+            except Exception as e:
+                raise DNTKError(f"the model's forward pass failed under dntk's call recorder ({type(e).__name__}: {e}); "
+                                "compiled or scripted code (torch.compile, TorchScript) cannot be traced call by call — "
+                                "pass the plain eager module, or use backend='func'") from e
             logits = check_logits(out, B)
         classes = _resolve_classes(classes, logits.shape[1])
         uses = rec.uses
         self._aliases = rec.aliases
         outs = [o for u in uses for o in u.outs]
+        if logits.requires_grad:
+            # every use of a parameter the recorder saw went through an alias; a path from the logits to the
+            # parameter itself is a use it could not see (custom autograd.Function, TorchScript, a weight cached
+            # outside the pass) whose gradient would be silently missing
+            params = list(table.params.values())
+            reach = torch.autograd.grad(logits.sum(), params, retain_graph=True, allow_unused=True)
+            hidden = [n for n, g in zip(table.params, reach) if g is not None]
+            if hidden:
+                raise DNTKError(
+                    f"parameters {', '.join(hidden[:5])}{' ...' if len(hidden) > 5 else ''} reach the logits through a "
+                    "call dntk cannot see (a custom autograd.Function, TorchScript/compiled code, or a tensor computed "
+                    "from them before this forward pass and cached); their per-sample gradients would be wrong — "
+                    "write that part in plain torch operations, or use backend='func'")
+        if logits.requires_grad and not getattr(logits, "_dntk_b", False):
+            raise DNTKError("the logits do not depend on the input as far as dntk can trace (the data left torch, e.g. "
+                            "through .item(), .tolist() or int(), before reaching the parameters); per-sample "
+                            "gradients cannot be attributed — keep the computation in torch tensor operations")
         if not logits.requires_grad or not outs:
             return logits.detach()  # no trainable parameter reaches the logits: every gradient is zero
 
@@ -630,17 +730,23 @@ class GradientCapture:
             sig = (B, tuple((u.name, u.roots, tuple(tuple(o.shape) for o in u.outs)) for u in uses))
             layouts = self._layouts.get(sig)
             if layouts is None:
+                probe = outs + ([leaf] if leaf.requires_grad else [])
                 try:
-                    layouts = measure_layouts(logits, outs)
+                    measured, unique = measure_layouts(logits, probe)
+                    if leaf.requires_grad and measured[-1] is not None and measured[-1] != Layout(0, "major"):
+                        raise _LayoutError(len(outs))
                 except _LayoutError as e:
-                    u = _owner(uses, e.args[0])
+                    where = ("the input" if e.args[0] >= len(outs) else
+                             f"the output of {_owner(uses, e.args[0]).name} (parameters {', '.join(_owner(uses, e.args[0]).roots)})")
                     raise DNTKError(
-                        f"the samples of a batch interact in the model: an entry of the output of {u.name} (using "
-                        f"parameters {', '.join(u.roots)}) influences the logits of more than one sample, so per-sample "
-                        "gradients of a batch are not the model's gradients on single inputs; use batch_size=1, or "
-                        "remove the cross-sample operation (e.g. batch statistics)") from None
-                if all(isinstance(lay, Layout) for lay in layouts):
-                    self._layouts[sig] = layouts  # structural: reused for batches with the same call pattern
+                        f"the samples of a batch interact in the model: an entry of {where} influences the logits of "
+                        "more than one sample, so per-sample gradients of a batch are not the model's gradients on "
+                        "single inputs; use batch_size=1, or remove the cross-sample operation (e.g. batch "
+                        "statistics)") from None
+                self._check_alone(x, logits)
+                layouts = measured[: len(outs)]
+                if unique and all(isinstance(lay, Layout) for lay in layouts):
+                    self._layouts[sig] = layouts  # unambiguous and structural: reused for the same call pattern
         per_use, k = [], 0
         for u in uses:
             per_use.append(layouts[k : k + len(u.outs)])
@@ -679,12 +785,34 @@ class GradientCapture:
         self._aliases = {}
         return logits.detach()
 
+    def _check_alone(self, x, logits, n: int = 4):
+        """The logits of a few samples computed alone must equal their logits in the batch (catches
+        models whose outputs mix samples through values the gradient test cannot see)."""
+        with torch.no_grad(), analysis_mode(self.model, self.table, freeze=False):
+            for i in range(min(n, x.shape[0])):
+                alone = self.model(x[i : i + 1].clone())  # clone: a model may modify its input
+                ref = logits[i : i + 1].detach()
+                tol = (1e-9 if ref.dtype == torch.float64 else 1e-4) * (float(ref.abs().max()) + 1.0)
+                if not torch.isfinite(ref).all():
+                    continue
+                if alone.shape != ref.shape or float((alone - ref).abs().max()) > tol:
+                    raise DNTKError(
+                        f"the model's output for sample {i} depends on the rest of its batch (its logits differ when it "
+                        "is run alone), so per-sample gradients of a batch are not defined; use batch_size=1, or remove "
+                        "the cross-sample operation")
+
     def _note(self, names, path):
         for n in names:
             self.paths.setdefault(n, set()).add(path)
 
     def _plan(self, u: _Use, lays: list, B: int) -> dict:
         """Decide, once per batch, how each recorded call is differentiated per sample."""
+        plan = self._plan_closed(u, lays, B)
+        if plan["path"] == "op-vjp" and u.cut is None:
+            u.cut = [_closed_form_call(u)]
+        return plan
+
+    def _plan_closed(self, u: _Use, lays: list, B: int) -> dict:
         lay = lays[0] if lays else None
         if u.kind == "generic" or (B > 1 and not isinstance(lay, Layout) and lay is not None):
             return {"path": "op-vjp", "layouts": lays}
@@ -841,7 +969,8 @@ class GradientCapture:
                     cots.append(torch.zeros(bs.stop - bs.start, *o.shape, dtype=o.dtype, device=o.device))
                 else:
                     cots.append(_masked(g, None, B, lay, bs))
-            res = _batched_vjp(u.outs, aliases, cots)
+            keep = [j for j, c in enumerate(u.cut) if c is not None]
+            res = _batched_vjp([u.cut[j] for j in keep], aliases, [cots[j] for j in keep]) if keep else [None] * len(aliases)
             for n, r in zip(u.roots, res):
                 if r is None:
                     r = torch.zeros(bs.stop - bs.start, *self._aliases[n].shape,
@@ -873,6 +1002,36 @@ class GradientCapture:
                 sink.block(ci, spec.name, jac[spec.name][:, ci].reshape(B, -1))
                 self._note([spec.name], "func")
         return logits.detach()
+
+
+def _closed_form_call(u: _Use) -> torch.Tensor:
+    """A recorded closed-form call recomputed from its stored (detached) data, so that its graph reaches
+    the parameters through this call alone; used when the call's layout needs the op-vjp path."""
+    w = u.weight.tensor if u.weight is not None else None
+    b = u.bias.tensor if u.bias is not None else None
+    o = u.outs[0]
+    if u.kind == "linear":
+        return F.linear(u.data["x"], w, b)
+    if u.kind == "matmul":
+        return torch.matmul(u.data["x"], w)
+    if u.kind == "embedding":
+        return F.embedding(u.data["idx"], w, u.data["padding_idx"])
+    if u.kind == "conv":
+        a, G = u.data["a"], u.data["groups"]                                  # [N, cols, L]
+        N, cols, L = a.shape
+        out = torch.einsum("goi,ngil->ngol", w.reshape(G, w.shape[0] // G, -1), a.view(N, G, cols // G, L))
+        out = out.reshape(N, w.shape[0], *o.shape[2:])
+        return out if b is None else out + b.view(1, -1, *([1] * (o.dim() - 2)))
+    if u.kind in ("batch_norm", "group_norm"):
+        xh = u.data["xhat"]
+        shape = [1, -1] + [1] * (xh.dim() - 2)
+        out = xh if w is None else xh * w.view(shape)
+        return out if b is None else out + b.view(shape)
+    if u.kind == "layer_norm":
+        xh = u.data["xhat"]
+        out = xh if w is None else xh * w
+        return out if b is None else out + b
+    raise AssertionError(u.kind)  # pragma: no cover
 
 
 def _owner(uses, i):

@@ -192,6 +192,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         K = torch.zeros(n1, n2, dtype=torch.float64)
 
     def put(s1, s2, block, mirror):
+        if block is None:  # no parameter's gradient reaches the logits here: the block stays zero
+            return
         if blocks == "per_class":
             _, b1, b2 = block.shape
             K[:, s1 : s1 + b1, s2 : s2 + b2] = block.cpu()
@@ -245,7 +247,14 @@ def _check_spill_space(starts2, n2, batch_size, per_input, budget, spill_dir) ->
 
 
 def _num_outputs(model, x, capture) -> int:
-    from .capture import analysis_mode, check_logits
+    """C from one traced pass (not a bare forward: a model that caches a derived weight on its first
+    call must make that call under the recorder, or the cache would hide the weight's gradient)."""
 
-    with analysis_mode(model, capture.table, freeze=False):
-        return check_logits(model(x), x.shape[0]).shape[1]
+    class _Null:
+        def block(self, *a):
+            pass
+
+        def outer(self, *a, **k):
+            pass
+
+    return capture.run(x, [0], _Null()).shape[1]
