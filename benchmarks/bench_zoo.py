@@ -117,6 +117,7 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--models", default=None, help="comma-separated subset of the model names")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--json", default="zoo.json", help="results file name under benchmarks/results/")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +163,7 @@ def main(argv=None):
             ("ratio", "dntk / bare", "{:.2f}"), ("peak_dntk_mb", "peak MB dntk", "{:.0f}"),
             ("peak_bare_mb", "peak MB bare", "{:.0f}"), ("kernel_err", "kernel rel. error (k=4096)", "{:.4f}")]
     print(table(rows, cols))
-    path = write_json("zoo.json", {"machine": machine(), "args": vars(args), "rows": rows})
+    path = write_json(args.json, {"machine": machine(), "args": vars(args), "rows": rows})
     print(f"wrote {path}")
 
 
