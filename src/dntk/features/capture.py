@@ -103,10 +103,9 @@ def parameter_table(model: nn.Module) -> ParameterTable:
 
 
 @contextmanager
-def analysis_mode(model: nn.Module, table: ParameterTable, freeze: bool):
-    """Eval mode and (optionally) frozen parameters for the duration of a pass; restored after."""
+def analysis_mode(model: nn.Module):
+    """Eval mode for the duration of a pass (BatchNorm on running statistics); restored after."""
     was_training = model.training
-    flags = [(p, p.requires_grad) for p in table.params.values()]
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats:
             raise DNTKError(
@@ -114,13 +113,8 @@ def analysis_mode(model: nn.Module, table: ParameterTable, freeze: bool):
                 "rest of its batch and per-sample gradients are not defined; build it with track_running_stats=True")
     model.eval()
     try:
-        if freeze:
-            for p, _ in flags:
-                p.requires_grad_(False)
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
         model.train(was_training)
 
 
@@ -176,6 +170,7 @@ class _Use:
     weight: _Source | None = None
     bias: _Source | None = None
     data: dict = field(default_factory=dict)
+    out_index: list = field(default_factory=list)  # positions of outs among the call's tensor outputs
     cut: list | None = None                # outputs recomputed on detached data (op-vjp differentiates these)
 
 
@@ -235,12 +230,6 @@ class _Recorder(TorchFunctionMode):
         return out
 
     # -- dispatch ----------------------------------------------------------------------------------
-    def is_data(self, t: torch.Tensor) -> bool:
-        """Batched data: marked by the recorder, or any other tensor that is not parameter-derived but
-        requires grad (the input requires grad, so data that passed through a call the recorder could
-        not see — TorchScript, a custom autograd.Function — is still recognised)."""
-        return getattr(t, "_dntk_b", False) or (t.requires_grad and self.roots_of(t) is None)
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         flat, spec = tree_flatten((args, kwargs))
@@ -252,7 +241,9 @@ class _Recorder(TorchFunctionMode):
                 if r is not None:
                     tracked = True
                     roots.extend(x for x in r if x not in roots)
-                elif self.is_data(t):
+                elif getattr(t, "_dntk_b", False) or t.requires_grad:
+                    # data: marked by the recorder, or any other non-derived tensor that requires grad (the
+                    # input does, so data that passed through a call the recorder could not see still counts)
                     batched = True
         name = _name(func)
         inplace = _is_inplace(func)
@@ -269,7 +260,7 @@ class _Recorder(TorchFunctionMode):
                  for t in flat]
         args2, kwargs2 = tree_unflatten(flat2, spec)
         if not batched:  # a derivation: parameters (and constants) in, a parameter-derived tensor out
-            if inplace and isinstance(args2[0], torch.Tensor) and args2[0] is self.aliases.get(self.table.names.get(id(args[0]), "")):
+            if inplace and isinstance(args[0], torch.Tensor) and id(args[0]) in self.table.names:
                 raise DNTKError(f"the model modifies the trainable parameter {self.table.names[id(args[0])]} in place "
                                 f"({name}) during forward; per-sample gradients of a parameter that changes are not defined")
             out = func(*args2, **kwargs2)  # the ambient grad mode: a model's own no_grad blocks stay gradient-free
@@ -350,8 +341,9 @@ class _Recorder(TorchFunctionMode):
             if self.table.names.get(id(target)) is not None or any(target is a for a in self.aliases.values()):
                 raise DNTKError(f"the model modifies a trainable parameter in place ({_name(func)}) during forward; "
                                 "per-sample gradients of a parameter that changes are not defined")
-            res = base(target.clone(), *args[1:], **kwargs)
-            use = self._record(base, (target.clone(),) + tuple(args[1:]), kwargs, res, roots)
+            tc = target.clone()
+            res = base(tc, *args[1:], **kwargs)
+            use = self._record(base, (tc,) + tuple(args[1:]), kwargs, res, roots)
             if use is not None and use.kind == "generic":
                 tag = getattr(target, "_dntk_roots", None) if self.roots_of(target) is not None else None
                 ct = target.clone() if tag is not None else target.detach().clone()
@@ -377,7 +369,7 @@ class _Recorder(TorchFunctionMode):
     @staticmethod
     def _pair(use, cut_out):
         cuts = [t for t in tree_flatten(cut_out)[0] if isinstance(t, torch.Tensor)]
-        return [c if c.requires_grad else None for c in [cuts[i] for i in use.data.pop("_out_index")]]
+        return [cuts[i] if cuts[i].requires_grad else None for i in use.out_index]
 
     def _record(self, func, args, kwargs, out, roots):
         flat = tree_flatten(out)[0]
@@ -391,7 +383,7 @@ class _Recorder(TorchFunctionMode):
             self._classify(use, func, args, kwargs, out)
         except _Generic:
             use.kind, use.weight, use.bias, use.data = "generic", None, None, {}
-        use.data["_out_index"] = index
+        use.out_index = index
         self.uses.append(use)
         return use
 
@@ -556,6 +548,21 @@ class _LayoutError(Exception):
     pass
 
 
+def _spell_samples(g1, qs, where, tol, B, i) -> torch.Tensor:
+    """Sample index of every entry in ``where``: bit j is 1 where the pass weighted 2^{bit_j(b)} gave
+    2× the plain gradient g1, 0 where it gave 1×. Anything else feeds several samples: _LayoutError(i)."""
+    ids = torch.zeros(g1.shape, dtype=torch.long, device=g1.device)
+    for j, q in enumerate(qs):
+        q = q if q is not None else torch.zeros_like(g1)
+        one, two = (q - g1).abs() <= tol, (q - 2 * g1).abs() <= tol
+        if not bool((one | two)[where].all()):
+            raise _LayoutError(i)
+        ids |= two.long() << j
+    if bool((ids[where] >= B).any()):
+        raise _LayoutError(i)
+    return ids
+
+
 def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> tuple[list, bool]:
     """For each recorded output: a :class:`Layout`, an index tensor (sample of every entry, when no
     layout explains it), or None (no gradient reaches it in this batch); and whether every layout was
@@ -592,16 +599,8 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> tuple[li
         eps = torch.finfo(g1.dtype).eps
         support = mag > top * 1e3 * eps   # non-finite entries are left out; the layout carries them to their samples
         tol = 1e-3 * mag + top * 1e2 * eps
-        ids = torch.zeros(g1.shape, dtype=torch.long, device=g1.device)
-        for j in range(nbits):
-            q = bits[j][i] if bits[j][i] is not None else torch.zeros_like(g1)
-            one = (q - g1).abs() <= tol
-            two = (q - 2 * g1).abs() <= tol
-            if not bool((one | two)[support].all()):
-                raise _LayoutError(i)
-            ids |= two.long() << j
-        if bool((ids[support] >= B).any()):
-            raise _LayoutError(i)
+        qs = [bits[j][i] for j in range(nbits)]
+        ids = _spell_samples(g1, qs, support, tol, B, i)
         found, matches = None, 0
         for d in range(o.dim()):
             if o.shape[d] % B:
@@ -617,17 +616,8 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> tuple[li
             # an index map for this batch: every entry with any gradient must be classified
             full = finite & (g1 != 0)
             if bool((full & ~support).any()):
-                ids = ids.masked_fill(full & ~support, 0)
-                for j in range(nbits):
-                    q = bits[j][i] if bits[j][i] is not None else torch.zeros_like(g1)
-                    rel_tol = 1e-3 * g1.abs()
-                    one, two = (q - g1).abs() <= rel_tol, (q - 2 * g1).abs() <= rel_tol
-                    if not bool((one | two)[full].all()):
-                        raise _LayoutError(i)
-                    ids = torch.where(full & ~support, ids | (two.long() << j), ids)
+                ids = _spell_samples(g1, qs, full, 1e-3 * g1.abs(), B, i)
             ids = ids.masked_fill(~full, 0)
-            if bool((ids >= B).any()):
-                raise _LayoutError(i)
         layouts.append(found if found is not None else ids)
     return layouts, unique
 
@@ -685,7 +675,7 @@ class GradientCapture:
         self._passes += 1
         rec = _Recorder(table, self._passes)
         B = x.shape[0]
-        with analysis_mode(model, table, freeze=False), torch.enable_grad():
+        with analysis_mode(model), torch.enable_grad():
             leaf = x.detach()
             if leaf.is_floating_point():
                 leaf.requires_grad_(True)
@@ -760,7 +750,6 @@ class GradientCapture:
         a_cat = {n: (fs[0] if len(fs) == 1 else torch.cat(fs, -1)) for n, fs in factors.items()}
 
         for ci, c in enumerate(classes):
-            last = ci == len(classes) - 1
             gs = torch.autograd.grad(logits[:, c].sum(), outs, retain_graph=True, allow_unused=True)
             g_fac: dict[str, list] = {}
             blocks: dict[str, torch.Tensor] = {}
@@ -780,15 +769,13 @@ class GradientCapture:
                     sink.outer(ci, name, gl[0] if len(gl) == 1 else torch.cat(gl, -1), a_cat[name])
             for name, blk in blocks.items():
                 sink.block(ci, name, blk)
-            if last:
-                break
         self._aliases = {}
         return logits.detach()
 
     def _check_alone(self, x, logits, n: int = 4):
         """The logits of a few samples computed alone must equal their logits in the batch (catches
         models whose outputs mix samples through values the gradient test cannot see)."""
-        with torch.no_grad(), analysis_mode(self.model, self.table, freeze=False):
+        with torch.no_grad(), analysis_mode(self.model):
             for i in range(min(n, x.shape[0])):
                 alone = self.model(x[i : i + 1].clone())  # clone: a model may modify its input
                 ref = logits[i : i + 1].detach()
@@ -985,7 +972,7 @@ class GradientCapture:
         from torch.func import functional_call, jacrev, vmap
 
         model, table = self.model, self.table
-        with analysis_mode(model, table, freeze=False):
+        with analysis_mode(model):
             with torch.no_grad():
                 logits = check_logits(model(x), x.shape[0])
             classes_r = _resolve_classes(classes, logits.shape[1])
