@@ -103,5 +103,5 @@ def test_unknown_blocks_mode():
 def test_batch_size_zero_is_refused_not_defaulted():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     for bad in (0, -2, 1.5):
-        with pytest.raises(DNTKError, match="batch_size must be positive"):
+        with pytest.raises(DNTKError, match="batch_size must be an integer ≥ 1"):
             dntk.gradient_features(model, torch.randn(4, 12), "sjlt", k=4, batch_size=bad, progress=False)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..errors import DNTKError
+from ..errors import DNTKError, require_int
 from ..projection import DEFAULT, Projector
 from ..projection import make as make_projector
 from .capture import GradientCapture
@@ -109,8 +109,7 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
                         f"use make('identity') for exact features or choose k < {P}")
     n = num_inputs(inputs)
     batch_size = default_batch_size(P, projector) if batch_size is None else batch_size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DNTKError(f"batch_size must be positive, got {batch_size}")
+    require_int(batch_size, "batch_size", 1, "pass a positive number of samples per pass, or None for the default")
 
     feats, logits_all, labels_all = [], [], []
     bar = tqdm(total=n, desc=f"features ({projector.name}, k={projector.dim})", unit="img", disable=not progress)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import DNTKError
+from ..errors import DNTKError, require_int
 from .capture import GradientCapture
 from .engine import model_device
 
@@ -112,11 +112,6 @@ class _BlockStore:
         self.files.clear()
 
 
-def _check_int(value, what: str, minimum: int, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DNTKError(f"{what} must be an integer ≥ {minimum}, got {value!r}; {fix}")
-
-
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *, blocks: str = "per_class",
                   batch_size: int | None = None, classes=None, backend: str = "auto",
                   memory_budget_bytes: int = 2 << 30, spill_dir: str | os.PathLike | None = None) -> torch.Tensor:
@@ -153,10 +148,10 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
     """
     if blocks not in BLOCKS:
         raise DNTKError(f"unknown blocks={blocks!r}; use one of {', '.join(BLOCKS)}")
-    _check_int(memory_budget_bytes, "memory_budget_bytes", 0,
+    require_int(memory_budget_bytes, "memory_budget_bytes", 0,
                "pass the number of bytes of x2's gradients to keep in memory (0 spills them all to disk)")
     if batch_size is not None:
-        _check_int(batch_size, "batch_size", 1, "pass a positive number of inputs per gradient pass, or None for the default")
+        require_int(batch_size, "batch_size", 1, "pass a positive number of inputs per gradient pass, or None for the default")
     if spill_dir is not None and not Path(spill_dir).is_dir():
         raise DNTKError(f"spill_dir {str(spill_dir)!r} is not an existing folder; create it or pass None for the "
                         f"system's temporary directory")

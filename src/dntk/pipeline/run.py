@@ -19,7 +19,7 @@ import torch
 
 from .. import metrics
 from ..data import balanced_indices, load_splits
-from ..errors import DNTKError
+from ..errors import DNTKError, is_int_at_least
 from ..features import empirical_ntk, gradient_features
 from ..kernels import PerClassKRR, one_hot
 from ..models import build_model, load_checkpoint
@@ -130,7 +130,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is None and default is not None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if not is_int_at_least(value, minimum):
                 unset = f", or leave it unset for the default ({default})" if default is not None else ""
                 raise DNTKError(f"--{name.replace('_', '-')} {value!r} is out of range: it must be an integer ≥ "
                                 f"{minimum}{unset}")
@@ -145,7 +145,7 @@ class RunConfig:
                 raise DNTKError(f"--{name.replace('_', '-')} {value!r} is out of range: it must be a number "
                                 f"{'≥' if inclusive else '>'} {low:g}{unset}")
         if self.m_grid is not None:
-            bad = [v for v in self.m_grid if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+            bad = [v for v in self.m_grid if not is_int_at_least(v, 1)]
             if bad or not self.m_grid:
                 raise DNTKError(f"--m-grid {self.m_grid!r} must be a non-empty list of integers ≥ 1 (training-set "
                                 f"sizes), or unset for the default log grid")
