@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DNTKError
+from ..errors import DNTKError, require_int
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,7 @@ class Projector:
             raise DNTKError(f"matrix() would project Σ numel² = {work:,} unit-vector entries (limit {max_unit_entries:,}; "
                             f"largest block {big.name!r} has numel {big.numel:,}); it is meant for small models — use "
                             f"project() on the vectors you need, or pass a larger max_unit_entries")
-        if isinstance(chunk_numbers, bool) or not isinstance(chunk_numbers, int) or chunk_numbers < 1:
-            raise DNTKError(f"chunk_numbers must be a positive integer, got {chunk_numbers!r}")
+        require_int(chunk_numbers, "chunk_numbers", 1, "pass how many unit-vector entries to project at once")
         rows = []
         for spec in self.specs.values():
             step = max(1, chunk_numbers // spec.numel)
