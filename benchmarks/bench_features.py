@@ -8,7 +8,7 @@ error against the exact eNTK (dntk.empirical_ntk) for:
 
 - the common recipe: torch.func vmap(grad) per logit + a dense Gaussian regenerated in chunks of
   100,000 rows for every batch of 32 (timed on a fraction of the chunks and extrapolated);
-- bare per-sample gradients (dntk's hook engine, no projection): the floor for per-logit features;
+- bare per-sample gradients (dntk's per-call engine, no projection): the floor for per-logit features;
 - every dntk projector. The dense ones (gaussian, rademacher) are timed on a fraction of the
   parameter blocks and extrapolated, like the recipe; identity (k = P, a 14 GB output here) is not
   run — its cost is the bare-gradient row.
@@ -17,7 +17,7 @@ Kernel errors. Sparse/structured sketches (sjlt, tensorsketch): measured, mean o
 The dense Gaussian (dntk's ``gaussian`` projector): *measured* on the same points and the same
 seeds (``--dense-seeds``, default 0, 1, 2; the quick run uses seed 0 only), not taken from a formula:
 the exact per-sample gradients are computed blockwise — the parameter blocks are split into groups
-of ≤ 2M parameters, and for each group one pass of the hook engine materialises that group's
+of ≤ 2M parameters, and for each group one pass of the per-call engine materialises that group's
 per-sample, per-logit gradients [C·n, numel] — and dntk's own gaussian map (the very S that
 ``gradient_features(model, x, make("gaussian", k, seed))`` applies, regenerated chunk by chunk from
 the seed) is applied to each block; the features are summed over blocks. A self-check on a small
