@@ -36,14 +36,11 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gradients import ROOT, feature_arrays, teacher_and_data  # noqa: E402
+from bench_gradients import features, teacher_and_data  # noqa: E402
 from common import machine, table, write_json  # noqa: E402
 
-import dntk  # noqa: E402
-from dntk import metrics  # noqa: E402
 from dntk.distill.wmdd import barycenter, class_features  # noqa: E402
-from dntk.kernels import PerClassKRR  # noqa: E402
-from dntk.pipeline.run import _cached, _digest, model_checksum  # noqa: E402
+from dntk.kernels import PerClassKRR, fit_evaluate  # noqa: E402
 
 
 def pooled_activations(model, X, batch=256) -> torch.Tensor:
@@ -96,21 +93,17 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     teacher, tr, te = teacher_and_data()
-    ck = model_checksum(teacher)
-    proj = dntk.projection.make("tensorsketch", k=4096, seed=0)
     X, y = tr.tensors()
-    real = _cached(ROOT / f"bench-distill-feat-real-all-{_digest(ck)}.pt",
-                   lambda: feature_arrays(teacher, X, proj))
-    fte = _cached(ROOT / f"bench-val-{_digest(ck, 4096)}.pt", lambda: feature_arrays(teacher, te.tensors()[0], proj))
-    F, L = real["features"], real["logits"]
+    real = features(teacher, X, "distill-real-all")      # the same store bench_distill.py fills
+    fte = features(teacher, te.tensors()[0], "val")
+    F, L = real.features, real.logits
     C = tr.num_classes
     top2 = L.topk(2, dim=1).values
     margin = top2[:, 0] - top2[:, 1]
     spaces = {"penultimate": class_features(teacher, X), "pooled activations": pooled_activations(teacher, X)}
 
     def score(index):
-        pred = PerClassKRR(ridge=1e-4).fit(F[:, index], L[index]).predict(fte["features"])
-        return metrics.summarize(pred, fte["logits"], te.labels)
+        return fit_evaluate(real.subset(index), L[index], fte, fte.logits, te.labels, ridge=1e-4)
 
     rows = []
     for ipc in args.ipcs:

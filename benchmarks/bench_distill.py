@@ -30,40 +30,32 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gradients import ROOT, feature_arrays, teacher_and_data  # noqa: E402
+from bench_gradients import DATA, ROOT, TEACHER, features, teacher_and_data  # noqa: E402
 from common import RESULTS, machine, table, write_json  # noqa: E402
 
 import dntk  # noqa: E402
-from dntk import metrics  # noqa: E402
-from dntk.distill import distill  # noqa: E402
-from dntk.distill.store import DistilledSet  # noqa: E402
-from dntk.kernels import PerClassKRR  # noqa: E402
-from dntk.models import build_model  # noqa: E402
-from dntk.pipeline.run import _cached, _digest, model_checksum  # noqa: E402
-from dntk.training import TrainConfig, evaluate, train  # noqa: E402
+from dntk.distill import DistilledSet, distill_dataset  # noqa: E402
+from dntk.kernels import fit_evaluate  # noqa: E402
+from dntk.store import cached, digest, model_checksum  # noqa: E402
+from dntk.training import build_network, evaluate, train_student  # noqa: E402
 
 
-def krr(model, X, fte, te, key, ridge=1e-4):
-    proj = dntk.projection.make("tensorsketch", k=4096, seed=0)
-    f = _cached(ROOT / f"bench-distill-feat-{key}.pt", lambda: feature_arrays(model, X, proj, progress=False))
-    pred = PerClassKRR(ridge=ridge).fit(f["features"], f["logits"]).predict(fte["features"])
-    return metrics.summarize(pred, fte["logits"], te.labels)
+def krr(model, X, fte, te, tag, ridge=1e-4):
+    """The library's kernel model (trace-normalised per-class KRR on teacher logits) on the points X."""
+    f = features(model, X, f"distill-{tag}", progress=False)
+    return fit_evaluate(f, f.logits, fte, fte.logits, te.labels, ridge=ridge)
 
 
 def student_accuracy(ds: DistilledSet, teacher, te, epochs, seed, key, relabel=False):
-    """Test accuracy of a student trained on ds with the teacher's soft labels: fixed per image, or
-    (relabel) the teacher's logits on every augmented batch, as WMDD's FKD relabelling does."""
+    """Test accuracy of the library's student (dntk.training.train_student) trained on ds with the
+    teacher's soft labels: fixed per image, or (relabel) the teacher's logits on every augmented batch,
+    as WMDD's FKD relabelling does; evaluated once, after the last epoch."""
     def run():
-        with torch.no_grad():
-            soft = teacher(ds.images)
-        student = build_model("resnet18", 10, 3, 64, stem="imagenet")
-        torch.manual_seed(seed)
-        cfg = TrainConfig(epochs=epochs, optimizer="adamw", batch_size=min(64, len(ds)), weight_decay=0.01, seed=seed,
-                          eval_every=epochs)
-        labels = {"teacher": teacher} if relabel else {"soft_labels": soft}
-        train(student, ds, te, cfg, ROOT / f"bench-student-{key}", progress=False, **labels)
-        return {"accuracy": evaluate(student, te)[0]}
-    return _cached(ROOT / f"bench-student-{key}.result.pt", run)["accuracy"]
+        student = build_network(TEACHER, DATA.dataset, DATA.image_size, te)
+        _, acc = train_student(student, teacher, ds, te, ROOT / f"bench-student-{key}", dataset=DATA.dataset,
+                               epochs=epochs, seed=seed, relabel=relabel, eval_every=epochs, progress=False)
+        return {"accuracy": acc}
+    return cached(ROOT / f"bench-student-{key}.result.pt", run)["accuracy"]
 
 
 def wmdd_image_figure(tr, path, seed=0, ipc=10):
@@ -114,8 +106,7 @@ def main():
     teacher, tr, te = teacher_and_data()
     ck = model_checksum(teacher)
     teacher_acc = evaluate(teacher, te)[0]
-    proj = dntk.projection.make("tensorsketch", k=4096, seed=0)
-    fte = _cached(ROOT / f"bench-val-{_digest(ck, 4096)}.pt", lambda: feature_arrays(teacher, te.tensors()[0], proj))
+    fte = features(teacher, te.tensors()[0], "val")
     results = []
     jobs = [(m, s) for m in args.methods for s in args.seeds]
     jobs += [(m, s) for m in args.extra_methods for s in args.extra_seeds if (m, s) not in jobs]
@@ -133,13 +124,13 @@ def main():
             else:
                 out = ROOT / f"distill-{method}-ipc{ipc}-seed{seed}"
                 opts = {"iterations": args.iterations} if method == "wmdd" else {}
-                cached = (out / "distilled.pt").exists() and json.loads((out / "manifest.json").read_text()).get(
+                done = (out / "distilled.pt").exists() and json.loads((out / "manifest.json").read_text()).get(
                     "settings", {}).get("iterations", args.iterations) == args.iterations
-                ds = (dntk.distill.load_distilled(out) if cached else
-                      distill(method, teacher, tr, ipc, out, seed=seed, teacher_checksum=ck, **opts))
+                ds = (dntk.distill.load_distilled(out) if done else
+                      distill_dataset(method, teacher, tr, ipc, out, seed=seed, teacher_checksum=ck, **opts))
             manifest = json.loads((out / "manifest.json").read_text())
             name = method.replace(":", "-")
-            key = f"{name}-ipc{ipc}-seed{seed}-{_digest(ds.images)}"
+            key = f"{name}-ipc{ipc}-seed{seed}-{digest(ds.images)}"
             k = krr(teacher, ds.images, fte, te, key)
             acc = student_accuracy(ds, teacher, te, args.student_epochs, seed, key + f"-e{args.student_epochs}")
             acc_relabel = student_accuracy(ds, teacher, te, args.student_epochs, seed,
@@ -164,17 +155,16 @@ def main():
     real = paired = None
     if not args.skip_real:
         X, _ = tr.tensors()
-        real = krr(teacher, X, fte, te, f"real-all-{_digest(ck)}")
+        real = krr(teacher, X, fte, te, "real-all")
         real.update({"ipc": None, "m": len(tr), "method": "all real images", "student_accuracy": teacher_acc})
         # paired comparison: each WMDD set against the random real subset it was initialised from
         # (rows of the all-real features: no new Jacobians), which cancels the luck of the draw
-        fr = torch.load(ROOT / f"bench-distill-feat-real-all-{_digest(ck)}.pt")   # written by krr() above
+        fr = features(teacher, X, "distill-real-all", progress=False)   # stored by krr() above
         paired = []
         for r in results:
             if "init_index" in r:
                 idx = torch.tensor(r.pop("init_index"))
-                init = metrics.summarize(PerClassKRR(ridge=1e-4).fit(fr["features"][:, idx], fr["logits"][idx])
-                                         .predict(fte["features"]), fte["logits"], te.labels)
+                init = fit_evaluate(fr.subset(idx), fr.logits[idx], fte, fte.logits, te.labels, ridge=1e-4)
                 paired.append({"ipc": r["ipc"], "method": r["method"], "seed": r["seed"],
                                "init_fidelity": init["fidelity"], "fidelity": r["fidelity"],
                                "fidelity_gain": r["fidelity"] - init["fidelity"], "init_accuracy": init["accuracy"],

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dntk  # noqa: E402
 from common import machine, peak_memory, real_images, table, write_json  # noqa: E402
 from dntk.features import GradientCapture  # noqa: E402
+from dntk.metrics import kernel_relative_error  # noqa: E402
 from dntk.projection import make  # noqa: E402
 
 
@@ -176,13 +177,9 @@ def check_dense_path():
     x = torch.randn(6, 3, 8, 8)
     got = dense_gaussian_kernels(model, x, [64], [1], group_numel=700)  # several groups
     ref = dntk.gradient_features(model, x, make("gaussian", k=64, seed=1), progress=False).kernel()
-    err = rel_err(got[(64, 1)], ref)
+    err = kernel_relative_error(got[(64, 1)], ref)
     if err > 1e-5:
         raise SystemExit(f"self-check failed: blockwise dense Gaussian differs from gradient_features by {err:.2e}")
-
-
-def rel_err(Kp, K):
-    return float(((Kp - K).flatten(1).norm(dim=1) / K.flatten(1).norm(dim=1)).mean())
 
 
 def gaussian_expected(K, k):
@@ -252,7 +249,7 @@ def run(quick: bool, dense_seeds: list[int]):
                            error_closed_form=closed, error_source="closed form",
                            timing="bare gradients + projection extrapolated from 400k of P rows; error: closed form")
                 if name == "gaussian":
-                    errs = [rel_err(dense[(k, s)], K) for s in dense_seeds]
+                    errs = [kernel_relative_error(dense[(k, s)], K) for s in dense_seeds]
                     row.update(error=sum(errs) / len(errs), error_seeds=errs,
                                error_source=f"measured, seeds {','.join(map(str, dense_seeds))}",
                                timing="bare gradients + projection extrapolated from 400k of P rows; error: measured "
@@ -265,9 +262,9 @@ def run(quick: bool, dense_seeds: list[int]):
                     t = time.perf_counter()
                     r = dntk.gradient_features(model, x, p, progress=False)
                     ms = (time.perf_counter() - t) * 1000 / (n * C)
-                errs = [rel_err(r.kernel(), K)]
+                errs = [kernel_relative_error(r.kernel(), K)]
                 for seed in (1, 2):
-                    errs.append(rel_err(dntk.gradient_features(model, x, make(name, k=k, seed=seed), progress=False).kernel(), K))
+                    errs.append(kernel_relative_error(dntk.gradient_features(model, x, make(name, k=k, seed=seed), progress=False).kernel(), K))
                 rows.append(dict(size=size, k=k, method=f"dntk {name}" + (" (default)" if name == dntk.projection.DEFAULT else ""),
                                  ms=ms, peak_mb=mem["peak_mb"], error=sum(errs) / len(errs), error_seeds=errs,
                                  error_source="measured, seeds 0,1,2", timing="measured"))

@@ -17,7 +17,6 @@ grid with its Pareto frontier, and the paper's numbers beside ours.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,42 +27,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, SHARED, machine, table, write_json  # noqa: E402
 
 import dntk  # noqa: E402
-from dntk.data import balanced_indices, image_folder  # noqa: E402
-from dntk.models import build_model  # noqa: E402
-from dntk.pipeline import gradient_stage as gs  # noqa: E402
-from dntk.report.spectral_figures import figure2, figure3, figure5, pareto_figure  # noqa: E402
-from dntk.training import TrainConfig, evaluate, train  # noqa: E402
+from dntk.config import DataConfig, TeacherConfig  # noqa: E402
+from dntk.data import balanced_indices, load_configured  # noqa: E402
+from dntk.gradients import GRADIENT_METHODS, budget_curves, grid_search  # noqa: E402
+from dntk.kernels import fit_evaluate, rank_curve, shared_normalisation  # noqa: E402
+from dntk.report import class_figure4, figure2, figure3, figure5, pareto_figure  # noqa: E402
+from dntk.spectral import ALL_POINTS, OWN_CLASS, local_global_summary, spectral_summary  # noqa: E402
+from dntk.store import FeatureStore, digest, model_checksum  # noqa: E402
+from dntk.training import evaluate, load_or_train_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1] / "runs" / "imagenette64"
 PAPER = {"truncation_ranks": "31–41", "coverage_gap": "12–15%", "accuracy_at_100x": 0.76, "fidelity_at_100x": 0.78}
 
 
+# the teacher every ImageNette benchmark uses: the library's teacher recipe at 64 px, ImageNet stem, 14 epochs
+TEACHER = TeacherConfig(model="resnet18", stem="imagenet", epochs=14)
+DATA = DataConfig(dataset="folder", data_root=str(SHARED / "imagenette2-224"), image_size=64)
+
+
 def teacher_and_data(root=ROOT):
-    data = SHARED / "imagenette2-224"
-    tr = image_folder(data, "train", 64, cache_dir=root / "cache", progress=True)
-    te = image_folder(data, "val", 64, cache_dir=root / "cache", progress=True)
-    model = build_model("resnet18", 10, 3, 64, stem="imagenet")
-    cfg = TrainConfig(epochs=14, batch_size=128)
-    train(model, tr, te, cfg, root / "teacher", progress=True)  # returns at once when cached
-    model.eval()
-    return model, tr, te
+    """(teacher in eval mode, train split, val split); the teacher is trained once into root/teacher
+    (`dntk train` with the same settings writes the same checkpoint) and reused after."""
+    tr, te = load_configured(DATA, cache_dir=root / "cache", progress=True)
+    teacher = load_or_train_teacher(TEACHER, DATA.dataset, DATA.image_size, tr, te, root, progress=True)
+    return teacher.model, tr, te
 
 
-def features(model, tr, te, X_train, tag, k=4096, root=ROOT):
-    from dntk.pipeline.run import _cached, _digest, model_checksum
-
-    key = _digest(model_checksum(model), k, _digest(X_train))
+def features(model, X, tag, k=4096, root=ROOT, progress=True):
+    """The library's feature store (tensorsketch, k, seed 0) for inputs X, keyed by the model, k and X."""
     proj = dntk.projection.make("tensorsketch", k=k, seed=0)
-    ftr = _cached(root / f"bench-train-{tag}-{key}.pt", lambda: feature_arrays(model, X_train, proj))
-    fte = _cached(root / f"bench-val-{_digest(model_checksum(model), k)}.pt",
-                  lambda: feature_arrays(model, te.tensors()[0], proj))
-    return ftr, fte
-
-
-def feature_arrays(model, X, projector, progress=True) -> dict:
-    """{"features": [C, n, k], "logits": [n, C]} — only the arrays are cached, not the projector."""
-    r = dntk.gradient_features(model, X, projector, progress=progress)
-    return {"features": r.features, "logits": r.logits}
+    key = digest(model_checksum(model), k, digest(X))
+    return FeatureStore(root / f"bench-features-{tag}-{key}").extract(model, X, proj, progress=progress)
 
 
 def main():
@@ -87,32 +81,32 @@ def main():
         X_train, labels_train = tr.tensors(idx)
         source = "random real subset, 50 per class"
     t = time.perf_counter()
-    ftr, fte = features(model, tr, te, X_train, "distilled" if args.distilled else "random500")
+    ftr = features(model, X_train, "distilled" if args.distilled else "random500")
+    fte = features(model, te.tensors()[0], "val")
     t_features = time.perf_counter() - t
     t_stage = time.perf_counter()
-    F, Ft, _ = gs.normalise(ftr["features"], fte["features"])
-    Y = ftr["logits"].double()
-    logits_test, labels_test = fte["logits"], te.labels
-    m = F.shape[1]
-    full = gs.fit_evaluate(F, Y, Ft, logits_test, labels_test, args.ridge)
+    F, Ft, _ = shared_normalisation(ftr, fte)
+    Y = ftr.logits.double()
+    evaluation = dict(logits_test=fte.logits, labels_test=te.labels, ridge=args.ridge)
+    m = len(F)
+    full = fit_evaluate(F, Y, Ft, normalize=None, **evaluation)
 
-    spec = gs.spectral_summary(F, labels_train, tau_v=0.95)
-    names = [n for n in tr.classes]
+    spec = spectral_summary(F, labels_train, tau_v=0.95)
+    names = list(tr.classes)
     figure2(spec["spectra"], spec["ranks"], RESULTS / "gradients_figure2.png", class_names=names)
-    fig_dir = ROOT / "bench-figures"
-    fig_dir.mkdir(exist_ok=True)
-    lg = gs.local_global_figures(spec["kernels"], names, fig_dir, n_clusters=10, tau_v=0.95, tau_g=0.9)
-    shutil.copy(fig_dir / "figure4-class0.png", RESULTS / "gradients_figure4_class0.png")
+    lg = local_global_summary(spec["kernels"], names, n_clusters=10, tau_v=0.95, tau_g=0.9)
+    class_figure4(lg[0], lg[0]["figure"], 0.9, RESULTS / "gradients_figure4_class0.png")
+    lg = [{k: v for k, v in row.items() if k != "figure"} for row in lg]
 
     budgets = sorted({max(1, round(m / r)) for r in (20, 50, 100)})
-    rows = gs.budget_curves(F, Y, Ft, logits_test, labels_test, ridge=args.ridge, budgets=budgets,
-                            methods=gs.GRADIENT_METHODS, seeds=(0, 1, 2))
+    rows = budget_curves(F.features, Y, Ft.features, budgets=budgets, methods=GRADIENT_METHODS, seeds=(0, 1, 2),
+                         **evaluation)
     figure3(rows, m, RESULTS / "gradients_figure3.png")
-    rc = gs.rank_curve(F, Y, Ft, logits_test, labels_test, args.ridge)
+    rc = rank_curve(F, Y, Ft, **evaluation)
     figure5(rc, RESULTS / "gradients_figure5.png")
     grid_kw = {} if args.full_grid else {"tau_vs": (0.45, 0.65, 0.85, 0.95), "tau_gs": (0.7, 0.9, 0.99), "clusters": (5, 10, 20)}
-    grid = gs.grid_search(F, Y, Ft, logits_test, labels_test, ridge=args.ridge, **grid_kw)
-    pareto_figure(grid["rows"], RESULTS / "gradients_pareto.png")
+    grid = grid_search(F.features, Y, Ft.features, **evaluation, **grid_kw)
+    pareto_figure(grid["rows"], grid["pareto"], RESULTS / "gradients_pareto.png")
     t_stage = time.perf_counter() - t_stage
 
     print(f"\nteacher val accuracy {teacher_acc:.4f}; training gradients: {source}; m={m}, k=4096; "
@@ -121,8 +115,8 @@ def main():
             ("fidelity", "fidelity", "{:.4f}"), ("fidelity_std", "±", "{:.4f}"), ("accuracy", "accuracy", "{:.4f}"),
             ("accuracy_std", "±", "{:.4f}"), ("mse", "MSE", "{:.4g}"), ("mse_std", "±", "{:.3g}")]
     print(table(sorted(rows, key=lambda r: (-r["compression"], r["method"] != "local-global", r["method"])), cols))
-    ranks_all = spec["ranks"]["per-logit kernel, all m points"]
-    ranks_own = spec["ranks"]["own-class blocks"]
+    ranks_all = spec["ranks"][ALL_POINTS]
+    ranks_own = spec["ranks"][OWN_CLASS]
     gaps = [r["uncovered_variance_fraction"] for r in lg]
     gap_sets = [r["gap_variance_fraction"] for r in lg]
     print(f"\ntruncation ranks at ε=0.05 — per-logit kernel over all {m} points: {ranks_all}; own-class blocks: {ranks_own} "

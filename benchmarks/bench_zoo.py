@@ -33,6 +33,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dntk  # noqa: E402
 from common import machine, peak_memory, real_images, table, write_json  # noqa: E402
+from dntk.metrics import kernel_relative_error  # noqa: E402
 from dntk.projection import make  # noqa: E402
 
 
@@ -106,7 +107,7 @@ def kernel_error(model, x, k, seed=0):
     exact = dntk.empirical_ntk(model, x, classes=classes, batch_size=1)
     feats = dntk.gradient_features(model, x, make("tensorsketch", k=k, seed=seed), classes=classes,
                                    progress=False).kernel()
-    return float((feats - exact).norm() / exact.norm())
+    return kernel_relative_error(feats, exact)
 
 
 def main(argv=None):

@@ -47,7 +47,7 @@ def pack(args):
     from bench_gradients import teacher_and_data
     from torchvision.io import encode_png
 
-    from dntk.pipeline.run import model_checksum
+    from dntk.store import model_checksum
 
     teacher, tr, _ = teacher_and_data()
     C = tr.num_classes
@@ -138,7 +138,7 @@ def unpack(args):
     from bench_gradients import ROOT, teacher_and_data
 
     from dntk.distill import wmdd
-    from dntk.pipeline.run import model_checksum
+    from dntk.store import model_checksum
 
     teacher, tr, _ = teacher_and_data()
     ck = model_checksum(teacher)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import dntk
 from dntk.cli import main
 
 TINY = ["--m", "30", "--n-test", "40", "--epochs", "3", "--k", "256", "--quiet"]
@@ -42,6 +43,12 @@ def test_results_json_is_complete_and_consistent(tiny_run):
     assert 0 < ex["kernel_relative_error"] < 0.5 and 0.8 < ex["kernel_alignment"] <= 1
     assert set(ex["kernel_model"]) == set(km)
     assert (tiny_run / "figure1.png").stat().st_size > 10_000
+    # the file is RunResult, key for key, and reads back as one
+    from dataclasses import fields
+
+    assert set(res) == {f.name for f in fields(dntk.RunResult)}
+    assert dntk.RunResult.load(tiny_run / "results.json").to_dict() == res
+    assert res["config"]["kernel"]["m"] == 30 and res["config"]["features"]["k"] == 256
 
 
 def test_rerun_resumes_from_cached_stages(tiny_run):
@@ -60,12 +67,15 @@ def test_rerun_resumes_from_cached_stages(tiny_run):
 def test_errors_are_named(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path), "--m", "5000", "--epochs", "1", "--quiet"]) == 1
     assert "--m 5000 is larger than the training set (1347 images)" in capsys.readouterr().err
-    assert main(["run", "--out", str(tmp_path), "--projector", "fjlt", "--quiet"]) == 1
-    assert "valid names: identity, gaussian, rademacher, sjlt, tensorsketch" in capsys.readouterr().err
     assert main(["run", "--dataset", "folder", "--data-root", str(tmp_path / "none"), "--quiet"]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert main(["run", "--model", "vgg", "--out", str(tmp_path), "--quiet"]) == 1
-    assert "valid names: resnet18, small_cnn" in capsys.readouterr().err
+    # names outside the generated choices are refused by argparse, listing the valid ones
+    for flag, value, valid in (("--projector", "fjlt", "'identity', 'gaussian', 'rademacher', 'sjlt', 'tensorsketch'"),
+                               ("--model", "vgg", "'resnet18', 'small_cnn'")):
+        with pytest.raises(SystemExit) as e:
+            main(["run", "--out", str(tmp_path), "--quiet", flag, value])
+        assert e.value.code == 2
+        assert f"argument {flag}: invalid choice: '{value}' (choose from {valid})" in capsys.readouterr().err
 
 
 def test_console_script_help():
@@ -99,7 +109,7 @@ def test_run_with_distillation_student_and_gradient_distillation(tmp_path):
 
 
 def test_distill_verb_and_reuse_in_run(tmp_path):
-    assert main(["distill", "--method", "kcenter", "--ipc", "4", "--epochs", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["distill", "--distill", "kcenter", "--ipc", "4", "--epochs", "2", "--out", str(tmp_path), "--quiet"]) == 0
     folder = tmp_path / "distill-kcenter-ipc4-seed0"
     assert (folder / "manifest.json").exists()
     assert main(["run", "--out", str(tmp_path), "--epochs", "2", "--k", "128", "--n-test", "30", "--quiet",
@@ -118,14 +128,21 @@ def test_distill_verb_wmdd_grouped(tmp_path):
 
 
 def test_stage_errors(tmp_path, capsys):
-    assert main(["run", "--out", str(tmp_path), "--gradient-distill", "pca", "--quiet"]) == 1
-    assert "valid names: none, local-global, random, fps, kmeans, leverage" in capsys.readouterr().err
-    assert main(["run", "--out", str(tmp_path), "--tau-v", "1.5", "--quiet"]) == 1
-    assert "--tau-v 1.5 must lie in (0, 1]" in capsys.readouterr().err
     assert main(["run", "--out", str(tmp_path), "--budget", "600", "--quiet"]) == 1
     assert "--budget 600 is larger than --m 500" in capsys.readouterr().err
-    assert main(["run", "--out", str(tmp_path), "--distill", "dc", "--quiet"]) == 1
-    assert "valid names: none, random, kcenter, wmdd" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path), "--gradient-distill", "fps", "--quiet"]) == 1
+    assert "--gradient-distill fps needs --budget s" in capsys.readouterr().err
+    assert main(["distill", "--out", str(tmp_path), "--quiet"]) == 1
+    assert "dntk distill needs a method: --distill wmdd, random or kcenter" in capsys.readouterr().err
+    for flag, value, message in (("--gradient-distill", "pca", "invalid choice: 'pca' (choose from 'none', 'local-global',"
+                                                              " 'random', 'fps', 'kmeans', 'leverage')"),
+                                 ("--tau-v", "1.5", "must be a finite number > 0 and ≤ 1, got 1.5"),
+                                 ("--distill", "dc", "invalid choice: 'dc' (choose from 'none', 'random', 'kcenter', "
+                                                     "'wmdd')")):
+        with pytest.raises(SystemExit):
+            main(["run", "--out", str(tmp_path), "--quiet", flag, value])
+        assert f"argument {flag}" in (err := capsys.readouterr().err) and message in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_train_and_ntk_verbs(tmp_path, capsys):
@@ -143,9 +160,9 @@ def test_train_and_ntk_verbs(tmp_path, capsys):
 def test_interrupted_feature_extraction_resumes_at_the_missing_chunk(tmp_path):
     """Features are saved in atomic chunks: losing one (as an interruption would) recomputes only
     that chunk, and the results are unchanged."""
-    from dntk.pipeline import RunConfig, run
+    from dntk import RunConfig, run
 
-    cfg = RunConfig(out=str(tmp_path), m=30, n_test=50, epochs=2, k=128, progress=False, feature_chunk=16)
+    cfg = RunConfig.from_options(out=str(tmp_path), m=30, n_test=50, epochs=2, k=128, progress=False, feature_chunk=16)
     first = run(cfg)
     chunks = sorted(tmp_path.glob("features-test-*/chunk-*.pt"))
     assert len(chunks) == 4  # 50 test images in chunks of 16
@@ -154,7 +171,7 @@ def test_interrupted_feature_extraction_resumes_at_the_missing_chunk(tmp_path):
     second = run(cfg)
     assert chunks[2].exists()
     assert all(c.stat().st_mtime_ns == stamps[c] for c in chunks if c != chunks[2])
-    assert second["kernel_model"] == first["kernel_model"]
+    assert second.kernel_model == first.kernel_model
 
 
 @pytest.mark.parametrize("verb,flag,value,rule", [
@@ -165,7 +182,9 @@ def test_interrupted_feature_extraction_resumes_at_the_missing_chunk(tmp_path):
     ("run", "--batch-size", "0", "an integer ≥ 1"), ("run", "--train-batch-size", "0", "an integer ≥ 1"),
     ("run", "--clusters", "0", "an integer ≥ 1"), ("run", "--student-epochs", "0", "an integer ≥ 1"),
     ("run", "--image-size", "0", "an integer ≥ 1"), ("run", "--wmdd-classes-per-step", "0", "an integer ≥ 1"),
-    ("run", "--wmdd-iterations", "-1", "an integer ≥ 0"), ("run", "--lr", "0", "a finite number > 0"),
+    ("run", "--wmdd-iterations", "-1", "an integer ≥ 0"), ("run", "--lr", "0", "a finite number > 0"), ("run", "--tau-g", "0", "a finite number > 0 and ≤ 1"),
+    ("run", "--m-grid", "10,x", "comma-separated integers ≥ 1"), ("run", "--m-grid", "10,0", "comma-separated integers ≥ 1"),
+    ("run", "--wmdd-bn-weight", "-1", "a finite number ≥ 0"), ("distill", "--bn-weight", "inf", "a finite number ≥ 0"),
     ("run", "--ridge", "-0.5", "a finite number ≥ 0"), ("run", "--k", "4k", "an integer ≥ 1"),
     ("distill", "--ipc", "0", "an integer ≥ 1"), ("distill", "--iterations", "-5", "an integer ≥ 0"),
     ("distill", "--classes-per-step", "0", "an integer ≥ 1"), ("distill", "--wmdd-lr", "0", "a finite number > 0"),
@@ -178,7 +197,9 @@ def test_nonsense_numbers_are_refused_not_defaulted(tmp_path, capsys, verb, flag
     with pytest.raises(SystemExit) as e:
         main([verb, "--out", str(tmp_path), "--quiet", *extra, flag, value])
     assert e.value.code == 2
-    assert f"argument {flag}: must be {rule}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err or f"/{flag}: " in err  # an older spelling is named beside the flag
+    assert f": must be {rule}" in err
     assert list(tmp_path.iterdir()) == []  # nothing trained or written
 
 
@@ -190,28 +211,42 @@ def test_nonsense_numbers_are_refused_not_defaulted(tmp_path, capsys, verb, flag
     ("batch_size", 0, "--batch-size 0 is out of range"), ("ipc", 0, "--ipc 0 is out of range"),
     ("clusters", 0, "--clusters 0 is out of range"), ("feature_chunk", 0, "--feature-chunk 0 is out of range"),
     ("batch_size", None, "--batch-size None is out of range: it must be an integer ≥ 1"),
-    ("k", 2.5, "--k 2.5 is out of range"), ("lr", 0.0, "--lr 0.0 is out of range: it must be a number > 0"),
-    ("ridge", float("nan"), "--ridge nan is out of range: it must be a number ≥ 0"),
-    ("m_grid", [10, 0], "--m-grid [10, 0] must be a non-empty list of integers ≥ 1"),
+    ("k", 2.5, "--k 2.5 is out of range"), ("lr", 0.0, "--lr 0.0 is out of range: it must be a finite number > 0"),
+    ("ridge", float("nan"), "--ridge nan is out of range: it must be a finite number ≥ 0"),
+    ("m_grid", [10, 0], "--m-grid [10, 0] is out of range: it must be comma-separated integers ≥ 1"),
+    ("m_grid", [], "--m-grid [] is out of range"), ("tau_v", 0.0, "--tau-v 0.0 is out of range"),
+    ("wmdd_iterations", -1, "--wmdd-iterations -1 is out of range: it must be an integer ≥ 0"),
+    ("projector", "fjlt", "--projector 'fjlt' is not a valid choice: it must be one of identity, gaussian, rademacher, "
+                          "sjlt, tensorsketch"),
+    ("gradient_distill", "pca", "--gradient-distill 'pca' is not a valid choice"),
+    ("exact", "yes", "--exact 'yes' is out of range"),
 ])
 def test_run_config_refuses_nonsense_numbers(tmp_path, field, value, message):
-    from dntk.errors import DNTKError
-    from dntk.pipeline import RunConfig, run
+    """Python callers bypass argparse: RunConfig.resolved() applies the same field rules."""
+    from dntk import DNTKError, RunConfig, run
 
     with pytest.raises(DNTKError) as e:
-        run(RunConfig(out=str(tmp_path / "out"), progress=False, **{field: value}))
+        run(RunConfig.from_options(out=str(tmp_path / "out"), progress=False, **{field: value}))
     assert message in str(e.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_run_config_none_means_default():
-    from dntk.pipeline import RunConfig
-    from dntk.pipeline.run import teacher_train_config
+    from dntk.config import TeacherConfig
+    from dntk.training import teacher_train_config
 
-    c = RunConfig().resolved()
-    assert (c.m, c.epochs, c.image_size, c.k, c.budget, c.n_test) == (500, 30, 8, None, None, None)
-    assert teacher_train_config("digits").epochs == 30 and teacher_train_config("folder", epochs=2).epochs == 2
-    assert teacher_train_config("digits", epochs=0).epochs == 0  # passed through, refused by train(), not defaulted
+    c = dntk.RunConfig().resolved()
+    assert (c.kernel.m, c.teacher.epochs, c.data.image_size, c.features.k, c.gradients.budget, c.data.n_test) == \
+        (500, 30, 8, None, None, None)
+    assert c.teacher.model == "small_cnn" and dntk.RunConfig.from_options(dataset="folder").resolved().teacher.model \
+        == "resnet18"
+    assert teacher_train_config("digits", TeacherConfig()).epochs == 30
+    assert teacher_train_config("folder", TeacherConfig()).epochs == 15
+    assert teacher_train_config("folder", TeacherConfig(epochs=2)).epochs == 2
+    # passed through, refused by train(), not defaulted
+    assert teacher_train_config("digits", TeacherConfig(epochs=0)).epochs == 0
+    with pytest.raises(dntk.DNTKError, match="unknown setting 'epoch'; valid names: .*epochs"):
+        dntk.RunConfig.from_options(epoch=3)
 
 
 def test_onehot_targets_mse_is_against_the_onehot_targets(tiny_run, tmp_path):
@@ -230,7 +265,7 @@ def test_onehot_targets_mse_is_against_the_onehot_targets(tiny_run, tmp_path):
     assert res["targets"] == "onehot"
 
     def load(tag):
-        chunks = [torch.load(p) for p in sorted(out.glob(f"features-{tag}-*/chunk-*.pt"))]
+        chunks = [torch.load(p, weights_only=False) for p in sorted(out.glob(f"features-{tag}-*/chunk-*.pt"))]
         return (np.concatenate([c["features"].double().numpy() for c in chunks], 1),
                 np.concatenate([c["logits"].double().numpy() for c in chunks]))
 

@@ -1,21 +1,52 @@
 """dntk — the distilled neural tangent kernel of trained PyTorch classifiers.
 
-The public surface::
+The public surface, in pipeline order (each a subpackage, loaded on first use)::
 
-    dntk.empirical_ntk(model, x1, x2=None, blocks="per_class")   # exact eNTK, float64
-    dntk.gradient_features(model, inputs, projector)              # projected per-logit features [C, n, k]
-    dntk.projection.make(name, k=..., seed=...)                   # identity / gaussian / rademacher / sjlt / tensorsketch
-    dntk.kernels.PerClassKRR(ridge=1e-4, normalize="trace")       # per-class kernel model
-    dntk.metrics                                                  # fidelity, accuracy, MSE, conditioning, kernel errors
+    dntk.data          ImageSet, load_splits / load_configured, digits, image_folder
+    dntk.models        build_model, load_checkpoint, SmallCNN, resnet18
+    dntk.training      train, evaluate, load_or_train_teacher, train_student
+    dntk.distill       stage 1: distill_dataset (wmdd / random / kcenter), training_points, DistilledSet
+    dntk.features      gradient_features → FeatureResult [C, n, k]; empirical_ntk (exact, float64)
+    dntk.projection    make(name, k, seed): identity / gaussian / rademacher / sjlt / tensorsketch
+    dntk.kernels       PerClassKRR, class_scale (ν_c), krr_curve, rank_curve, fit_evaluate
+    dntk.spectral      spectra, truncation ranks, local–global structure, coverage gap
+    dntk.gradients     stage 3: distill_gradients (Algorithm 1 and baselines), budget_curves, grid_search
+    dntk.metrics       fidelity, accuracy, MSE, conditioning, kernel errors
+    dntk.store         digests, atomic writes, cached results, FeatureStore
+    dntk.config        RunConfig and the per-stage settings the CLI flags come from
+    dntk.pipeline      run(RunConfig) → RunResult (results.json)
+    dntk.report        figures and the console table
+
+Shortcuts: ``dntk.train``, ``dntk.gradient_features``, ``dntk.empirical_ntk``, ``dntk.FeatureResult``,
+``dntk.run``, ``dntk.RunConfig``, ``dntk.RunResult``, ``dntk.DNTKError``.
 
 Shape conventions: features are [C, n, k] (logit, sample, feature); kernels are [C, n1, n2];
 targets and logits are [n, C].
 """
 
-from . import projection
+from __future__ import annotations
+
+import importlib
+
 from .errors import DNTKError
-from .features import FeatureResult, empirical_ntk, gradient_features
 
 __version__ = "0.1.0"
 
-__all__ = ["empirical_ntk", "gradient_features", "FeatureResult", "projection", "DNTKError", "__version__"]
+SUBPACKAGES = ("data", "models", "training", "distill", "features", "projection", "kernels", "spectral", "gradients",
+               "metrics", "store", "config", "pipeline", "report", "resources", "errors")
+_SHORTCUTS = {"train": "training", "gradient_features": "features", "empirical_ntk": "features", "FeatureResult": "features",
+              "run": "pipeline", "RunResult": "pipeline", "RunConfig": "config"}
+
+__all__ = list(SUBPACKAGES) + list(_SHORTCUTS) + ["DNTKError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _SHORTCUTS:
+        return getattr(importlib.import_module(f"{__name__}.{_SHORTCUTS[name]}"), name)
+    raise AttributeError(f"module 'dntk' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

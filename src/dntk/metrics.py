@@ -46,12 +46,14 @@ def kernel_conditioning(K: torch.Tensor, normalize: str | None = "trace", floor:
     so a singular kernel gives a large, finite condition number.
 
     Returns {"condition_number", "min_eigenvalue", "per_class": [{...}, ...]}."""
+    from .kernels.normalisation import class_scale
+
     K = _classes(K).double()
     rows = []
     for c in range(K.shape[0]):
         Kc = (K[c] + K[c].T) / 2
         if normalize == "trace":
-            nu = float(torch.diagonal(Kc).mean())
+            nu = float(class_scale(kernels=Kc, check=False)[0])
             if nu > 0:
                 Kc = Kc / nu
         lam = torch.linalg.eigvalsh(Kc)

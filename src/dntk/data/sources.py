@@ -3,8 +3,6 @@ Imagenette. Each loader returns :class:`~dntk.data.images.ImageSet` splits."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -12,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DNTKError
-from .images import IMAGENET_MEAN, IMAGENET_STD, ImageSet
+from ..store import atomic_save, digest, load
+from .images import IMAGENET_MEAN, IMAGENET_STD, ImageSet, balanced_indices
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DATASETS = ("digits", "folder", "imagenette")
@@ -116,11 +115,10 @@ def image_folder(root, split: str = "train", image_size: int = 64, *, resize: in
     classes, samples = scan_folder(root, split)
     key = None
     if cache_dir is not None:
-        h = hashlib.sha1(json.dumps([image_size, resize, [(p, os.path.getsize(p), int(os.path.getmtime(p)))
-                                                           for p, _ in samples]]).encode()).hexdigest()[:16]
+        h = digest([image_size, resize, [(p, os.path.getsize(p), int(os.path.getmtime(p))) for p, _ in samples]])
         key = Path(cache_dir) / f"{Path(root).name}-{split}-{image_size}px-{h}.pt"
         if key.exists():
-            blob = torch.load(key)
+            blob = load(key)
             return ImageSet(blob["images"], blob["labels"], blob["classes"], tuple(mean), tuple(std),
                             name=Path(root).name, files=[p for p, _ in samples])
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
@@ -132,10 +130,7 @@ def image_folder(root, split: str = "train", image_size: int = 64, *, resize: in
     images = torch.cat(chunks)
     labels = torch.tensor([y for _, y in samples], dtype=torch.long)
     if key is not None:
-        key.parent.mkdir(parents=True, exist_ok=True)
-        tmp = key.with_suffix(".tmp")
-        torch.save({"images": images, "labels": labels, "classes": classes}, tmp)
-        tmp.replace(key)
+        atomic_save({"images": images, "labels": labels, "classes": classes}, key)
     return ImageSet(images, labels, classes, tuple(mean), tuple(std), name=Path(root).name, files=[p for p, _ in samples])
 
 
@@ -186,3 +181,20 @@ def load_splits(name: str, *, root=None, image_size: int | None = None, **kw) ->
         raise DNTKError(f"train and val class folders differ (only in train: {only_train or '-'}; only in val: "
                         f"{only_val or '-'}); both splits need the same class sub-folders")
     return train, val
+
+
+def load_configured(cfg, *, cache_dir=None, progress: bool = True, split: str | None = None):
+    """The data of a :class:`dntk.config.DataConfig`: (train, test) — the test split cut to
+    ``cfg.n_test`` images even across classes — or one ``split``. ``cache_dir`` keeps decoded images
+    (ImageFolder data only; ignored when ``cfg.cache_data`` is False)."""
+    kw = {}
+    if cfg.dataset != "digits":
+        kw = {"download": cfg.download, "progress": progress}
+        if cfg.cache_data and cache_dir is not None:
+            kw["cache_dir"] = cache_dir
+    if split is not None:
+        return load_split(cfg.dataset, split, root=cfg.data_root, image_size=cfg.image_size, **kw)
+    train, test = load_splits(cfg.dataset, root=cfg.data_root, image_size=cfg.image_size, **kw)
+    if cfg.n_test is not None:
+        test = test.subset(balanced_indices(test.labels, min(cfg.n_test, len(test)), test.num_classes))
+    return train, test

@@ -8,7 +8,8 @@ import time
 import torch
 
 from ..data.images import ImageSet
-from .store import DistilledSet, check_ipc, peak_rss_mb, reset_peak_rss, save_distilled
+from ..resources import peak_rss_mb, reset_peak_rss
+from .distilled import DistilledSet, check_ipc, save_distilled
 from .wmdd import class_features
 
 

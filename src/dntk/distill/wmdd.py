@@ -48,7 +48,9 @@ from tqdm.auto import tqdm
 from ..data.images import ImageSet
 from ..errors import DNTKError
 from ..models import forward_with_penultimate, penultimate
-from .store import DistilledSet, check_ipc, peak_rss_mb, reset_peak_rss, save_distilled
+from ..resources import peak_rss_mb, reset_peak_rss
+from ..store import atomic_save, load
+from .distilled import DistilledSet, check_ipc, save_distilled
 
 
 @dataclass
@@ -276,18 +278,15 @@ def class_blob_path(out_dir, c: int) -> Path:
 def write_class_blob(out_dir, c: int, images: torch.Tensor, record: dict, cfg: WMDDConfig, teacher_checksum: str):
     """Atomically store one class's finished images [ipc, c, h, w] and record (the resume unit)."""
     path = class_blob_path(out_dir, c)
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"images": images, "record": record, "config": json.dumps(asdict(cfg), sort_keys=True),
             "teacher": teacher_checksum}
-    tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
+    atomic_save(blob, path)
     return blob
 
 
 def _valid_blob(out_dir, c, cfg, teacher_checksum):
     path = class_blob_path(out_dir, c)
-    blob = torch.load(path) if path.exists() else None
+    blob = load(path) if path.exists() else None
     if blob is None or blob.get("config") != json.dumps(asdict(cfg), sort_keys=True) \
             or blob.get("teacher") != teacher_checksum:
         return None

@@ -1,7 +1,8 @@
 """Per-sample, per-logit gradient features and the exact empirical NTK."""
 
 from .capture import GradientCapture, parameter_table
-from .engine import FeatureResult, gradient_features
+from .engine import gradient_features
 from .ntk import empirical_ntk
+from .result import FeatureResult
 
 __all__ = ["gradient_features", "FeatureResult", "empirical_ntk", "GradientCapture", "parameter_table"]

@@ -56,7 +56,6 @@ as an independent reference; it builds B·C·P numbers and is never chosen autom
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
@@ -13,45 +11,7 @@ from ..projection import DEFAULT, Projector
 from ..projection import make as make_projector
 from .capture import GradientCapture
 from .inputs import iter_batches, num_inputs
-
-
-@dataclass
-class FeatureResult:
-    """Output of :func:`gradient_features`.
-
-    features: float32 [C', n, k] — row i of features[j] is the sketch of ∇θ f_{classes[j]}(x_i).
-    logits: float32 [n, C] — the model's outputs (eval mode) from the same pass.
-    labels: int64 [n] when the inputs carried labels, else None.
-    classes: the logit indices along the first axis of ``features``.
-    projector: the projector used (its name, k and seed reproduce the features).
-    paths: {parameter name: how its per-sample gradient was computed} — ``factored``, ``closed``,
-        ``derived``, ``op-vjp`` (joined by ``+`` when a parameter is used in several ways), ``func``
-        for the whole-model torch.func backend, ``none`` when no gradient reached it; see
-        :mod:`dntk.features.capture`.
-    """
-
-    features: torch.Tensor
-    logits: torch.Tensor
-    labels: torch.Tensor | None
-    classes: list[int]
-    projector: Projector
-    paths: dict[str, str] = field(default_factory=dict)
-    num_params: dict[str, int] = field(default_factory=dict)
-
-    def path_shares(self) -> dict[str, float]:
-        """Fraction of the trainable parameters (by count) whose gradient took each path."""
-        total = sum(self.num_params.values()) or 1
-        shares: dict[str, float] = {}
-        for name, path in self.paths.items():
-            shares[path] = shares.get(path, 0.0) + self.num_params.get(name, 0) / total
-        return shares
-
-    def kernel(self, c: int | None = None) -> torch.Tensor:
-        """Per-class kernels Φ_c Φ_cᵀ in float64: [C', n, n], or [n, n] for position c."""
-        f = self.features.double()
-        if c is not None:
-            return f[c] @ f[c].T
-        return f @ f.transpose(1, 2)
+from .result import FeatureResult
 
 
 def model_device(model: nn.Module) -> torch.device:

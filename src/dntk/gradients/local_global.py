@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DNTKError
+from ..features.result import class_kernels
 from ..spectral import check_tau, coverage, eigh_desc, local_global_structure, truncation_rank
 
 MODES = ("per_class", "class_average")
@@ -154,7 +155,7 @@ def local_global(features: torch.Tensor, targets: torch.Tensor, *, tau_v: float 
     C, m, _ = F.shape
     if n_clusters > m:
         raise DNTKError(f"n_clusters={n_clusters} is more than the {m} points; use at most {m} clusters")
-    kernels = torch.einsum("cik,cjk->cij", F, F)
+    kernels = class_kernels(F)
     kw = dict(tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters, coverage_mode=coverage_mode, gap=gap, budget=budget,
               qr_tol=qr_tol, clustering=clustering, seed=seed)
     feats, targs, coefs, records = [], [], [], []
@@ -177,5 +178,5 @@ def local_global(features: torch.Tensor, targets: torch.Tensor, *, tau_v: float 
 def truncation_ranks(features: torch.Tensor, tau_v: float = 0.95) -> list[int]:
     """Global truncation rank of each class kernel Φ_c Φ_cᵀ."""
     F = features.detach().double().cpu()
-    lam, _ = eigh_desc(torch.einsum("cik,cjk->cij", F, F))
+    lam, _ = eigh_desc(class_kernels(F))
     return truncation_rank(lam, tau_v)

@@ -12,15 +12,16 @@ import numpy as np
 import torch
 
 from ..errors import DNTKError
+from ..kernels.normalisation import class_scale
 from .local_global import DistilledGradients, _check_inputs
 
-METHODS = ("random", "fps", "kmeans", "leverage")
+SELECTION_METHODS = ("random", "fps", "kmeans", "leverage")
 
 
 def ridge_leverage_scores(K: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     """diag(K̃ (K̃ + λI)⁻¹) with K̃ = K / mean(diag K). [m]"""
     K = K.double()
-    Kt = K / torch.diagonal(K).mean().clamp_min(1e-300)
+    Kt = K / class_scale(kernels=K, check=False)[0].clamp_min(1e-300)
     lam, vec = torch.linalg.eigh((Kt + Kt.T) / 2)
     lam = lam.clamp_min(0)
     return ((vec ** 2) * (lam / (lam + ridge))).sum(1)
@@ -62,7 +63,7 @@ def _select(phi: torch.Tensor, s: int, method: str, gen: np.random.Generator, ri
             rest = [i for i in range(m) if i not in set(first)]
             return first + gen.choice(rest, size=s - nz, replace=False).tolist()
         return gen.choice(m, size=s, replace=False, p=p).tolist()
-    raise DNTKError(f"unknown selection method {method!r}; valid names: {', '.join(METHODS)}")
+    raise DNTKError(f"unknown selection method {method!r}; valid names: {', '.join(SELECTION_METHODS)}")
 
 
 def select(features: torch.Tensor, targets: torch.Tensor, s: int, method: str = "random", *, seed: int = 0,
@@ -70,8 +71,8 @@ def select(features: torch.Tensor, targets: torch.Tensor, s: int, method: str = 
     """s real gradients per class kernel. features [C, m, k], targets [m, C]. The result's
     ``coefficients[c]`` are the one-hot columns of the chosen points; ``record['indices']`` lists
     them."""
-    if method not in METHODS:
-        raise DNTKError(f"unknown selection method {method!r}; valid names: {', '.join(METHODS)}")
+    if method not in SELECTION_METHODS:
+        raise DNTKError(f"unknown selection method {method!r}; valid names: {', '.join(SELECTION_METHODS)}")
     F, Y = _check_inputs(features, targets)
     C, m, _ = F.shape
     if not isinstance(s, int) or s < 1:

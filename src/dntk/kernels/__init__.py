@@ -1,5 +1,8 @@
-"""Kernel models on per-class NTK features."""
+"""Kernel models on per-class NTK features: the per-class KRR, its one normalisation, its sweeps."""
 
+from .evaluation import FIG5_RANKS, default_m_grid, fit_evaluate, krr_curve, rank_curve
 from .krr import PerClassKRR, one_hot
+from .normalisation import class_scale, shared_normalisation
 
-__all__ = ["PerClassKRR", "one_hot"]
+__all__ = ["PerClassKRR", "one_hot", "class_scale", "shared_normalisation", "fit_evaluate", "krr_curve",
+           "rank_curve", "default_m_grid", "FIG5_RANKS"]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DNTKError
+from ..features.result import FeatureResult
+from .normalisation import class_scale
 
 
 @dataclass
@@ -36,6 +38,8 @@ class _ClassFit:
 
 
 def _as_class_list(x, what: str, dims: int):
+    if isinstance(x, FeatureResult):
+        x = x.features
     if isinstance(x, torch.Tensor):
         if x.dim() != dims + 1:
             raise DNTKError(f"{what} must be [C, ...] with {dims + 1} dimensions, got shape {tuple(x.shape)}")
@@ -95,7 +99,7 @@ class PerClassKRR:
 
     # -- fitting -------------------------------------------------------------------------------------
     def fit(self, features, targets) -> "PerClassKRR":
-        """features: [C, m, k] (or a list of C tensors [m_c, k]); targets: [m, C] teacher logits
+        """features: [C, m, k] (a tensor, a FeatureResult, or a list of C tensors [m_c, k]); targets: [m, C] teacher logits
         (or one-hot labels, or a list of C vectors [m_c]). Returns self."""
         phis = [f.detach().double().cpu() for f in _as_class_list(features, "features", 2)]
         for c, f in enumerate(phis):
@@ -115,7 +119,7 @@ class PerClassKRR:
         ys = _targets_per_class(targets, len(Ks), [K.shape[0] for K in Ks])
         self.fits_ = []
         for c, (K, y) in enumerate(zip(Ks, ys)):
-            nu = self._scale(c, torch.diagonal(K))
+            nu = self._scale(c, kernels=K)
             coef, eig = self._solve(c, (K + K.T) / (2 * nu), y)
             self.fits_.append(_ClassFit(nu, "kernel", K, y, coef, eig))
         self._finish()
@@ -125,10 +129,10 @@ class PerClassKRR:
         self.classes_ = len(self.fits_)
         self.scale_ = torch.tensor([f.nu for f in self.fits_], dtype=torch.float64)
 
-    def _scale(self, c, diag):
+    def _scale(self, c, **train):
         if self.normalize != "trace":
             return 1.0
-        nu = float(diag.mean())
+        nu = float(class_scale(check=False, **train)[0])
         if not nu > 0:
             raise DNTKError(f"the training kernel of class {c} has a zero diagonal (all gradients vanish); "
                             "check that logit's head is trainable, or drop the class")
@@ -136,7 +140,7 @@ class PerClassKRR:
 
     def _fit_features(self, c, phi, y):
         m, k = phi.shape
-        nu = self._scale(c, (phi * phi).sum(1))
+        nu = self._scale(c, features=phi)
         primal = self.form == "primal" or (self.form == "auto" and k < m)
         if primal:
             coef, eig = self._solve(c, phi.T @ phi / nu, phi.T @ y / nu)
@@ -180,10 +184,7 @@ class PerClassKRR:
 
     def predict(self, features) -> torch.Tensor:
         """features [C, n, k] → predicted logits float64 [n, C]."""
-        self._check_fitted()
-        phis = _as_class_list(features, "features", 2)
-        self._check_classes(len(phis))
-        cols = []
+        phis, cols = self._per_class(features, "features"), []
         for c, (fit, phi) in enumerate(zip(self.fits_, phis)):
             if fit.form == "kernel":
                 raise DNTKError("this model was fitted on precomputed kernels; use predict_kernel(K_test [C, n, m])")
@@ -195,10 +196,7 @@ class PerClassKRR:
 
     def predict_kernel(self, kernels) -> torch.Tensor:
         """Precomputed test kernels [C, n, m] (k(x_test, x_train)) → predicted logits [n, C]."""
-        self._check_fitted()
-        Ks = _as_class_list(kernels, "test kernels", 2)
-        self._check_classes(len(Ks))
-        cols = []
+        Ks, cols = self._per_class(kernels, "test kernels"), []
         for c, (fit, K) in enumerate(zip(self.fits_, Ks)):
             m = fit.train.shape[0]
             if K.shape[1] != m:
@@ -207,6 +205,13 @@ class PerClassKRR:
                 raise DNTKError("this model was fitted in primal form; predict_kernel needs form='dual' or fit_kernel")
             cols.append((K.detach().double().cpu() / fit.nu) @ fit.coef)
         return torch.stack(cols, 1)
+
+    def _per_class(self, tests, what: str) -> list:
+        """The C per-class test inputs of a fitted model (features [C, n, k] or kernels [C, n, m])."""
+        self._check_fitted()
+        items = _as_class_list(tests, what, 2)
+        self._check_classes(len(items))
+        return items
 
     def _check_classes(self, C):
         if C != self.classes_:
@@ -219,9 +224,7 @@ class PerClassKRR:
         Pass test ``features`` [C, n, k] (after ``fit``) or test ``kernels`` [C, n, m] (after
         ``fit_kernel``). Returns {(ridge, rank): predictions}; rank None = all directions.
         """
-        self._check_fitted()
-        tests = _as_class_list(features if features is not None else kernels, "test features/kernels", 2)
-        self._check_classes(len(tests))
+        tests = self._per_class(features if features is not None else kernels, "test features/kernels")
         out = {(lam, r): [] for lam in ridges for r in ranks}
         for c, (fit, t) in enumerate(zip(self.fits_, tests)):
             t = t.detach().double().cpu()

@@ -1,5 +1,7 @@
-"""End-to-end jobs behind the CLI verbs."""
+"""Orchestration of ``dntk run`` (stages in order, no computation of its own)."""
 
-from .run import RunConfig, format_results, run
+from .result import RunResult
+from .run import run
+from .stage3 import GradientStage, gradient_stage
 
-__all__ = ["RunConfig", "run", "format_results"]
+__all__ = ["run", "RunResult", "gradient_stage", "GradientStage"]

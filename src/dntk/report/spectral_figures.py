@@ -130,18 +130,8 @@ def figure5(rows: list[dict], path) -> Path:
     return Path(path)
 
 
-def pareto_front(rows: list[dict], x: str = "s", y: str = "accuracy") -> list[dict]:
-    """Rows not dominated by another with smaller-or-equal x and larger-or-equal y."""
-    front, best = [], -np.inf
-    for r in sorted(rows, key=lambda r: (r[x], -r[y])):
-        if r[y] > best:
-            front.append(r)
-            best = r[y]
-    return front
-
-
-def pareto_figure(rows: list[dict], path, *, x: str = "s", y: str = "accuracy") -> Path:
-    front = pareto_front(rows, x, y)
+def pareto_figure(rows: list[dict], front: list[dict], path, *, x: str = "s", y: str = "accuracy") -> Path:
+    """Every (τ_v, τ_g, H) configuration and the Pareto frontier (``dntk.gradients.pareto_front``)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([r[x] for r in rows], [r[y] for r in rows], s=12, alpha=0.5, label="(τ_v, τ_g, H) configurations")
     ax.plot([r[x] for r in front], [r[y] for r in front], "r-o", ms=4, label="Pareto frontier")
@@ -154,3 +144,24 @@ def pareto_figure(rows: list[dict], path, *, x: str = "s", y: str = "accuracy") 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def class_figure4(row: dict, arrays: dict, tau_g: float, path) -> Path:
+    """Figure 4 of one class from a row of :func:`dntk.spectral.local_global_summary` (its JSON
+    summary ``row`` and its ``"figure"`` arrays)."""
+    return figure4(arrays["containment"], arrays["heatmap"], arrays["max_alignment"], arrays["mean_alignment"],
+                   arrays["coverage"], row["r_g"], tau_g, path,
+                   title=f"class {row['class']}: r_g={row['r_g']}, {arrays['n_clusters']} clusters, "
+                         f"uncovered {row['uncovered_variance_fraction']:.1%} of global variance")
+
+
+def gradient_stage_figures(stage, out, *, class_names=None, tau_v: float = 0.95, tau_g: float = 0.9) -> list[Path]:
+    """Figures 2–5 of stage 3 from a :class:`dntk.pipeline.stage3.GradientStage`: figure2.png,
+    figure3.png, figure4-class<c>.png for every class, figure5.png in ``out``."""
+    out = Path(out)
+    paths = [figure2(stage.spectra, stage.summary["ranks"], out / "figure2.png", class_names=class_names, tau_v=tau_v),
+             figure3(stage.summary["figure3_rows"], stage.summary["m"], out / "figure3.png")]
+    for c, (row, arrays) in enumerate(zip(stage.summary["local_global"], stage.local_global_arrays)):
+        paths.append(class_figure4(row, arrays, tau_g, out / f"figure4-class{c}.png"))
+    paths.append(figure5(stage.summary["figure5_rows"], out / "figure5.png"))
+    return paths

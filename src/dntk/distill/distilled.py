@@ -11,8 +11,6 @@ accepts any of them:
 
 from __future__ import annotations
 
-import json
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,27 +18,7 @@ import torch
 
 from ..data.images import ImageSet
 from ..errors import DNTKError
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: VmHWM is reset through /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory (MB) since the last reset_peak_rss() (Linux), else of the process."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from ..store import atomic_json, atomic_save, load
 
 
 def check_ipc(dataset: ImageSet, ipc: int):
@@ -117,13 +95,10 @@ def save_distilled(ds: DistilledSet, out_dir, manifest: dict, grids: bool = True
     out_dir.mkdir(parents=True, exist_ok=True)
     blob = {"images": ds.images, "labels": ds.labels, "classes": ds.classes, "mean": list(ds.mean), "std": list(ds.std),
             "dataset": ds.dataset, "method": ds.method}
-    tmp = out_dir / "distilled.pt.tmp"
-    torch.save(blob, tmp)
-    tmp.replace(out_dir / "distilled.pt")
+    atomic_save(blob, out_dir / "distilled.pt")
     manifest = {**manifest, "n": len(ds), "classes": ds.classes, "class_counts": ds.class_counts(),
                 "image_shape": list(ds.image_shape), "dataset": ds.dataset}
-    (out_dir / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1, default=float))
-    (out_dir / "manifest.json.tmp").replace(out_dir / "manifest.json")
+    atomic_json(manifest, out_dir / "manifest.json", indent=1)
     if grids:
         from torchvision.utils import save_image
 
@@ -144,6 +119,6 @@ def load_distilled(path) -> DistilledSet:
     f = path / "distilled.pt" if path.is_dir() else path
     if not f.exists():
         raise DNTKError(f"no distilled set at {f}; run `dntk distill` first or point at its output folder")
-    blob = torch.load(f, map_location="cpu")
+    blob = load(f, trusted=False)  # a user-supplied file: tensors, lists and strings only
     return DistilledSet(blob["images"], blob["labels"], blob["classes"], tuple(blob["mean"]), tuple(blob["std"]),
                         blob["dataset"], blob["method"])

@@ -1,0 +1,388 @@
+"""Settings, one dataclass per stage; the command-line flags are generated from them.
+
+Each field is declared once with :func:`option` — its default, help text, range or choices, and
+its flag name — so a setting has one name and one default in Python and on every CLI verb
+(``results.json``'s ``config`` holds the same values by section, under the field names). Out-of-range values are refused (never replaced by a default) both by argparse
+and by :meth:`RunConfig.resolved` for Python callers. ``None`` means "the default for this
+dataset" where the field says so (``none_means``).
+
+    RunConfig(data=DataConfig(...), teacher=TeacherConfig(...), features=..., distill=...,
+              kernel=..., gradients=..., device, seed, out, progress)
+    RunConfig.from_options(m=200, distill="wmdd", ...)   # flat names = the flags' names
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from .data.sources import DATASETS
+from .distill.methods import DISTILLERS
+from .errors import DNTKError, is_int_at_least
+from .gradients.evaluation import GRADIENT_METHODS, SELECTION_METHODS
+from .gradients.local_global import MODES
+from .models.networks import MODELS
+from .projection.registry import DEFAULT as DEFAULT_PROJECTOR
+from .projection.registry import NAMES as PROJECTORS
+
+_KINDS = ("str", "int", "float", "bool", "ints")
+
+
+def option(default, help: str, *, kind: str = "str", flag: str | None = None, minimum=None, maximum=None,
+           above: bool = False, choices=None, none_means: str | None = None, aliases=(), inverse: str | None = None,
+           cli: bool = True):
+    """A config field with its command-line description.
+
+    kind: str / int / float / bool / ints (comma-separated integers); minimum (≥, or > with
+    ``above``) and maximum (≤) bound numbers; choices restrict strings; none_means documents what
+    None stands for (None is then allowed); flag overrides ``--field-name``; aliases are older
+    spellings still accepted; inverse names a store_false flag for a bool that defaults to True;
+    cli=False keeps a field Python-only."""
+    assert kind in _KINDS, kind
+    meta = {"help": help, "kind": kind, "flag": flag, "minimum": minimum, "maximum": maximum, "above": above,
+            "choices": tuple(choices) if choices is not None else None, "none_means": none_means,
+            "aliases": tuple(aliases), "inverse": inverse, "cli": cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _flag(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def option_name(f) -> str:
+    """The flat name of a field: its flag without dashes (``--gradient-distill`` → gradient_distill)."""
+    return _flag(f)[2:].replace("-", "_")
+
+
+def _range_text(meta) -> str:
+    kind = meta["kind"]
+    if kind == "int":
+        text = f"an integer ≥ {meta['minimum']}"
+    elif kind == "float":
+        parts = []
+        if meta["minimum"] is not None:
+            parts.append(f"{'>' if meta['above'] else '≥'} {meta['minimum']:g}")
+        if meta["maximum"] is not None:
+            parts.append(f"≤ {meta['maximum']:g}")
+        text = "a finite number " + " and ".join(parts) if parts else "a finite number"
+    elif kind == "ints":
+        text = "comma-separated integers ≥ 1"
+    elif kind == "bool":
+        text = "True or False"
+    else:
+        text = ("one of " + ", ".join(meta["choices"])) if meta["choices"] else "a non-empty string"
+    return text
+
+
+def check_value(f, value, prefix: str = "") -> None:
+    """Raise a DNTKError naming the flag when ``value`` is outside field ``f``'s range."""
+    meta = f.metadata
+    if value is None and meta.get("none_means") is not None:
+        return
+    name = prefix + _flag(f)
+    kind = meta["kind"]
+    ok = True
+    if kind == "int":
+        ok = is_int_at_least(value, meta["minimum"] if meta["minimum"] is not None else -math.inf)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok and meta["minimum"] is not None:
+            ok = value > meta["minimum"] if meta["above"] else value >= meta["minimum"]
+        if ok and meta["maximum"] is not None:
+            ok = value <= meta["maximum"]
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "ints":
+        ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(is_int_at_least(v, 1) for v in value)
+    elif meta["choices"]:
+        ok = value in meta["choices"]
+    else:
+        ok = isinstance(value, str) and value != ""
+    if not ok:
+        unset = f", or leave it unset for the default ({meta['none_means']})" if meta.get("none_means") else ""
+        problem = "is not a valid choice" if meta["choices"] else "is out of range"
+        raise DNTKError(f"{name} {value!r} {problem}: it must be {_range_text(meta)}{unset}")
+
+
+# --- the stages' settings ------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are prepared."""
+
+    dataset: str = option("digits", "digits is embedded; folder is any ImageFolder tree", choices=DATASETS)
+    data_root: str | None = option(None, "ImageFolder root with train/ and val/ (folder, imagenette)",
+                                   none_means="none: digits needs no folder")
+    download: bool = option(False, "imagenette: download with torchvision if --data-root lacks it", kind="bool")
+    image_size: int | None = option(None, "side length after resize + centre crop", kind="int", minimum=1,
+                                    none_means="64; digits 8")
+    n_test: int | None = option(None, "test points, even across classes", kind="int", minimum=1,
+                                none_means="the whole test split")
+    cache_data: bool = option(True, "keep decoded images in OUT/cache", kind="bool", cli=False)
+
+
+@dataclass
+class TeacherConfig:
+    """The network analysed: its architecture, where its weights come from, how it is trained."""
+
+    model: str | None = option(None, "architecture", choices=MODELS,
+                               none_means="small_cnn for digits, resnet18 otherwise")
+    checkpoint: str | None = option(None, "teacher weights (torchvision / DataParallel / WMDD key layouts)",
+                                    none_means="train one, cached in OUT/teacher")
+    stem: str = option("auto", "ResNet-18 stem: small (3x3/1) for inputs ≤ 64 px under auto",
+                       choices=("auto", "small", "imagenet"))
+    epochs: int | None = option(None, "teacher epochs", kind="int", minimum=1, none_means="30 for digits, 15 otherwise")
+    optimizer: str = option("sgd", "teacher optimizer", choices=("sgd", "adamw"))
+    lr: float | None = option(None, "teacher learning rate", kind="float", minimum=0.0, above=True,
+                              none_means="0.05 for sgd, 2e-3 for adamw")
+    train_batch_size: int = option(128, "teacher training batch size", kind="int", minimum=1)
+    base_model: str = option("teacher", "the network whose NTK is analysed: the teacher, or a student trained on the "
+                             "distilled set with the teacher's soft labels", choices=("teacher", "student"))
+    student_epochs: int = option(60, "epochs of the --base-model student", kind="int", minimum=1)
+
+
+@dataclass
+class FeatureConfig:
+    """Projected per-sample, per-logit gradients."""
+
+    projector: str = option(DEFAULT_PROJECTOR, "random projection of the gradients", choices=PROJECTORS)
+    k: int | None = option(None, "projection dimension", kind="int", minimum=1, none_means="min(4096, P/2)")
+    batch_size: int = option(32, "samples per feature pass", kind="int", minimum=1)
+    feature_chunk: int = option(1024, "samples per saved feature file (the resume granularity)", kind="int",
+                                minimum=1)
+    exact: bool = option(False, "also compute the exact per-class eNTK and compare", kind="bool")
+
+
+@dataclass
+class DistillConfig:
+    """Stage 1: which images the kernel model is built on."""
+
+    method: str = option("none", "stage 1: none (a random balanced real subset of --m), random, kcenter, wmdd",
+                         flag="--distill", choices=("none",) + DISTILLERS, aliases=("--method",))
+    ipc: int = option(10, "images per class for --distill", kind="int", minimum=1)
+    load: str | None = option(None, "use a distilled-set folder made by `dntk distill`", flag="--distilled",
+                              none_means="distil with --distill")
+    wmdd_iterations: int = option(200, "WMDD optimisation steps per class (WMDD's own: 2000)", kind="int", minimum=0,
+                                  aliases=("--iterations",))
+    wmdd_lr: float = option(0.05, "WMDD learning rate (WMDD's own: 0.25)", kind="float", minimum=0.0, above=True)
+    wmdd_bn_weight: float = option(1.0, "WMDD BatchNorm-statistics loss weight (WMDD's own: 3.0)", kind="float",
+                                   minimum=0.0, aliases=("--bn-weight",))
+    wmdd_ce_weight: float = option(1.0, "WMDD cross-entropy loss weight", kind="float", minimum=0.0,
+                                   aliases=("--ce-weight",))
+    wmdd_feature_weight: float = option(1.0, "WMDD Wasserstein-barycenter feature loss weight", kind="float",
+                                        minimum=0.0, aliases=("--feature-weight",))
+    wmdd_classes_per_step: int = option(1, "WMDD classes optimised in one batch (same objective; use C on a GPU)",
+                                        kind="int", minimum=1, aliases=("--classes-per-step",))
+
+    def wmdd_options(self) -> dict:
+        """Keyword arguments of :class:`dntk.distill.WMDDConfig` (besides ipc and seed)."""
+        return {"iterations": self.wmdd_iterations, "lr": self.wmdd_lr, "bn_weight": self.wmdd_bn_weight,
+                "ce_weight": self.wmdd_ce_weight, "feature_weight": self.wmdd_feature_weight,
+                "classes_per_step": self.wmdd_classes_per_step}
+
+
+@dataclass
+class KernelConfig:
+    """The per-class kernel model (trace-normalised KRR)."""
+
+    m: int | None = option(None, "training points, even across classes (a distilled set sets m itself)", kind="int",
+                           minimum=1, none_means="500")
+    ridge: float = option(1e-4, "ridge, relative to the mean kernel diagonal", kind="float", minimum=0.0)
+    targets: str = option("logits", "regress the teacher's logits or one-hot labels", choices=("logits", "onehot"))
+    m_grid: list[int] | None = option(None, "m values for figure1", kind="ints", none_means="a log grid up to m")
+
+
+@dataclass
+class GradientConfig:
+    """Stage 3: gradient distillation of the per-class kernels."""
+
+    method: str = option("none", "none, local-global (Algorithm 1), random, fps, kmeans, leverage",
+                         flag="--gradient-distill", choices=("none",) + GRADIENT_METHODS)
+    budget: int | None = option(None, "exactly s gradients per class kernel (m/s = compression)", kind="int",
+                                minimum=1, none_means="none: Algorithm 1 picks s from the thresholds")
+    tau_v: float = option(0.95, "explained variance for truncation ranks (Algorithm 1)", kind="float", minimum=0.0,
+                          above=True, maximum=1.0)
+    tau_g: float = option(0.9, "coverage below which a global direction is a gap", kind="float", minimum=0.0,
+                          above=True, maximum=1.0)
+    clusters: int = option(10, "clusters H per class kernel (Algorithm 1)", kind="int", minimum=1)
+    mode: str = option("per_class", "Algorithm 1 per class kernel or on the class-averaged kernel", flag="--gd-mode",
+                       choices=MODES)
+
+
+SECTIONS = {"data": DataConfig, "teacher": TeacherConfig, "features": FeatureConfig, "distill": DistillConfig,
+            "kernel": KernelConfig, "gradients": GradientConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything ``dntk run`` does, by stage. ``resolved()`` checks every value and fills the
+    dataset-dependent defaults."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    gradients: GradientConfig = field(default_factory=GradientConfig)
+    device: str = option("cpu", "cpu, cuda, cuda:1, ...")
+    seed: int = option(0, "seed of the data subset, teacher, projector and stage 1/3 methods", kind="int",
+                       minimum=0)
+    out: str = option("dntk-out", "output folder; rerunning resumes from what is there")
+    progress: bool = option(True, "progress bars", kind="bool", inverse="--quiet")
+
+    @classmethod
+    def from_options(cls, **options) -> "RunConfig":
+        """Build from flat option names (the flags' names: m=200, distill="wmdd", gd_mode=...)."""
+        sections = {name: {} for name in SECTIONS}
+        top = {}
+        where = _option_index()
+        for key, value in options.items():
+            if key not in where:
+                raise DNTKError(f"unknown setting {key!r}; valid names: {', '.join(sorted(where))}")
+            section, fname = where[key]
+            if isinstance(value, os.PathLike):  # out=Path(...), data_root=Path(...)
+                value = os.fspath(value)
+            (sections[section] if section else top)[fname] = value
+        return cls(**{name: SECTIONS[name](**vals) for name, vals in sections.items()}, **top)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check_numbers(self) -> None:
+        """Refuse every value outside its field's range or choices (None only where it means a default)."""
+        for section, f, value in _walk(self):
+            check_value(f, value)
+
+    def resolved(self) -> "RunConfig":
+        """A copy with every value checked and dataset-dependent defaults filled in."""
+        from .training.teacher import default_epochs, default_image_size, default_model
+
+        c = copy.deepcopy(self)
+        c.check_numbers()
+        if c.teacher.model is None:
+            c.teacher.model = default_model(c.data.dataset)
+        if c.data.image_size is None:
+            c.data.image_size = default_image_size(c.data.dataset)
+        if c.teacher.epochs is None:
+            c.teacher.epochs = default_epochs(c.data.dataset)
+        if c.kernel.m is None:
+            c.kernel.m = 500
+        if c.distill.method == "none" and not c.distill.load and c.gradients.budget is not None \
+                and c.gradients.budget > c.kernel.m:  # with stage 1, m = ipc·C is checked once C is known
+            raise DNTKError(f"--budget {c.gradients.budget} is larger than --m {c.kernel.m}; choose s ≤ m")
+        if c.teacher.base_model == "student" and c.distill.method == "none" and not c.distill.load:
+            raise DNTKError("--base-model student trains on a distilled set: add --distill {random,kcenter,wmdd}")
+        if c.gradients.method in SELECTION_METHODS and c.gradients.budget is None:
+            raise DNTKError(f"--gradient-distill {c.gradients.method} needs --budget s (gradients per class kernel)")
+        return c
+
+
+def _walk(cfg):
+    """(section name or None, field, value) for every leaf setting of a RunConfig."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in SECTIONS:
+            if not isinstance(value, SECTIONS[f.name]):
+                raise DNTKError(f"RunConfig.{f.name} must be a {SECTIONS[f.name].__name__}, got {type(value).__name__}; "
+                                "build configs with RunConfig.from_options(...) or the section dataclasses")
+            for g in fields(value):
+                yield f.name, g, getattr(value, g.name)
+        else:
+            yield None, f, value
+
+
+def _option_index() -> dict:
+    """flat option name → (section or None, field name); names are unique by construction."""
+    index = {}
+    for section, f, _ in _walk(RunConfig()):
+        name = option_name(f)
+        assert name not in index, f"two settings share the name {name}"
+        index[name] = (section, f.name)
+    return index
+
+
+def section_fields(section: str | None, include=None, exclude=()):
+    """The fields of one section (None: RunConfig's own), filtered by name."""
+    cls = SECTIONS[section] if section else RunConfig
+    out = []
+    for f in fields(cls):
+        if section is None and f.name in SECTIONS:
+            continue
+        if not f.metadata.get("cli", True) or f.name in exclude or (include is not None and f.name not in include):
+            continue
+        out.append(f)
+    return out
+
+
+# --- argparse from the fields ------------------------------------------------------------------------------
+def _argparse_type(f):
+    meta = f.metadata
+
+    def parse(text: str):
+        if meta["kind"] == "ints":
+            try:
+                value = [int(v) for v in text.split(",")]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be {_range_text(meta)}, got {text!r}") from None
+        else:
+            try:
+                value = int(text) if meta["kind"] == "int" else float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be {_range_text(meta)}, got {text!r}") from None
+        try:
+            check_value(f, value)
+        except DNTKError:
+            raise argparse.ArgumentTypeError(f"must be {_range_text(meta)}, got {text}") from None
+        return value
+
+    parse.__name__ = _range_text(meta)
+    return parse
+
+
+def int_at_least(minimum: int):
+    """argparse type for a verb-only integer flag: an integer ≥ minimum."""
+    f = field(default=None, metadata={"kind": "int", "minimum": minimum, "maximum": None, "above": False,
+                                      "choices": None, "none_means": None, "flag": "--value"})
+    f.name = "value"
+    return _argparse_type(f)
+
+
+def default_text(f) -> str:
+    meta = f.metadata
+    if f.default is None or (f.default is MISSING and meta.get("none_means")):
+        return meta.get("none_means") or "none"
+    return str(f.default)
+
+
+def add_options(parser: argparse.ArgumentParser, section: str | None, *, include=None, exclude=(), required=()):
+    """Add the flags of one config section to ``parser`` (dest = :func:`option_name`)."""
+    group = parser.add_argument_group(section or "general") if section else parser
+    for f in section_fields(section, include, exclude):
+        meta = f.metadata
+        dest = option_name(f)
+        kw = {"dest": dest, "help": f"{meta['help']} (default: {default_text(f)})"}
+        if f.name in required:
+            kw["required"] = True
+            kw["help"] = meta["help"]
+        if meta["kind"] == "bool":
+            if meta["inverse"]:
+                group.add_argument(meta["inverse"], action="store_false", dest=dest, help=f"no {meta['help']}")
+            else:
+                group.add_argument(_flag(f), *meta["aliases"], action="store_true", **kw)
+            continue
+        if meta["kind"] in ("int", "float", "ints"):
+            kw["type"] = _argparse_type(f)
+        elif meta["choices"]:
+            kw["choices"] = meta["choices"]
+        kw["default"] = f.default if f.default is not MISSING else f.default_factory()
+        group.add_argument(_flag(f), *meta["aliases"], **kw)
+
+
+def options_from_args(args: argparse.Namespace) -> dict:
+    """The flat settings an argparse namespace holds (every known option name present in it)."""
+    names = _option_index()
+    return {k: v for k, v in vars(args).items() if k in names}

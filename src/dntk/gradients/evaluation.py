@@ -1,0 +1,97 @@
+"""Gradient distillation as a user runs it: one dispatcher over Algorithm 1 and the selection
+baselines, the synthetic kernel model's metrics, budget curves (Figure 3) and the (τ_v, τ_g, H)
+grid with its Pareto frontier. Computation only.
+
+Every kernel model here uses features already divided by √ν_c of the full training kernel
+(:func:`dntk.kernels.shared_normalisation`) and an absolute ridge, so the ridge means the same for
+every method and every s.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import DNTKError
+from ..kernels import fit_evaluate
+from .local_global import local_global
+from .selection import SELECTION_METHODS, select
+
+GRADIENT_METHODS = ("local-global",) + SELECTION_METHODS
+
+
+def distill_gradients(method: str, F: torch.Tensor, Y: torch.Tensor, *, budget: int | None = None,
+                      tau_v: float = 0.95, tau_g: float = 0.9, n_clusters: int = 10, mode: str = "per_class",
+                      seed: int = 0, coverage_mode: str = "union", gap: str = "full"):
+    """Synthetic gradients per class kernel by ``method`` (one of ``GRADIENT_METHODS``).
+
+    F [C, m, k] features, Y [m, C] targets → :class:`~dntk.gradients.DistilledGradients`.
+    ``local-global`` is Algorithm 1 (budget mode when ``budget`` is given); the selection baselines
+    need ``budget`` (s gradients per class)."""
+    if method == "local-global":
+        return local_global(F, Y, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters, mode=mode, budget=budget,
+                            coverage_mode=coverage_mode, gap=gap, seed=seed)
+    if method in SELECTION_METHODS:
+        if budget is None:
+            raise DNTKError(f"--gradient-distill {method} needs --budget s (gradients per class kernel)")
+        return select(F, Y, budget, method, seed=seed)
+    raise DNTKError(f"unknown gradient distillation {method!r}; valid names: none, {', '.join(GRADIENT_METHODS)}")
+
+
+def evaluate_distilled(dg, F_test, logits_test, labels_test, *, ridge: float, targets_test=None) -> dict:
+    """Metrics of the kernel model on the synthetic set ``dg`` (absolute ridge, no renormalisation)."""
+    return fit_evaluate(dg.features, dg.targets, F_test, logits_test, labels_test, ridge=ridge, normalize=None,
+                        targets_test=targets_test)
+
+
+def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, methods, seeds=(0, 1, 2), n_clusters=10,
+                  tau_v=0.95, tau_g=0.9, mode="per_class", targets_test=None) -> list[dict]:
+    """Metrics (mean ± std over seeds) for every method and budget s ≤ m. F [C, m, k], F_test [C, n, k]."""
+    rows = []
+    m = F.shape[1]
+    for method in methods:
+        for s in budgets:
+            if s > m:
+                continue
+            runs = []
+            t = time.perf_counter()
+            for seed in seeds:
+                dg = distill_gradients(method, F, Y, budget=s, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters,
+                                       mode=mode, seed=seed)
+                runs.append(evaluate_distilled(dg, F_test, logits_test, labels_test, ridge=ridge,
+                                               targets_test=targets_test))
+            row = {"method": method, "s": s, "compression": m / s, "seeds": len(seeds),
+                   "seconds": (time.perf_counter() - t) / len(seeds)}
+            for key in runs[0]:
+                vals = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+                row[key] = float(vals.mean())
+                row[f"{key}_std"] = float(vals.std(unbiased=False))
+            rows.append(row)
+    return rows
+
+
+def pareto_front(rows: list[dict], x: str = "s", y: str = "accuracy") -> list[dict]:
+    """Rows not dominated by another with smaller-or-equal x and larger-or-equal y."""
+    front, best = [], float("-inf")
+    for r in sorted(rows, key=lambda r: (r[x], -r[y])):
+        if r[y] > best:
+            front.append(r)
+            best = r[y]
+    return front
+
+
+def grid_search(F, Y, F_test, logits_test, labels_test, *, ridge, tau_vs=(0.45, 0.55, 0.65, 0.75, 0.85, 0.95),
+                tau_gs=(0.7, 0.8, 0.9, 0.95, 0.99), clusters=(5, 10, 15, 20), mode="per_class", seed=0,
+                targets_test=None) -> dict:
+    """Algorithm 1 over the (τ_v, τ_g, H) grid; returns {"rows", "pareto"} over (mean s, accuracy)."""
+    rows = []
+    for H in clusters:
+        for tv in tau_vs:
+            for tg in tau_gs:
+                dg = local_global(F, Y, tau_v=tv, tau_g=tg, n_clusters=H, mode=mode, seed=seed)
+                if min(dg.sizes) == 0:
+                    continue
+                res = evaluate_distilled(dg, F_test, logits_test, labels_test, ridge=ridge, targets_test=targets_test)
+                rows.append({"tau_v": tv, "tau_g": tg, "n_clusters": H, "s": sum(dg.sizes) / len(dg.sizes), **res})
+    return {"rows": rows, "pareto": pareto_front(rows, "s", "accuracy")}

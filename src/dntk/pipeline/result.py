@@ -1,0 +1,67 @@
+"""What ``dntk run`` returns and writes to ``OUT/results.json`` (schema also in the README)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..store import atomic_json
+
+
+@dataclass
+class RunResult:
+    """The results of one ``dntk run``; ``results.json`` is ``asdict`` of this, key for key.
+
+    config: the resolved :class:`dntk.config.RunConfig` by section (data, teacher, features, distill,
+        kernel, gradients, device, seed, out, progress).
+    teacher: {model, parameters P, test_accuracy, checksum, source (checkpoint path), best_epoch (None
+        when loaded)}.
+    base_model: the network whose NTK is analysed: {name ("teacher" | "student"), test_accuracy, checksum}.
+    projector: {name, k, seed}.
+    gradient_paths: {engine path: share of the parameters (by count) whose gradient took it}
+        (:meth:`dntk.FeatureResult.path_shares`).
+    targets: "logits" or "onehot" — what the kernel model regresses.
+    kernel_model: the per-class KRR on all m points: fidelity, accuracy, mse (against the regression
+        targets), mse_vs_teacher_logits, condition_number, min_eigenvalue (trace-normalised kernel,
+        averaged over classes).
+    counts: {n_real, m, n_real_over_m, n_test, classes, per_sample_gradients = (m + n_test)·C,
+        parameters, k}.
+    curves: {"projected": rows over the m grid (Figure 1), plus "teacher" with a student base model and
+        "exact" with --exact}; a row is {m, the kernel_model keys}.
+    distillation: None, or {method, ipc, m, jacobians_saved = n_real/m, seconds, source (a loaded folder)}.
+    kernel_model_teacher: with a student base model, the teacher's kernel model on the same points.
+    exact: with --exact, {kernel_relative_error, kernel_alignment (of the projected training kernel
+        against the exact eNTK), kernel_model (the exact eNTK's KRR)}.
+    gradient_distillation: with --gradient-distill, stage 3's summary
+        (:func:`dntk.pipeline.stage3.gradient_stage`).
+    timings_s: wall-clock seconds per stage; peak_memory_mb: the process's peak RSS.
+    """
+
+    config: dict
+    teacher: dict
+    base_model: dict
+    projector: dict
+    gradient_paths: dict
+    targets: str
+    kernel_model: dict
+    counts: dict
+    curves: dict
+    distillation: dict | None = None
+    kernel_model_teacher: dict | None = None
+    exact: dict | None = None
+    gradient_distillation: dict | None = None
+    timings_s: dict | None = None
+    peak_memory_mb: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path) -> Path:
+        return atomic_json(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path) -> "RunResult":
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

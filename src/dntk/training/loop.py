@@ -1,0 +1,205 @@
+"""Teacher (and student) training: SGD or AdamW with a cosine schedule, tensor-level augmentation,
+evaluation every epoch, the best checkpoint kept, and resume after interruption.
+
+Files in ``out_dir``: ``last.pt`` (everything needed to resume, written atomically every epoch),
+``best.pt`` (the best-validation-accuracy weights), ``history.json`` (per-epoch loss/accuracy).
+A finished run found in ``out_dir`` with the same configuration is returned without retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.images import ImageSet
+from ..errors import DNTKError
+from ..store import atomic_save
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "sgd"            # "sgd" | "adamw"
+    lr: float | None = None           # default 0.05 (sgd) / 2e-3 (adamw)
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    augment: str = "crop_flip"        # "crop_flip" | "shift" | "none"
+    label_smoothing: float = 0.0
+    seed: int = 0
+    soft_label_temperature: float = 4.0   # used when soft labels (a teacher) are given
+    eval_every: int = 1                   # evaluate every N epochs (and always after the last)
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.05 if self.optimizer == "sgd" else 2e-3
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    best_accuracy: float
+    best_epoch: int
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def _config_json(config: TrainConfig, relabel_teacher: bool) -> str:
+    return json.dumps({**asdict(config), "relabel_teacher": relabel_teacher}, sort_keys=True)
+
+
+def same_config(stored_json: str | None, config: TrainConfig, relabel_teacher: bool = False) -> bool:
+    """A checkpoint's stored configuration matches ``config`` (and the label source: fixed or
+    relabelled by a teacher); keys added after the checkpoint was written count as their defaults, so
+    old runs stay resumable."""
+    if not stored_json:
+        return False
+    stored = json.loads(stored_json)
+    expected = json.loads(_config_json(config, relabel_teacher))
+    defaults = json.loads(_config_json(TrainConfig(), False))
+    return all(stored.get(key, defaults[key]) == value for key, value in expected.items())
+
+
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """x: normalised float [B, c, h, w]. ``crop_flip``: reflect-pad by h/8, random crop, random
+    horizontal flip. ``shift``: random translation by up to 1 px (for digits, where flips change
+    the class)."""
+    if mode == "none":
+        return x
+    B, _, h, w = x.shape
+    pad = max(1, h // 8) if mode == "crop_flip" else 1
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if mode == "crop_flip" else "constant",
+                   value=float(x.min()) if mode == "shift" else 0.0)
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
+    out = torch.stack([padded[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w] for i in range(B)])
+    if mode == "crop_flip":
+        flip = torch.rand(B, generator=gen) < 0.5
+        out[flip] = out[flip].flip(-1)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 256, device="cpu") -> tuple[float, torch.Tensor]:
+    """(accuracy, logits float32 [n, C]) in eval mode; the model's mode is restored."""
+    was = model.training
+    model.eval()
+    outs = []
+    for s in range(0, len(data), batch_size):
+        x, _ = data.tensors(torch.arange(s, min(s + batch_size, len(data))))
+        outs.append(model(x.to(device)).float().cpu())
+    model.train(was)
+    logits = torch.cat(outs)
+    return float((logits.argmax(1) == data.labels).float().mean()), logits
+
+
+def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: TrainConfig, out_dir, *,
+          soft_labels: torch.Tensor | None = None, teacher: nn.Module | None = None, device="cpu",
+          progress: bool = True, resume: bool = True, max_seconds: float | None = None) -> TrainResult:
+    """Train ``model`` on ``train_set``, evaluating on ``val_set`` every epoch.
+
+    soft_labels: optional teacher logits [n_train, C]; then the loss is the temperature-scaled KL
+    divergence to softmax(soft_labels / T) instead of cross-entropy — one fixed target per image.
+    teacher: instead, relabel every *augmented* batch with the teacher's logits (eval mode, no grad), as
+    WMDD / FKD do, so the target always describes the crop the student sees. Not both.
+    max_seconds: stop after the epoch that crosses this wall-clock budget (the run can be resumed).
+    """
+    if config.optimizer not in ("sgd", "adamw"):
+        raise DNTKError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'adamw'")
+    if config.epochs < 1:
+        raise DNTKError(f"epochs must be ≥ 1, got {config.epochs}")
+    if soft_labels is not None and teacher is not None:
+        raise DNTKError("give soft_labels (fixed per image) or teacher (relabels each augmented batch), not both")
+    if soft_labels is not None and soft_labels.shape[0] != len(train_set):
+        raise DNTKError(f"soft_labels has {soft_labels.shape[0]} rows for {len(train_set)} training images")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_json = _config_json(config, teacher is not None)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    lr = config.resolved_lr()
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                              nesterov=True)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    n = len(train_set)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=config.epochs * steps_per_epoch,
+                                                pct_start=0.15, anneal_strategy="cos", div_factor=10.0,
+                                                final_div_factor=100.0)
+    gen = torch.Generator().manual_seed(config.seed)
+    start_epoch, history, best = 0, [], (-1.0, -1)
+    last = out_dir / "last.pt"
+    if resume and last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        if same_config(state.get("config"), config, relabel_teacher=teacher is not None):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            gen.set_state(state["generator"])
+            start_epoch, history, best = state["epoch"], state["history"], tuple(state["best"])
+    resumed_from = start_epoch
+    t0 = time.perf_counter()
+    bar = tqdm(total=config.epochs, initial=start_epoch, desc="training", unit="epoch", disable=not progress)
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        total, seen = 0.0, 0
+        for s in range(0, n, config.batch_size):
+            idx = perm[s: s + config.batch_size]
+            if idx.numel() < 2 and n > 1:
+                continue  # BatchNorm needs two samples
+            x, y = train_set.tensors(idx)
+            x = augment_batch(x, config.augment, gen).to(device)
+            out = model(x)
+            if soft_labels is not None or teacher is not None:
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(x)
+                else:
+                    target = soft_labels[idx].to(device)
+                T = config.soft_label_temperature
+                loss = F.kl_div(F.log_softmax(out / T, 1), F.softmax(target / T, 1), reduction="batchmean") * T * T
+            else:
+                loss = F.cross_entropy(out, y.to(device), label_smoothing=config.label_smoothing)
+            if not torch.isfinite(loss):
+                raise DNTKError(f"training loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate "
+                                f"(now {lr}) or use --optimizer adamw")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * idx.numel()
+            seen += idx.numel()
+        due = (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs
+        acc = evaluate(model, val_set, device=device)[0] if due else None
+        history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_accuracy": acc,
+                        "lr": sched.get_last_lr()[0]})
+        if acc is not None and acc > best[0]:
+            best = (acc, epoch + 1)
+            atomic_save({"model": model.state_dict(), "val_accuracy": acc, "epoch": epoch + 1}, out_dir / "best.pt")
+        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "generator": gen.get_state(), "epoch": epoch + 1, "history": history, "best": list(best),
+                      "config": cfg_json}, last)
+        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_acc="-" if acc is None else f"{acc:.3f}")
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds and epoch + 1 < config.epochs:
+            break
+    bar.close()
+    if (out_dir / "best.pt").exists():
+        model.load_state_dict(torch.load(out_dir / "best.pt", map_location="cpu")["model"])
+    return TrainResult(model, best[0], best[1], history, time.perf_counter() - t0, resumed_from)
+

@@ -1,0 +1,105 @@
+"""The teacher every verb uses, and the student trained on a distilled set: defaults per dataset,
+the training recipes, load-or-train.
+
+Recipes (:class:`~dntk.training.TrainConfig`):
+- teacher: SGD (or AdamW) with the one-cycle cosine schedule, ``crop_flip`` augmentation
+  (``shift`` for digits, where flips change the class), 30 epochs on digits and 15 otherwise;
+- student: a fresh network of the teacher's architecture trained on the distilled images only with
+  AdamW (lr 2e-3, weight decay 0.01, batch ≤ 64) and the teacher's temperature-4 soft labels —
+  by default recomputed on every augmented batch (WMDD's FKD-style relabelling), or fixed per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..models import build_model, load_checkpoint
+from ..store import model_checksum
+from .loop import TrainConfig, TrainResult, evaluate, train
+
+
+def default_model(dataset: str) -> str:
+    return "small_cnn" if dataset == "digits" else "resnet18"
+
+
+def default_image_size(dataset: str) -> int:
+    return 8 if dataset == "digits" else 64
+
+
+def default_epochs(dataset: str) -> int:
+    return 30 if dataset == "digits" else 15
+
+
+def augmentation(dataset: str) -> str:
+    return "shift" if dataset == "digits" else "crop_flip"
+
+
+def teacher_train_config(dataset: str, cfg, seed: int = 0) -> TrainConfig:
+    """The teacher recipe for ``dataset`` with the settings of a :class:`dntk.config.TeacherConfig`."""
+    return TrainConfig(epochs=cfg.epochs if cfg.epochs is not None else default_epochs(dataset),
+                       optimizer=cfg.optimizer, lr=cfg.lr, seed=seed, batch_size=cfg.train_batch_size,
+                       augment=augmentation(dataset))
+
+
+def build_network(cfg, dataset: str, image_size: int | None, like) -> nn.Module:
+    """A fresh network of the configured architecture for data shaped like ``like`` (an ImageSet)."""
+    size = image_size if image_size is not None else default_image_size(dataset)
+    return build_model(cfg.model or default_model(dataset), like.num_classes, in_channels=like.image_shape[0],
+                       image_size=size, stem=cfg.stem)
+
+
+@dataclass
+class Teacher:
+    """model: in eval mode on the device; source: the checkpoint it came from; trained: the
+    TrainResult when it was trained here (None when loaded); checksum: :func:`dntk.store.model_checksum`."""
+
+    model: nn.Module
+    source: str
+    trained: TrainResult | None
+    checksum: str
+
+
+def load_or_train_teacher(cfg, dataset: str, image_size: int | None, train_set, val_set, out_dir, *, seed: int = 0,
+                          device="cpu", progress: bool = True) -> Teacher:
+    """The teacher of a :class:`dntk.config.TeacherConfig`: loaded from ``cfg.checkpoint``, or trained on
+    train_set (validated on val_set) and cached in ``out_dir/teacher`` — a finished run there with
+    the same recipe is reused, an interrupted one resumed."""
+    torch.manual_seed(seed)  # the initial weights: the same teacher from every verb for the same --seed
+    model = build_network(cfg, dataset, image_size, train_set)
+    if cfg.checkpoint:
+        load_checkpoint(model, cfg.checkpoint)
+        trained, source = None, str(cfg.checkpoint)
+    else:
+        folder = Path(out_dir) / "teacher"
+        trained = train(model, train_set, val_set, teacher_train_config(dataset, cfg, seed), folder, device=device,
+                        progress=progress)
+        source = str(folder / "best.pt")
+    model.to(device).eval()
+    return Teacher(model, source, trained, model_checksum(model))
+
+
+def student_train_config(dataset: str, epochs: int, seed: int, n: int, eval_every: int = 1) -> TrainConfig:
+    return TrainConfig(epochs=epochs, optimizer="adamw", batch_size=min(64, n), seed=seed, weight_decay=0.01,
+                       augment=augmentation(dataset), eval_every=eval_every)
+
+
+def train_student(student: nn.Module, teacher: nn.Module, distilled, test_set, out_dir, *, dataset: str, epochs: int,
+                  seed: int = 0, relabel: bool = True, eval_every: int = 1, device="cpu",
+                  progress: bool = True) -> tuple[nn.Module, float]:
+    """Train ``student`` (a fresh network) on the images of ``distilled`` (a DistilledSet or ImageSet)
+    with the teacher's soft labels — relabelled on every augmented batch, or (relabel=False) fixed
+    per image — and return (student in eval mode, its test accuracy). Cached and resumable in out_dir."""
+    torch.manual_seed(seed)
+    cfg = student_train_config(dataset, epochs, seed, len(distilled), eval_every)
+    if relabel:
+        labels = {"teacher": teacher.eval()}
+    else:
+        with torch.no_grad():
+            labels = {"soft_labels": teacher.eval()(distilled.images.to(device)).cpu()}
+    train(student, distilled, test_set, cfg, out_dir, device=device, progress=progress, **labels)
+    student.eval()
+    return student, evaluate(student, test_set, device=device)[0]
