@@ -57,7 +57,9 @@ def features(model, X, tag, k=4096, root=ROOT, progress=True):
     """The library's feature store (tensorsketch, k, seed 0) for inputs X, keyed by the model, k and X."""
     proj = dntk.projection.make("tensorsketch", k=k, seed=0)
     key = digest(model_checksum(model), k, digest(X))
-    return FeatureStore(root / f"bench-features-{tag}-{key}").extract(model, X, proj, progress=progress)
+    store = FeatureStore(root / f"bench-store-{tag}-{key}")
+    store.extract(model, X, proj, progress=progress)
+    return store.read(projector=proj)
 
 
 def main():

@@ -53,8 +53,8 @@ def test_results_json_is_complete_and_consistent(tiny_run):
 
 def test_rerun_resumes_from_cached_stages(tiny_run):
     teacher = tiny_run / "teacher" / "last.pt"
-    feats = sorted(tiny_run.glob("features-*/chunk-*.pt"))
-    assert len(feats) >= 2
+    feats = sorted(tiny_run.glob("features-*/shard-*"))
+    assert len(feats) >= 6  # train and test: features, logits, labels and a record per shard
     before = [teacher.stat().st_mtime_ns] + [f.stat().st_mtime_ns for f in feats]
     first = json.loads((tiny_run / "results.json").read_text())
     assert main(["run", "--out", str(tiny_run), "--exact", *TINY]) == 0
@@ -157,20 +157,20 @@ def test_train_and_ntk_verbs(tmp_path, capsys):
     assert torch.allclose(K, K.transpose(1, 2)) and bool((torch.diagonal(K, dim1=1, dim2=2) > 0).all())
 
 
-def test_interrupted_feature_extraction_resumes_at_the_missing_chunk(tmp_path):
-    """Features are saved in atomic chunks: losing one (as an interruption would) recomputes only
-    that chunk, and the results are unchanged."""
+def test_interrupted_feature_extraction_resumes_at_the_missing_shard(tmp_path):
+    """Features are saved in atomic shards: losing one (as an interruption would) recomputes only
+    that shard, and the results are unchanged."""
     from dntk import RunConfig, run
 
     cfg = RunConfig.from_options(out=str(tmp_path), m=30, n_test=50, epochs=2, k=128, progress=False, feature_chunk=16)
     first = run(cfg)
-    chunks = sorted(tmp_path.glob("features-test-*/chunk-*.pt"))
-    assert len(chunks) == 4  # 50 test images in chunks of 16
-    stamps = {c: c.stat().st_mtime_ns for c in chunks}
-    chunks[2].unlink()
+    records = sorted(tmp_path.glob("features-test-*/shard-*.json"))
+    assert len(records) == 4  # 50 test images in shards of 16
+    stamps = {c: c.stat().st_mtime_ns for c in records}
+    records[2].unlink()
     second = run(cfg)
-    assert chunks[2].exists()
-    assert all(c.stat().st_mtime_ns == stamps[c] for c in chunks if c != chunks[2])
+    assert records[2].exists()
+    assert all(c.stat().st_mtime_ns == stamps[c] for c in records if c != records[2])
     assert second.kernel_model == first.kernel_model
 
 
@@ -264,10 +264,11 @@ def test_onehot_targets_mse_is_against_the_onehot_targets(tiny_run, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["targets"] == "onehot"
 
-    def load(tag):
-        chunks = [torch.load(p, weights_only=False) for p in sorted(out.glob(f"features-{tag}-*/chunk-*.pt"))]
-        return (np.concatenate([c["features"].double().numpy() for c in chunks], 1),
-                np.concatenate([c["logits"].double().numpy() for c in chunks]))
+    def load(tag):  # the store's .npy arrays read with numpy alone, in shard order
+        (folder,) = out.glob(f"features-{tag}-*")
+        feats, logits = sorted(folder.glob("shard-*.features.npy")), sorted(folder.glob("shard-*.logits.npy"))
+        return (np.concatenate([np.load(p).astype(np.float64) for p in feats], 1),
+                np.concatenate([np.load(p).astype(np.float64) for p in logits]))
 
     (F_tr, _), (F_te, logits_te) = load("train"), load("test")
     train, test = load_splits("digits", image_size=8)

@@ -56,18 +56,19 @@ def _model_and_data(n=20, seed=0):
     return SmallCNN(1, 3).eval(), torch.randn(n, 1, 8, 8)
 
 
-def test_feature_store_resumes_at_the_missing_chunk_and_matches_one_extraction(tmp_path, monkeypatch):
+def test_feature_store_resumes_at_the_missing_shard_and_matches_one_extraction(tmp_path, monkeypatch):
     model, X = _model_and_data()
     proj = make("sjlt", k=64, seed=3)
-    fs = store.FeatureStore(tmp_path / "f", chunk=8)
-    first = fs.extract(model, X, proj, batch_size=4, progress=False)
-    assert fs.missing(20) == [] and len(list((tmp_path / "f").glob("chunk-*.pt"))) == 3
+    fs = store.FeatureStore(tmp_path / "f", shard=8)
+    assert fs.extract(model, X, proj, batch_size=4, progress=False) == [0, 1, 2]
+    first = fs.read(projector=proj)
+    assert fs.missing() == [] and len(list((tmp_path / "f").glob("shard-*.json"))) == 3
     whole = gradient_features(model, X, proj, batch_size=4, progress=False)
     assert torch.allclose(first.features, whole.features, rtol=1e-5, atol=1e-7)
     assert torch.equal(first.logits, whole.logits) and first.projector is proj and first.paths == whole.paths
-    # lose the middle chunk: only it is recomputed (8 samples), and the result is unchanged
-    fs.chunk_path(8, 16).unlink()
-    assert fs.missing(20) == [8]
+    # lose the middle shard's completion record (an interrupted write): only it is recomputed
+    (tmp_path / "f" / "shard-000001.json").unlink()
+    assert fs.missing() == [1]
     seen = []
     import dntk.features as features_module
 
@@ -78,25 +79,15 @@ def test_feature_store_resumes_at_the_missing_chunk_and_matches_one_extraction(t
         return real(model, X, *a, **kw)
 
     monkeypatch.setattr(features_module, "gradient_features", counting)
-    again = fs.extract(model, X, proj, batch_size=4, progress=False)
+    assert store.FeatureStore(tmp_path / "f", shard=8).extract(model, X, proj, batch_size=4, progress=False) == [1]
     assert seen == [8]
-    assert torch.equal(again.features, first.features)
-
-
-def test_feature_store_never_mixes_chunk_sizes(tmp_path):
-    """A rerun with another chunk size in the same folder writes its own files (the range is in the
-    name); a chunk holding the wrong number of samples is refused, not concatenated."""
-    model, X = _model_and_data()
-    proj = make("sjlt", k=32, seed=0)
-    a = store.FeatureStore(tmp_path, chunk=8).extract(model, X, proj, progress=False)
-    b = store.FeatureStore(tmp_path, chunk=4).extract(model, X, proj, progress=False)
-    assert len(a) == len(b) == 20 and torch.allclose(a.features, b.features, rtol=1e-5, atol=1e-7)
-    fs = store.FeatureStore(tmp_path, chunk=8)
-    blob = torch.load(fs.chunk_path(0, 8), weights_only=False)
-    blob["features"], blob["logits"] = blob["features"][:, :5], blob["logits"][:5]
-    torch.save(blob, fs.chunk_path(0, 8))
-    with pytest.raises(dntk.DNTKError, match="holds 5 samples of k=32, expected 8"):
-        fs.extract(model, X, proj, progress=False)
+    assert torch.equal(fs.read().features, first.features)
+    # several processes: shard i belongs to rank i mod world
+    other = store.FeatureStore(tmp_path / "g", shard=8)
+    assert other.extract(model, X, proj, progress=False, rank=1, world=2) == [1]
+    assert other.missing() == [0, 2]
+    with pytest.raises(dntk.DNTKError, match=r"shards \[0, 2\] of 3 are missing"):
+        other.read()
 
 
 def test_an_interrupted_write_leaves_nothing_under_the_real_name(tmp_path, monkeypatch):

@@ -5,6 +5,10 @@ dataclasses of :mod:`dntk.config`, so a setting has the same name and default on
     dntk train   [options]   train (or resume) a teacher only
     dntk distill [options]   distil the training set (--distill wmdd|random|kcenter) to --ipc images per class
     dntk ntk     [options]   exact per-class eNTK of a few test images (saved as a tensor)
+    dntk store verify DIR    check a feature store's shards (presence, shapes, SHA-1)
+
+Under ``torchrun --nproc-per-node N -m dntk run ...`` the feature extraction is split across the N
+processes (see :mod:`dntk.distributed`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,20 @@ HELP = {
 }
 
 
+def _store(args):
+    from .store import FeatureStore
+
+    report = FeatureStore(args.folder).verify(checksums=not args.no_checksums)
+    n_ok = report["shards"] - len(report["missing"]) - len(report["corrupt"])
+    print(f"{args.folder}: {report['n']} samples in {report['shards']} shards, {n_ok} complete and intact")
+    if report["missing"]:
+        print(f"missing shards: {report['missing']} (rerun the extraction to compute them)")
+    for i, name, why in report["corrupt"]:
+        print(f"corrupt: shard {i} {name}: {why} (delete shard-{i:06d}.json and rerun to recompute it)")
+    if not report["complete"]:
+        raise DNTKError(f"{args.folder} is incomplete")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dntk", description="Distilled neural tangent kernels of trained classifiers.")
     sub = parser.add_subparsers(dest="verb")
@@ -46,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "ntk":
             p.add_argument("--n", type=int_at_least(1), default=16, help="test images (default: 16)")
             p.add_argument("--blocks", choices=["per_class", "full", "trace"], default="per_class")
+    store = sub.add_parser("store", help="inspect a feature store", description="inspect a feature store")
+    actions = store.add_subparsers(dest="action", required=True)
+    verify = actions.add_parser("verify", help="check that every shard is present and intact (SHA-1)")
+    verify.add_argument("folder", help="a feature store folder (OUT/features-...)")
+    verify.add_argument("--no-checksums", action="store_true", help="check presence and shapes only")
     return parser
 
 
@@ -121,11 +144,21 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        {"run": _run, "train": _train, "distill": _distill, "ntk": _ntk}[args.verb](args)
+        {"run": _run, "train": _train, "distill": _distill, "ntk": _ntk, "store": _store}[args.verb](args)
     except DNTKError as e:
         print(f"dntk: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group():
+    """Under torchrun: leave the process group the run joined (a no-op in one process)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -152,9 +152,12 @@ class FeatureConfig:
     projector: str = option(DEFAULT_PROJECTOR, "random projection of the gradients", choices=PROJECTORS)
     k: int | None = option(None, "projection dimension", kind="int", minimum=1, none_means="min(4096, P/2)")
     batch_size: int = option(32, "samples per feature pass", kind="int", minimum=1)
-    feature_chunk: int = option(1024, "samples per saved feature file (the resume granularity)", kind="int",
-                                minimum=1)
+    feature_chunk: int = option(1024, "samples per feature-store shard (the unit of resume and of work per process)",
+                                kind="int", minimum=1)
     exact: bool = option(False, "also compute the exact per-class eNTK and compare", kind="bool")
+    test_features: str = option("store", "store the test features (needed by --gradient-distill), or stream them: "
+                                "predictions computed shard by shard, memory flat in the number of test images",
+                                choices=("store", "stream"))
 
 
 @dataclass
@@ -189,8 +192,9 @@ class DistillConfig:
 class KernelConfig:
     """The per-class kernel model (trace-normalised KRR)."""
 
-    m: int | None = option(None, "training points, even across classes (a distilled set sets m itself)", kind="int",
-                           minimum=1, none_means="500")
+    m: int | None = option(None, "training points, even across classes (a distilled set sets m itself); "
+                           "--train-points is the same setting, for torchrun, whose own parser claims --m",
+                           kind="int", minimum=1, none_means="500", aliases=("--train-points",))
     ridge: float = option(1e-4, "ridge, relative to the mean kernel diagonal", kind="float", minimum=0.0)
     targets: str = option("logits", "regress the teacher's logits or one-hot labels", choices=("logits", "onehot"))
     m_grid: list[int] | None = option(None, "m values for figure1", kind="ints", none_means="a log grid up to m")
@@ -276,6 +280,9 @@ class RunConfig:
             raise DNTKError(f"--budget {c.gradients.budget} is larger than --m {c.kernel.m}; choose s ≤ m")
         if c.teacher.base_model == "student" and c.distill.method == "none" and not c.distill.load:
             raise DNTKError("--base-model student trains on a distilled set: add --distill {random,kcenter,wmdd}")
+        if c.gradients.method != "none" and c.features.test_features == "stream":
+            raise DNTKError("--gradient-distill evaluates synthetic sets on the stored test features: use "
+                            "--test-features store (the default) with it")
         if c.gradients.method in SELECTION_METHODS and c.gradients.budget is None:
             raise DNTKError(f"--gradient-distill {c.gradients.method} needs --budget s (gradients per class kernel)")
         return c

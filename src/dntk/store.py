@@ -6,9 +6,9 @@ through this module (figures and small logs such as a training history are writt
 - :func:`atomic_save` / :func:`atomic_json`: write to ``<path>.tmp`` and rename, so an interrupted
   write never leaves a half file under the real name.
 - :func:`cached`: load ``path`` if present, else compute, save atomically and return.
-- :class:`FeatureStore`: a folder of feature chunks (one :class:`~dntk.features.FeatureResult` per
-  ``chunk`` samples, each saved atomically); an interrupted extraction resumes at the first missing
-  chunk, and the chunks read back as one ``FeatureResult``.
+- :class:`FeatureStore`: features in fixed-size shards of memory-mapped ``.npy`` arrays with a JSON
+  manifest and per-shard completion records (SHA-1 checksums); written by one or several processes,
+  resumed at the missing shards, verified by ``dntk store verify``, read by class or index range.
 
 Users: teacher/student training (checkpoints), WMDD (per-class resume files), distilled sets, the
 decoded-image cache, ``dntk run`` (features, exact kernels, results.json) and the benchmarks.
@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .errors import DNTKError, require_int
@@ -44,7 +45,9 @@ def model_checksum(model: torch.nn.Module) -> str:
 
 
 def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+    """A temporary name next to ``path``, private to this process (several ranks may write the same
+    file, e.g. a store's identical manifest, at once)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
 def atomic_save(obj, path) -> Path:
@@ -88,48 +91,208 @@ def cached(path, compute: Callable[[], object]):
     return value
 
 
-class FeatureStore:
-    """A folder of projected features, ``chunk`` samples per atomically written file.
+# --- the sharded, memory-mapped feature store ------------------------------------------------------------
+STORE_FORMAT = "dntk-feature-store-1"
 
-    ``FeatureStore(folder, chunk).extract(model, X, projector, ...)`` computes
-    :func:`dntk.gradient_features` of ``X`` [n, ...] chunk by chunk, skipping chunks already on disk,
-    and returns one :class:`~dntk.features.FeatureResult` (features [C, n, k], logits [n, C]).
-    The folder name should carry a digest of everything the features depend on (model checksum,
-    projector name/k/seed, the inputs); the store itself does not check it.
+
+def _sha1_file(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FeatureStore:
+    """Projected features on disk: fixed-size shards of memory-mapped ``.npy`` arrays and a manifest.
+
+    Layout of ``folder``::
+
+        manifest.json                 identity (model checksum, projector name/k/seed, inputs digest),
+                                      n, classes, k, dtype, shard size and the shards' index ranges
+        shard-000003.features.npy     float32 [C, stop − start, k]   (numpy .npy, opened as a memmap)
+        shard-000003.logits.npy       float32 [stop − start, C]
+        shard-000003.labels.npy       int64 [stop − start]           (when the inputs carried labels)
+        shard-000003.json             completion record: range, SHA-1 of each array file, engine paths
+
+    A shard is written array by array to temporary names and renamed; its ``.json`` record is written
+    last (atomically), so a shard is complete exactly when its record exists. An interrupted
+    extraction resumes at the missing shards; several processes (``rank``/``world``) each write their
+    own shards. Reading a class's [n, k] block or an index range opens only the shards it needs.
+
+    Shard boundaries depend only on the shard size, never on the number of processes, so every shard
+    is computed with the same batches whoever computes it.
     """
 
-    def __init__(self, folder, chunk: int = 1024):
-        require_int(chunk, "chunk", 1, "choose how many samples one saved file holds")
-        self.folder, self.chunk = Path(folder), chunk
+    def __init__(self, folder, shard: int = 1024):
+        require_int(shard, "shard", 1, "choose how many samples one shard holds")
+        self.folder, self.shard = Path(folder), shard
+        self._manifest = None
 
-    def chunk_path(self, start: int, stop: int) -> Path:
-        """The file of samples [start, stop): the range is in the name, so chunks of another chunk size
-        in the same folder are never mixed in."""
-        return self.folder / f"chunk-{start:09d}-{stop:09d}.pt"
-
+    # -- layout --------------------------------------------------------------------------------------
     def ranges(self, n: int) -> list[tuple[int, int]]:
-        return [(s, min(n, s + self.chunk)) for s in range(0, n, self.chunk)]
+        return [(s, min(n, s + self.shard)) for s in range(0, n, self.shard)]
 
-    def missing(self, n: int) -> list[int]:
-        """Start indices of the chunks of an n-sample extraction not yet on disk."""
-        return [s for s, e in self.ranges(n) if not self.chunk_path(s, e).exists()]
+    def _path(self, i: int, what: str) -> Path:
+        return self.folder / f"shard-{i:06d}.{what}"
 
-    def extract(self, model, X: torch.Tensor, projector, *, batch_size: int = 32, device=None,
-                progress: bool = True):
-        from .features import FeatureResult, gradient_features
+    @property
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            path = self.folder / "manifest.json"
+            if not path.exists():
+                raise DNTKError(f"no feature store at {self.folder} (manifest.json missing); extract features first")
+            self._manifest = json.loads(path.read_text())
+            self.shard = self._manifest["shard_size"]
+        return self._manifest
+
+    def _open(self, identity: dict, n: int) -> dict:
+        """Write the manifest, or check that the one present describes the same extraction."""
+        path = self.folder / "manifest.json"
+        wanted = {"format": STORE_FORMAT, "identity": identity, "n": n, "shard_size": self.shard,
+                  "shards": self.ranges(n)}
+        if path.exists():
+            have = json.loads(path.read_text())
+            keys = ("format", "identity", "n", "shard_size")
+            if {k: have.get(k) for k in keys} != {k: wanted[k] for k in keys}:
+                diff = [k for k in keys if have.get(k) != wanted[k]]
+                raise DNTKError(f"{self.folder} holds another extraction (its {', '.join(diff)} differ); "
+                                "use another folder or delete this one")
+            self._manifest = have
+            return have
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_json(wanted, path)
+        self._manifest = wanted
+        return wanted
+
+    def complete(self, i: int) -> bool:
+        return self._path(i, "json").exists()
+
+    def missing(self, n: int | None = None) -> list[int]:
+        """Indices of the shards without a completion record."""
+        count = len(self.ranges(n)) if n is not None else len(self.manifest["shards"])
+        return [i for i in range(count) if not self.complete(i)]
+
+    # -- writing -------------------------------------------------------------------------------------
+    def _write_shard(self, i: int, start: int, stop: int, result) -> None:
+        files = {"features": result.features.float().numpy(), "logits": result.logits.float().numpy()}
+        if result.labels is not None:
+            files["labels"] = result.labels.long().numpy()
+        sums = {}
+        for what, array in files.items():
+            path = self._path(i, f"{what}.npy")
+            tmp = _tmp(path)
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+            tmp.replace(path)
+            sums[what] = _sha1_file(path)
+        atomic_json({"index": i, "start": start, "stop": stop, "sha1": sums, "classes": list(result.classes),
+                     "paths": result.paths, "num_params": result.num_params}, self._path(i, "json"))
+
+    def extract(self, model, X: torch.Tensor, projector, *, identity: dict | None = None, batch_size: int = 32,
+                device=None, progress: bool = True, rank: int = 0, world: int = 1) -> list[int]:
+        """Compute the missing shards of :func:`dntk.gradient_features` of X [n, ...] that belong to
+        ``rank`` (shard i goes to rank i mod world). ``identity``: what the features depend on besides the
+        inputs (model checksum, projector) — default: the projector's name, k and seed and a digest of
+        the model's state; the inputs' digest is always added. Returns the shards computed here."""
+        from .features import gradient_features
 
         n = X.shape[0]
         if n == 0:
             raise DNTKError("no inputs to extract features from")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        parts = []
-        for start, stop in self.ranges(n):
-            path = self.chunk_path(start, stop)
-            blob = cached(path, lambda: gradient_features(model, X[start:stop], projector, batch_size=batch_size,
-                                                          device=device, progress=progress).state())
-            part = FeatureResult.from_state(blob, projector)
-            if len(part) != stop - start or part.features.shape[2] != projector.dim:
-                raise DNTKError(f"{path} holds {len(part)} samples of k={part.features.shape[2]}, expected "
-                                f"{stop - start} of k={projector.dim}; the folder mixes extractions — delete it")
-            parts.append(part)
-        return FeatureResult.concat(parts)
+        if identity is None:
+            identity = {"model": model_checksum(model)}
+        identity = {**identity, "projector": {"name": projector.name, "k": projector.k, "seed": projector.seed,
+                                         "map": repr(projector)},
+                    "inputs": digest(X)}
+        self._open(identity, n)
+        done = []
+        for i, (start, stop) in enumerate(self.ranges(n)):
+            if i % world != rank or self.complete(i):
+                continue
+            result = gradient_features(model, X[start:stop], projector, batch_size=batch_size, device=device,
+                                       progress=progress)
+            self._write_shard(i, start, stop, result)
+            done.append(i)
+        return done
+
+    # -- reading -------------------------------------------------------------------------------------
+    def _require_complete(self):
+        missing = self.missing()
+        if missing:
+            raise DNTKError(f"{self.folder}: shards {missing[:10]}{' …' if len(missing) > 10 else ''} of "
+                            f"{len(self.manifest['shards'])} are missing; rerun the extraction to finish them")
+
+    def _array(self, i: int, what: str):
+        return np.load(self._path(i, f"{what}.npy"), mmap_mode="r")
+
+    def _shards_over(self, start: int, stop: int):
+        for i, (s, e) in enumerate(self.manifest["shards"]):
+            if e > start and s < stop:
+                yield i, s, e
+
+    def read_class(self, c: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Features of logit position c for samples [start, stop): float32 [stop − start, k]; only the
+        shards overlapping the range are opened, and only class c's rows of them are read."""
+        self._require_complete()
+        stop = self.manifest["n"] if stop is None else stop
+        parts = [np.asarray(self._array(i, "features")[c, max(start, s) - s:min(stop, e) - s])
+                 for i, s, e in self._shards_over(start, stop)]
+        return torch.from_numpy(np.concatenate(parts))
+
+    def read(self, start: int = 0, stop: int | None = None, projector=None):
+        """Samples [start, stop) as a :class:`~dntk.features.FeatureResult` (features [C, len, k])."""
+        from .features import FeatureResult
+
+        self._require_complete()
+        stop = self.manifest["n"] if stop is None else stop
+        feats, logits, labels, record = [], [], [], None
+        for i, s, e in self._shards_over(start, stop):
+            a, b = max(start, s) - s, min(stop, e) - s
+            feats.append(np.asarray(self._array(i, "features")[:, a:b]))
+            logits.append(np.asarray(self._array(i, "logits")[a:b]))
+            if self._path(i, "labels.npy").exists():
+                labels.append(np.asarray(self._array(i, "labels")[a:b]))
+            record = record or json.loads(self._path(i, "json").read_text())
+        lab = torch.from_numpy(np.concatenate(labels)) if len(labels) == len(feats) and labels else None
+        return FeatureResult(torch.from_numpy(np.concatenate(feats, 1)), torch.from_numpy(np.concatenate(logits)), lab,
+                             record["classes"], projector, record["paths"], record["num_params"])
+
+    def read_logits(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The model's outputs float32 [stop − start, C] (no features are read)."""
+        self._require_complete()
+        stop = self.manifest["n"] if stop is None else stop
+        return torch.from_numpy(np.concatenate([np.asarray(self._array(i, "logits")[max(start, s) - s:min(stop, e) - s])
+                                                for i, s, e in self._shards_over(start, stop)]))
+
+    def path_shares(self) -> dict:
+        """The engine path shares of the first shard's parameters (see FeatureResult.path_shares)."""
+        from .features import FeatureResult
+
+        rec = json.loads(self._path(0, "json").read_text())
+        return FeatureResult(torch.empty(0), torch.empty(0), None, rec["classes"], None, rec["paths"],
+                             rec["num_params"]).path_shares()
+
+    def verify(self, checksums: bool = True) -> dict:
+        """{"complete": bool, "missing": [shard indices], "corrupt": [(index, file, reason)], "n", "shards"}:
+        every shard's record present, its arrays present with the recorded shapes and (``checksums``)
+        SHA-1."""
+        m = self.manifest
+        corrupt = []
+        for i, (s, e) in enumerate(m["shards"]):
+            if not self.complete(i):
+                continue
+            rec = json.loads(self._path(i, "json").read_text())
+            for what, sha in rec["sha1"].items():
+                path = self._path(i, f"{what}.npy")
+                if not path.exists():
+                    corrupt.append((i, path.name, "missing"))
+                elif checksums and _sha1_file(path) != sha:
+                    corrupt.append((i, path.name, "checksum differs"))
+                else:
+                    rows = self._array(i, what).shape[1 if what == "features" else 0]
+                    if rows != e - s:
+                        corrupt.append((i, path.name, f"{rows} rows, expected {e - s}"))
+        missing = self.missing()
+        return {"complete": not missing and not corrupt, "missing": missing, "corrupt": corrupt, "n": m["n"],
+                "shards": len(m["shards"])}

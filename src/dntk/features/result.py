@@ -83,17 +83,6 @@ class FeatureResult:
             raise DNTKError(f"scale must have one entry per class ({self.features.shape[0]}), got shape {tuple(s.shape)}")
         return replace(self, features=self.features.double() / s[:, None, None], projector=None)
 
-    # -- persistence (dntk.store.FeatureStore) ------------------------------------------------------
-    def state(self) -> dict:
-        """Plain tensors and lists (no projector object) for torch.save."""
-        return {"features": self.features, "logits": self.logits, "labels": self.labels, "classes": list(self.classes),
-                "paths": dict(self.paths), "num_params": dict(self.num_params)}
-
-    @classmethod
-    def from_state(cls, state: dict, projector: Projector | None) -> "FeatureResult":
-        return cls(state["features"], state["logits"], state.get("labels"), list(state["classes"]), projector,
-                   dict(state.get("paths", {})), dict(state.get("num_params", {})))
-
     @classmethod
     def concat(cls, parts: list["FeatureResult"]) -> "FeatureResult":
         """Samples of several results (same model, projector and classes) in order."""

@@ -29,17 +29,18 @@ def fit_evaluate(train, targets, test, logits_test, labels_test, *, ridge: float
 
 
 def krr_curve(y_train, logits_test, labels_test, *, ridge: float, m_values, train=None, test=None, kernels=None,
-              targets_test=None) -> list[dict]:
+              targets_test=None, device=None) -> list[dict]:
     """Metrics of the trace-normalised per-class KRR on the first m training points, for each m in
     ``m_values`` (training points are in balanced order, so every prefix is balanced).
 
     Either ``train`` / ``test`` FeatureResults (features [C, m, k] / [C, n, k]) or
     ``kernels=(K_train [C, m, m], K_test [C, n, m])``. y_train [m, C]; logits_test [n, C]; labels_test
     [n]; targets_test as in :func:`fit_evaluate`. Each row: m, the summary metrics, and the
-    condition number / minimum eigenvalue of the trace-normalised training kernel."""
+    condition number / minimum eigenvalue of the trace-normalised training kernel. ``device``: where the
+    solves run (:class:`PerClassKRR`)."""
     rows = []
     for mm in m_values:
-        model = PerClassKRR(ridge=ridge, normalize="trace")
+        model = PerClassKRR(ridge=ridge, normalize="trace", device=device)
         if kernels is None:
             sub = train.subset(slice(0, mm))
             pred = model.fit(sub, y_train[:mm]).predict(test)

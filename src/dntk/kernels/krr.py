@@ -49,7 +49,7 @@ def _as_class_list(x, what: str, dims: int):
     raise DNTKError(f"{what} must be a tensor [C, ...] or a list of C tensors, got {type(x).__name__}")
 
 
-def _targets_per_class(targets, C: int, sizes: list[int]):
+def _targets_per_class(targets, C: int, sizes: list[int], device="cpu"):
     if isinstance(targets, torch.Tensor) and targets.dim() == 2:
         if targets.shape[1] != C:
             raise DNTKError(f"targets have {targets.shape[1]} columns but there are C={C} class kernels")
@@ -61,7 +61,7 @@ def _targets_per_class(targets, C: int, sizes: list[int]):
     for c, (y, m) in enumerate(zip(ys, sizes)):
         if y.shape[0] != m:
             raise DNTKError(f"class {c}: {m} training points but {y.shape[0]} targets")
-    return [y.detach().double().cpu() for y in ys]
+    return [y.detach().double().to(device) for y in ys]
 
 
 def _check_finite(t: torch.Tensor, what: str):
@@ -82,11 +82,13 @@ class PerClassKRR:
         normalize: "trace" or None.
         rank: keep only the top-``rank`` eigen-directions of each class kernel (None = all).
         form: "auto" (primal when k < m, else dual), "dual" or "primal".
+        device: where the float64 solves run (default CPU; e.g. "cuda"); predictions return on the CPU.
 
     Fitted attributes: ``classes_`` (C), ``fits_`` (per-class solutions), ``scale_`` (ν_c, [C]).
     """
 
-    def __init__(self, ridge: float = 1e-4, normalize: str | None = "trace", rank: int | None = None, form: str = "auto"):
+    def __init__(self, ridge: float = 1e-4, normalize: str | None = "trace", rank: int | None = None, form: str = "auto",
+                 device=None):
         if not ridge >= 0:
             raise DNTKError(f"ridge must be ≥ 0, got {ridge}")
         if normalize not in ("trace", None):
@@ -96,27 +98,28 @@ class PerClassKRR:
         if form not in ("auto", "dual", "primal"):
             raise DNTKError(f"form must be 'auto', 'dual' or 'primal', got {form!r}")
         self.ridge, self.normalize, self.rank, self.form = ridge, normalize, rank, form
+        self.device = torch.device(device if device is not None else "cpu")
 
     # -- fitting -------------------------------------------------------------------------------------
     def fit(self, features, targets) -> "PerClassKRR":
         """features: [C, m, k] (a tensor, a FeatureResult, or a list of C tensors [m_c, k]); targets: [m, C] teacher logits
         (or one-hot labels, or a list of C vectors [m_c]). Returns self."""
-        phis = [f.detach().double().cpu() for f in _as_class_list(features, "features", 2)]
+        phis = [f.detach().double().to(self.device) for f in _as_class_list(features, "features", 2)]
         for c, f in enumerate(phis):
             _check_finite(f, f"features of class {c}")
-        ys = _targets_per_class(targets, len(phis), [f.shape[0] for f in phis])
+        ys = _targets_per_class(targets, len(phis), [f.shape[0] for f in phis], self.device)
         self.fits_ = [self._fit_features(c, phi, y) for c, (phi, y) in enumerate(zip(phis, ys))]
         self._finish()
         return self
 
     def fit_kernel(self, kernels, targets) -> "PerClassKRR":
         """Precomputed kernels: kernels [C, m, m] (e.g. ``dntk.empirical_ntk``), targets [m, C]."""
-        Ks = [K.detach().double().cpu() for K in _as_class_list(kernels, "kernels", 2)]
+        Ks = [K.detach().double().to(self.device) for K in _as_class_list(kernels, "kernels", 2)]
         for c, K in enumerate(Ks):
             if K.shape[0] != K.shape[1]:
                 raise DNTKError(f"training kernel of class {c} must be square, got {tuple(K.shape)}")
             _check_finite(K, f"training kernel of class {c}")
-        ys = _targets_per_class(targets, len(Ks), [K.shape[0] for K in Ks])
+        ys = _targets_per_class(targets, len(Ks), [K.shape[0] for K in Ks], self.device)
         self.fits_ = []
         for c, (K, y) in enumerate(zip(Ks, ys)):
             nu = self._scale(c, kernels=K)
@@ -158,7 +161,7 @@ class PerClassKRR:
             lam, vec, proj = eig
             r = self.rank
             return vec[:, :r] @ (proj[:r] / (lam[:r] + self.ridge)), eig
-        M = A + self.ridge * torch.eye(n, dtype=A.dtype)
+        M = A + self.ridge * torch.eye(n, dtype=A.dtype, device=A.device)
         L, info = torch.linalg.cholesky_ex(M)
         if int(info) == 0:
             return torch.cholesky_solve(rhs[:, None], L)[:, 0], None
@@ -188,11 +191,11 @@ class PerClassKRR:
         for c, (fit, phi) in enumerate(zip(self.fits_, phis)):
             if fit.form == "kernel":
                 raise DNTKError("this model was fitted on precomputed kernels; use predict_kernel(K_test [C, n, m])")
-            phi = phi.detach().double().cpu()
+            phi = phi.detach().double().to(self.device)
             if phi.shape[1] != fit.train.shape[1]:
                 raise DNTKError(f"test features of class {c} have k={phi.shape[1]}, training features k={fit.train.shape[1]}")
             cols.append(phi @ fit.coef if fit.form == "primal" else (phi @ fit.train.T / fit.nu) @ fit.coef)
-        return torch.stack(cols, 1)
+        return torch.stack(cols, 1).cpu()
 
     def predict_kernel(self, kernels) -> torch.Tensor:
         """Precomputed test kernels [C, n, m] (k(x_test, x_train)) → predicted logits [n, C]."""
@@ -203,8 +206,8 @@ class PerClassKRR:
                 raise DNTKError(f"test kernel of class {c} has {K.shape[1]} columns, expected m={m} training points")
             if fit.form == "primal":
                 raise DNTKError("this model was fitted in primal form; predict_kernel needs form='dual' or fit_kernel")
-            cols.append((K.detach().double().cpu() / fit.nu) @ fit.coef)
-        return torch.stack(cols, 1)
+            cols.append((K.detach().double().to(self.device) / fit.nu) @ fit.coef)
+        return torch.stack(cols, 1).cpu()
 
     def _per_class(self, tests, what: str) -> list:
         """The C per-class test inputs of a fitted model (features [C, n, k] or kernels [C, n, m])."""
@@ -217,6 +220,20 @@ class PerClassKRR:
         if C != self.classes_:
             raise DNTKError(f"got {C} classes at prediction but the model was fitted on {self.classes_}")
 
+    def weights(self) -> torch.Tensor:
+        """The linear form of a model fitted on features: W float64 [C, k] with predictions
+        f_c(x) = φ_c(x)ᵀ W[c] — the primal solution, or Φ_cᵀ α_c / ν_c for a dual fit."""
+        self._check_fitted()
+        if any(f.form == "kernel" for f in self.fits_):
+            raise DNTKError("a model fitted on precomputed kernels has no feature-space weights")
+        return torch.stack([f.coef if f.form == "primal" else f.train.T @ f.coef / f.nu for f in self.fits_]).cpu()
+
+    def train_kernel(self, c: int) -> torch.Tensor:
+        """Class c's training kernel (unnormalised) float64 [m, m]."""
+        self._check_fitted()
+        fit = self.fits_[c]
+        return (fit.train if fit.form == "kernel" else fit.train @ fit.train.T).cpu()
+
     # -- sweeps reusing one eigendecomposition --------------------------------------------------------
     def sweep(self, features=None, *, kernels=None, ridges=(1e-4,), ranks=(None,)) -> dict:
         """Predictions [n, C] for every (ridge, rank) pair, from one eigendecomposition per class.
@@ -227,7 +244,7 @@ class PerClassKRR:
         tests = self._per_class(features if features is not None else kernels, "test features/kernels")
         out = {(lam, r): [] for lam in ridges for r in ranks}
         for c, (fit, t) in enumerate(zip(self.fits_, tests)):
-            t = t.detach().double().cpu()
+            t = t.detach().double().to(self.device)
             if fit.eig is None:
                 if fit.form == "primal":
                     fit.eig = self._eig(fit.train.T @ fit.train / fit.nu, fit.train.T @ fit.y / fit.nu)
@@ -248,4 +265,4 @@ class PerClassKRR:
                     if rr > lam_.numel():
                         raise DNTKError(f"rank {r} exceeds the {lam_.numel()} directions of class {c}")
                     out[(lam, r)].append(basis[:, :rr] @ (proj[:rr] / (lam_[:rr] + lam)))
-        return {key: torch.stack(cols, 1) for key, cols in out.items()}
+        return {key: torch.stack(cols, 1).cpu() for key, cols in out.items()}

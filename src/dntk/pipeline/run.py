@@ -21,7 +21,9 @@ from ..distill import TrainingPoints, training_points
 from ..distill.distilled import DistilledSet
 from ..errors import DNTKError
 from ..features import empirical_ntk
-from ..kernels import default_m_grid, krr_curve, one_hot
+from ..distributed import from_environment
+from ..kernels import (class_weights, curve_from_predictions, default_m_grid, gather_predictions, krr_curve, one_hot,
+                       predict_shards)
 from ..projection import make as make_projector
 from ..resources import StageTimer, process_peak_rss_mb
 from ..store import FeatureStore, cached, digest, model_checksum
@@ -29,20 +31,23 @@ from ..training import build_network, evaluate, load_or_train_teacher, train_stu
 from .result import RunResult
 from .stage3 import gradient_stage
 
-FEATURE_FORMAT = "feature-store-v2"   # part of every feature folder's key: chunks of FeatureResult.state()
+FEATURE_FORMAT = "feature-store-v3"   # part of every feature folder's key: the sharded memmap store
 
 
 def run(config: RunConfig) -> RunResult:
     """Run the main job; returns the RunResult also written to ``out/results.json``."""
     cfg = config.resolved()
+    ranks = from_environment(cfg.device)  # one process, or this process's rank under torchrun
+    cfg.device = ranks.device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     st = StageTimer()
-    log = print  # progress=False silences the bars, not the results
+    log = print if ranks.main else (lambda *a, **k: None)  # progress=False silences the bars, not the results
+    progress = cfg.progress and ranks.main
 
-    with st.time("data"):
-        train_set, test_set = load_configured(cfg.data, cache_dir=out / "cache", progress=cfg.progress)
+    with st.time("data"), ranks.main_first():
+        train_set, test_set = load_configured(cfg.data, cache_dir=out / "cache", progress=progress)
     C = train_set.num_classes
     # checked before any training so a mistake costs nothing
     if cfg.distill.method == "none" and not cfg.distill.load and cfg.kernel.m > len(train_set):
@@ -54,16 +59,17 @@ def run(config: RunConfig) -> RunResult:
         f"{train_set.image_shape}, {C} classes")
 
     with st.time("teacher"):
-        teacher = load_or_train_teacher(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set, test_set, out,
-                                        seed=cfg.seed, device=cfg.device, progress=cfg.progress)
+        with ranks.main_first():
+            teacher = load_or_train_teacher(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set, test_set,
+                                            out, seed=cfg.seed, device=cfg.device, progress=progress)
         test_acc, _ = evaluate(teacher.model, test_set, device=cfg.device)
     P = sum(p.numel() for p in teacher.model.parameters() if p.requires_grad)
     log(f"teacher: {cfg.teacher.model}, P={P:,}, test accuracy {test_acc:.4f}")
 
-    with st.time("distillation"):
+    with st.time("distillation"), ranks.main_first():
         points = training_points(cfg.distill, cfg.kernel.m, train_set, teacher=teacher.model,
                                  teacher_checksum=teacher.checksum, seed=cfg.seed, out_dir=out, device=cfg.device,
-                                 progress=cfg.progress)
+                                 progress=progress)
     if points.distilled is not None:
         cfg.kernel.m = len(points)
         log(f"distilled set: {points.distilled.method}, m={cfg.kernel.m} ({len(train_set) / cfg.kernel.m:.1f}× fewer "
@@ -75,8 +81,8 @@ def run(config: RunConfig) -> RunResult:
 
     base, base_acc = teacher.model, test_acc
     if cfg.teacher.base_model == "student":
-        with st.time("student"):
-            base, base_acc = _student(cfg, teacher, points, test_set, out)
+        with st.time("student"), ranks.main_first():
+            base, base_acc = _student(cfg, teacher, points, test_set, out, progress)
         log(f"student trained on the {m} distilled images: test accuracy {base_acc:.4f}")
     base_checksum = teacher.checksum if base is teacher.model else model_checksum(base)
 
@@ -84,36 +90,67 @@ def run(config: RunConfig) -> RunResult:
     projector = make_projector(cfg.features.projector, k=k, seed=cfg.seed)
     X_test, y_test = test_set.tensors()
 
-    def features(model, checksum, X, tag):
-        """Features of X by model, stored under a key of everything they depend on."""
-        key = digest(FEATURE_FORMAT, checksum, cfg.features.projector, k, cfg.seed, digest(X))
-        store = FeatureStore(out / f"features-{tag}-{key}", cfg.features.feature_chunk)
-        return store.extract(model, X, projector, batch_size=cfg.features.batch_size, device=cfg.device,
-                             progress=cfg.progress)
-
-    def targets_of(f, labels):
-        """The regression targets [n, C]: the model's logits or one-hot labels (--targets)."""
-        return f.logits.double() if cfg.kernel.targets == "logits" else one_hot(labels, C)
-
-    with st.time("features_train"):
-        ftr = features(base, base_checksum, points.images, "train")
-    with st.time("features_test"):
-        fte = features(base, base_checksum, X_test, "test")
-    y_train, y_test_targets = targets_of(ftr, points.labels), targets_of(fte, y_test)
+    targets_of = _targets_maker(cfg.kernel.targets, C)
     grid = cfg.kernel.m_grid if cfg.kernel.m_grid is not None else default_m_grid(m, C)
     grid = sorted({g for g in grid if 0 < g <= m} | {m})
-    curve_of = dict(labels_test=y_test, ridge=cfg.kernel.ridge, m_values=grid)
 
-    with st.time("kernel_model"):
-        curves = {"projected": krr_curve(y_train, fte.logits, train=ftr, test=fte, targets_test=y_test_targets,
-                                         **curve_of)}
+    def kernel_model(model, checksum, tag):
+        """Features of the m points (and, stored, of the test split) of one base model, and its Figure 1
+        curve. Every rank extracts its shards; rank 0 alone fits (returns None elsewhere)."""
+        key = digest(FEATURE_FORMAT, checksum, cfg.features.projector, k, cfg.seed)
+        shard = cfg.features.feature_chunk
+        extract = dict(identity={"model": checksum}, batch_size=cfg.features.batch_size, device=cfg.device,
+                       progress=progress, rank=ranks.rank, world=ranks.world)
+        stream = cfg.features.test_features == "stream"
+        with st.time(f"features_train{tag}"):  # each stage's time includes waiting for the other ranks
+            train = FeatureStore(out / f"features-train{tag}-{key}-{digest(points.images)}", shard)
+            train.extract(model, points.images, projector, **extract)
+            if stream:
+                ranks.barrier()
+        if not stream:
+            with st.time(f"features_test{tag}"):
+                test = FeatureStore(out / f"features-test{tag}-{key}-{digest(X_test)}", shard)
+                test.extract(model, X_test, projector, **extract)
+                ranks.barrier()
+        y_train = targets_of(train.read_logits(), points.labels)
+        if stream:  # test features are computed batch by batch and dropped; only predictions are kept
+            with st.time(f"kernel_model{tag}"):
+                with ranks.main_first():
+                    weights, cond = cached(out / f"weights{tag}-{key}-{digest(points.images, grid, cfg.kernel)}.pt",
+                                           lambda: class_weights(train, y_train, grid, ridge=cfg.kernel.ridge,
+                                                                 device=cfg.device))
+                folder = out / f"predictions{tag}-{key}-{digest(*[weights[g] for g in grid])}-{digest(X_test)}"
+                predict_shards(model, X_test, projector, weights, folder, shard=shard, **{
+                    k_: v for k_, v in extract.items() if k_ != "identity"})
+                ranks.barrier()
+                if not ranks.main:
+                    return None
+                pred = gather_predictions(folder, len(test_set), shard)
+                curve = curve_from_predictions(pred["predictions"], cond, pred["logits"], y_test,
+                                               targets_of(pred["logits"], y_test))
+            return {"curve": curve, "train": train, "test_logits": pred["logits"], "paths": train.path_shares()}
+        if not ranks.main:
+            return None
+        with st.time(f"kernel_model{tag}"):
+            ftr, fte = train.read(projector=projector), test.read(projector=projector)
+            curve = krr_curve(y_train, fte.logits, y_test, ridge=cfg.kernel.ridge, m_values=grid, train=ftr, test=fte,
+                              targets_test=targets_of(fte.logits, y_test), device=cfg.device)
+        return {"curve": curve, "train": train, "ftr": ftr, "fte": fte, "test_logits": fte.logits,
+                "y_train": y_train, "paths": ftr.path_shares()}
+
+    base_km = kernel_model(base, base_checksum, "")
+    teacher_km = kernel_model(teacher.model, teacher.checksum, "_teacher") if cfg.teacher.base_model == "student" \
+        else None
+    if not ranks.main:
+        return None  # rank 0 finishes the job
+    curves = {"projected": base_km["curve"]}
     result = RunResult(
         config=cfg.to_dict(),
         teacher={"model": cfg.teacher.model, "parameters": P, "test_accuracy": test_acc, "checksum": teacher.checksum,
                  "source": teacher.source, "best_epoch": teacher.trained.best_epoch if teacher.trained else None},
         base_model={"name": cfg.teacher.base_model, "test_accuracy": base_acc, "checksum": base_checksum},
         projector={"name": projector.name, "k": projector.dim, "seed": cfg.seed},
-        gradient_paths=ftr.path_shares(), targets=cfg.kernel.targets,
+        gradient_paths=base_km["paths"], targets=cfg.kernel.targets,
         kernel_model=_at_m(curves["projected"]),
         counts={"n_real": len(train_set), "m": m, "n_real_over_m": len(train_set) / m, "n_test": len(test_set),
                 "classes": C, "per_sample_gradients": (m + len(test_set)) * C, "parameters": P, "k": projector.dim},
@@ -123,12 +160,8 @@ def run(config: RunConfig) -> RunResult:
                                "jacobians_saved": len(train_set) / m, "seconds": st.timings.get("distillation", 0.0),
                                "source": cfg.distill.load}
 
-    if cfg.teacher.base_model == "student":  # the paper's Figure 1 compares the two base models on the same points
-        with st.time("teacher_comparison"):
-            t_tr = features(teacher.model, teacher.checksum, points.images, "train-teacher")
-            t_te = features(teacher.model, teacher.checksum, X_test, "test-teacher")
-            curves["teacher"] = krr_curve(targets_of(t_tr, points.labels), t_te.logits, train=t_tr, test=t_te,
-                                          targets_test=targets_of(t_te, y_test), **curve_of)
+    if teacher_km is not None:  # the paper's Figure 1 compares the two base models on the same points
+        curves["teacher"] = teacher_km["curve"]
         result.kernel_model_teacher = _at_m(curves["teacher"])
 
     if cfg.features.exact:
@@ -139,18 +172,21 @@ def run(config: RunConfig) -> RunResult:
             ex = cached(out / f"exact-{digest(FEATURE_FORMAT, base_checksum, digest(points.images), digest(X_test))}.pt",
                         lambda: {"K_train": empirical_ntk(base, X_train, spill_dir=out),
                                  "K_test": empirical_ntk(base, X_dev, X_train, spill_dir=out)})
-            curves["exact"] = krr_curve(y_train, fte.logits, kernels=(ex["K_train"], ex["K_test"]),
-                                        targets_test=y_test_targets, **curve_of)
-            K_projected = ftr.kernel()
+            y_train = targets_of(base_km["train"].read_logits(), points.labels)
+            curves["exact"] = krr_curve(y_train, base_km["test_logits"], y_test, ridge=cfg.kernel.ridge, m_values=grid,
+                                        kernels=(ex["K_train"], ex["K_test"]),
+                                        targets_test=targets_of(base_km["test_logits"], y_test), device=cfg.device)
+            K_projected = base_km["train"].read(projector=projector).kernel()
         result.exact = {"kernel_relative_error": metrics.kernel_relative_error(K_projected, ex["K_train"]),
                         "kernel_alignment": metrics.kernel_alignment(K_projected, ex["K_train"]),
                         "kernel_model": _at_m(curves["exact"])}
 
     if cfg.gradients.method != "none":
         with st.time("gradient_distillation"):
-            stage = gradient_stage(ftr, y_train, points.labels, fte, fte.logits, y_test, cfg=cfg.gradients,
-                                   ridge=cfg.kernel.ridge, seed=cfg.seed, class_names=train_set.classes,
-                                   targets_test=y_test_targets)
+            fte = base_km["fte"]
+            stage = gradient_stage(base_km["ftr"], base_km["y_train"], points.labels, fte, fte.logits, y_test,
+                                   cfg=cfg.gradients, ridge=cfg.kernel.ridge, seed=cfg.seed,
+                                   class_names=train_set.classes, targets_test=targets_of(fte.logits, y_test))
         with st.time("figures_stage3"):
             report.gradient_stage_figures(stage, out, class_names=train_set.classes, tau_v=cfg.gradients.tau_v,
                                           tau_g=cfg.gradients.tau_g)
@@ -179,14 +215,21 @@ def _at_m(curve: list[dict]) -> dict:
     return {key: curve[-1][key] for key in report.KM_KEYS}
 
 
-def _student(cfg: RunConfig, teacher, points: TrainingPoints, test_set, out: Path):
+def _targets_maker(targets: str, C: int):
+    def targets_of(logits, labels):
+        """The regression targets [n, C]: the model's logits or one-hot labels (--targets)."""
+        return logits.double() if targets == "logits" else one_hot(labels, C)
+    return targets_of
+
+
+def _student(cfg: RunConfig, teacher, points: TrainingPoints, test_set, out: Path, progress: bool):
     """The base model ``student``: trained on the distilled images only (cached under OUT/student-<key>)."""
     ds = DistilledSet(points.images, points.labels, list(test_set.classes), test_set.mean, test_set.std, test_set.name,
                       cfg.distill.method)
     student = build_network(cfg.teacher, cfg.data.dataset, cfg.data.image_size, test_set)
     return train_student(student, teacher.model, ds, test_set, out / f"student-{digest(teacher.checksum, digest(points.images))}",
                          dataset=cfg.data.dataset, epochs=cfg.teacher.student_epochs, seed=cfg.seed,
-                         device=cfg.device, progress=cfg.progress)
+                         device=cfg.device, progress=progress)
 
 
 def _figure1_curves(curves: dict, cfg: RunConfig, projector, points: TrainingPoints) -> dict:
