@@ -254,7 +254,6 @@ def test_onehot_targets_mse_is_against_the_onehot_targets(tiny_run, tmp_path):
     (recomputed here with numpy from the saved features), and `mse_vs_teacher_logits` against the
     teacher's logits."""
     import numpy as np
-    import torch
 
     from dntk.data import balanced_indices, load_splits
 

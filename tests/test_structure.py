@@ -18,8 +18,8 @@ from dntk.kernels import PerClassKRR, class_scale, krr_curve, shared_normalisati
 from dntk.models import SmallCNN
 from dntk.projection import make
 
-SRC = Path(dntk.__file__).parent
-ROOT = SRC.parents[1]
+SRC = Path(dntk.__file__).parent           # the installed package (editable or not)
+ROOT = Path(__file__).resolve().parents[1]  # the repository (README.md)
 
 
 # --- store -------------------------------------------------------------------------------------------------
