@@ -135,7 +135,8 @@ def test_stage_errors(tmp_path, capsys):
     assert main(["distill", "--out", str(tmp_path), "--quiet"]) == 1
     assert "dntk distill needs a method: --distill wmdd, random or kcenter" in capsys.readouterr().err
     for flag, value, message in (("--gradient-distill", "pca", "invalid choice: 'pca' (choose from 'none', 'local-global',"
-                                                              " 'random', 'fps', 'kmeans', 'leverage')"),
+                                                              " 'random', 'fps', 'kmeans', 'leverage', "
+                                                              "'target-direction', 'hybrid')"),
                                  ("--tau-v", "1.5", "must be a finite number > 0 and ≤ 1, got 1.5"),
                                  ("--distill", "dc", "invalid choice: 'dc' (choose from 'none', 'random', 'kcenter', "
                                                      "'wmdd')")):

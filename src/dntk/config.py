@@ -204,7 +204,9 @@ class KernelConfig:
 class GradientConfig:
     """Stage 3: gradient distillation of the per-class kernels."""
 
-    method: str = option("none", "none, local-global (Algorithm 1), random, fps, kmeans, leverage",
+    method: str = option("none", "none, local-global (Algorithm 1), random, fps, kmeans, leverage (selection "
+                         "baselines), target-direction (reproduces the all-m regression at s = 1), hybrid (target "
+                         "direction + Algorithm 1)",
                          flag="--gradient-distill", choices=("none",) + GRADIENT_METHODS)
     budget: int | None = option(None, "exactly s gradients per class kernel (m/s = compression)", kind="int",
                                 minimum=1, none_means="none: Algorithm 1 picks s from the thresholds")
@@ -283,7 +285,7 @@ class RunConfig:
         if c.gradients.method != "none" and c.features.test_features == "stream":
             raise DNTKError("--gradient-distill evaluates synthetic sets on the stored test features: use "
                             "--test-features store (the default) with it")
-        if c.gradients.method in SELECTION_METHODS and c.gradients.budget is None:
+        if c.gradients.method in SELECTION_METHODS + ("hybrid",) and c.gradients.budget is None:
             raise DNTKError(f"--gradient-distill {c.gradients.method} needs --budget s (gradients per class kernel)")
         return c
 

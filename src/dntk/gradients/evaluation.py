@@ -17,21 +17,31 @@ from ..errors import DNTKError
 from ..kernels import fit_evaluate
 from .local_global import local_global
 from .selection import SELECTION_METHODS, select
+from .target import hybrid, target_direction
 
-GRADIENT_METHODS = ("local-global",) + SELECTION_METHODS
+TARGET_METHODS = ("target-direction", "hybrid")
+GRADIENT_METHODS = ("local-global",) + SELECTION_METHODS + TARGET_METHODS
 
 
 def distill_gradients(method: str, F: torch.Tensor, Y: torch.Tensor, *, budget: int | None = None,
                       tau_v: float = 0.95, tau_g: float = 0.9, n_clusters: int = 10, mode: str = "per_class",
-                      seed: int = 0, coverage_mode: str = "union", gap: str = "full"):
+                      seed: int = 0, coverage_mode: str = "union", gap: str = "full", ridge: float = 1e-4):
     """Synthetic gradients per class kernel by ``method`` (one of ``GRADIENT_METHODS``).
 
     F [C, m, k] features, Y [m, C] targets → :class:`~dntk.gradients.DistilledGradients`.
     ``local-global`` is Algorithm 1 (budget mode when ``budget`` is given); the selection baselines
-    need ``budget`` (s gradients per class)."""
+    need ``budget`` (s gradients per class); ``target-direction`` (default s = 1) and ``hybrid`` (the target
+    direction plus Algorithm 1's s − 1) use ``ridge``, the absolute ridge of the model fitted on them."""
     if method == "local-global":
         return local_global(F, Y, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters, mode=mode, budget=budget,
                             coverage_mode=coverage_mode, gap=gap, seed=seed)
+    if method == "target-direction":
+        return target_direction(F, Y, budget or 1, ridge=ridge)
+    if method == "hybrid":
+        if budget is None:
+            raise DNTKError("--gradient-distill hybrid needs --budget s (the target direction + s − 1 of Algorithm 1)")
+        return hybrid(F, Y, budget, ridge=ridge, seed=seed, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters,
+                      mode=mode, coverage_mode=coverage_mode, gap=gap)
     if method in SELECTION_METHODS:
         if budget is None:
             raise DNTKError(f"--gradient-distill {method} needs --budget s (gradients per class kernel)")
@@ -58,7 +68,7 @@ def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, met
             t = time.perf_counter()
             for seed in seeds:
                 dg = distill_gradients(method, F, Y, budget=s, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters,
-                                       mode=mode, seed=seed)
+                                       mode=mode, seed=seed, ridge=ridge)
                 runs.append(evaluate_distilled(dg, F_test, logits_test, labels_test, ridge=ridge,
                                                targets_test=targets_test))
             row = {"method": method, "s": s, "compression": m / s, "seeds": len(seeds),

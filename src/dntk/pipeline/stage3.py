@@ -1,5 +1,6 @@
 """Stage 3 of ``dntk run``, orchestrated: shared normalisation → spectra → gradient distillation →
-its kernel model beside the all-m model → budget curves (Figure 3) → local–global structure
+its kernel model beside the all-m model → held-out targets (one-hot labels, a GP-prior function) and
+kernel-level metrics (:mod:`dntk.gradients.kernel_metrics`) → budget curves (Figure 3) → local–global structure
 (Figure 4) → rank curve (Figure 5). Every number is computed by :mod:`dntk.kernels`,
 :mod:`dntk.spectral` and :mod:`dntk.gradients`; the figures are drawn afterwards in one call to
 :func:`dntk.report.gradient_stage_figures`.
@@ -10,8 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..gradients import GRADIENT_METHODS, budget_curves, distill_gradients, evaluate_distilled
-from ..kernels import fit_evaluate, rank_curve, shared_normalisation
+from ..gradients import (GRADIENT_METHODS, budget_curves, distill_gradients, evaluate_distilled, gp_prior_targets,
+                         heldout_target_metrics, nystrom_kernel_error, posterior_variance_error, principal_angles)
+from ..kernels import fit_evaluate, one_hot, rank_curve, shared_normalisation
 from ..spectral import local_global_summary, spectral_summary
 
 
@@ -41,10 +43,19 @@ def gradient_stage(train, Y, labels_train, test, logits_test, labels_test, *, cf
     timings["spectra"] = time.perf_counter() - t
     t = time.perf_counter()
     dg = distill_gradients(cfg.method, F.features, Y, budget=cfg.budget, tau_v=cfg.tau_v, tau_g=cfg.tau_g,
-                           n_clusters=n_clusters, mode=cfg.mode, seed=seed)
+                           n_clusters=n_clusters, mode=cfg.mode, seed=seed, ridge=ridge)
     timings["distill"] = time.perf_counter() - t
     res = evaluate_distilled(dg, Ft.features, **evaluation)
     full = fit_evaluate(F, Y, Ft, normalize=None, **evaluation)
+    t = time.perf_counter()
+    C = Y.shape[1]
+    heldout = {"onehot_labels": heldout_target_metrics(dg, F, Ft, one_hot(labels_train, C), one_hot(labels_test, C),
+                                                       ridge=ridge, labels_test=labels_test),
+               "gp_prior": heldout_target_metrics(dg, F, Ft, *gp_prior_targets(F, Ft, seed=seed), ridge=ridge)}
+    kernel_level = {"nystrom_kernel_error": nystrom_kernel_error(F, dg, Ft),
+                    "posterior_variance_error": posterior_variance_error(F, dg, Ft, ridge=ridge),
+                    "principal_angles": principal_angles(F, dg, r=10)}
+    timings["heldout_and_kernel_metrics"] = time.perf_counter() - t
     t = time.perf_counter()
     budgets = sorted({b for b in fig3_budgets if b <= m} | ({cfg.budget} if cfg.budget else set()))
     curves = budget_curves(F.features, Y, Ft.features, budgets=budgets, methods=GRADIENT_METHODS, seeds=fig3_seeds,
@@ -63,6 +74,7 @@ def gradient_stage(train, Y, labels_train, test, logits_test, labels_test, *, cf
         "n_clusters": n_clusters, "s": s, "s_mean": sum(s) / len(s), "m": m, "compression": m / (sum(s) / len(s)),
         "ranks": spec["ranks"], "redundancy": spec["redundancy"],
         "kernel_model": res, "kernel_model_all_m": full, "ridge_absolute": ridge,
+        "heldout_targets": heldout, "kernel_metrics": kernel_level,
         "local_global": [{k: v for k, v in row.items() if k != "figure"} for row in lg],
         "figure3_rows": curves, "figure5_rows": rc, "timings_s": timings,
         "record": {k: v for k, v in dg.record.items() if k != "per_class"},

@@ -1,0 +1,129 @@
+"""Does a compressed kernel serve questions it was not built for? Kernel-level and held-out-target
+measures of a synthetic gradient set against the all-m kernel, on held-out points.
+
+Per class c (features already divided by √ν_c): Φ [m, k] the m training gradients, S = UᵀΦ [s, k] the
+synthetic ones (U: the set's coefficient vectors), X [n, k] held-out (test) gradients, λ the ridge.
+
+- **Nyström-type kernel error**: with P_Φ, P_S the orthogonal projections of R^k onto the row spans of
+  Φ and S, K_m(x, x') = φ(x)ᵀ P_Φ φ(x') is the all-m kernel restricted to the span of the m gradients
+  and K_S(x, x') = φ(x)ᵀ P_S φ(x') the compressed one; error ‖K_S − K_m‖_F / ‖K_m‖_F over the held-out
+  points. 0 when S spans what Φ spans; it sees every direction, not only the one a target needs.
+- **GP posterior variance**: σ²(x) = φᵀφ − φᵀΦᵀ(ΦΦᵀ + λI)⁻¹Φφ with all m points and σ̂²(x) with S in
+  their place; mean |σ̂² − σ²| / σ². The uncertainty a user would report; 0 only if S keeps the
+  directions the held-out points need.
+- **Principal angles** between the top-r right singular subspaces (in R^k) of Φ and of S (r ≤ s):
+  mean cos² (1 = same subspace) and the largest angle in degrees. Whether the leading spectrum survives.
+- **Held-out targets**: a synthetic set built for targets y is refitted on targets y' it never saw with
+  the same u (ŷ' = Uᵀy') and compared with the all-m model on y' (see :func:`heldout_target_metrics`).
+
+These say what a fidelity on the distillation targets cannot: a single direction can reproduce one
+regression exactly (:func:`dntk.gradients.target_direction`) and still lose the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import metrics
+from ..errors import DNTKError
+from ..kernels import PerClassKRR
+
+
+def _row_basis(A: torch.Tensor, tol: float = 1e-10) -> torch.Tensor:
+    """Orthonormal basis [k, r] of the row span of A [s, k]."""
+    if A.shape[0] == 0:
+        return torch.zeros(A.shape[1], 0, dtype=A.dtype)
+    _, sv, Vh = torch.linalg.svd(A, full_matrices=False)
+    keep = sv > tol * float(sv.max()) if sv.numel() and float(sv.max()) > 0 else torch.zeros_like(sv, dtype=torch.bool)
+    return Vh[keep].T
+
+
+def _classes(F_train, synthetic, F_test):
+    F = F_train.features if hasattr(F_train, "features") else F_train
+    X = F_test.features if hasattr(F_test, "features") else F_test
+    S = synthetic.features if hasattr(synthetic, "features") else synthetic
+    if len(S) != F.shape[0] or X.shape[0] != F.shape[0]:
+        raise DNTKError(f"{len(S)} synthetic classes, {F.shape[0]} training and {X.shape[0]} test classes: they must agree")
+    return F.double(), [s.double() for s in S], X.double()
+
+
+def nystrom_kernel_error(F_train, synthetic, F_test) -> float:
+    """Mean over classes of ‖X P_S Xᵀ − X P_Φ Xᵀ‖_F / ‖X P_Φ Xᵀ‖_F. F_train [C, m, k]; synthetic: a
+    DistilledGradients (or C tensors [s_c, k]); F_test [C, n, k]."""
+    F, S, X = _classes(F_train, synthetic, F_test)
+    errs = []
+    for c in range(F.shape[0]):
+        Qm, Qs = _row_basis(F[c]), _row_basis(S[c])
+        Am, As = X[c] @ Qm, X[c] @ Qs
+        Km, Ks = Am @ Am.T, As @ As.T
+        errs.append(float((Ks - Km).norm() / Km.norm()))
+    return sum(errs) / len(errs)
+
+
+def posterior_variance(F_train: torch.Tensor, F_test: torch.Tensor, ridge: float) -> torch.Tensor:
+    """σ²(x) = φᵀφ − φᵀΦᵀ(ΦΦᵀ + λI)⁻¹Φφ for one class: F_train [m, k], F_test [n, k] → [n]."""
+    Phi, X = F_train.double(), F_test.double()
+    m = Phi.shape[0]
+    kx = X @ Phi.T                                                            # [n, m]
+    sol = torch.linalg.solve(Phi @ Phi.T + ridge * torch.eye(m, dtype=Phi.dtype), kx.T)   # [m, n]
+    return (X * X).sum(1) - (kx * sol.T).sum(1)
+
+
+def posterior_variance_error(F_train, synthetic, F_test, *, ridge: float) -> float:
+    """Mean over classes and held-out points of |σ̂²(x) − σ²(x)| / σ²(x)."""
+    F, S, X = _classes(F_train, synthetic, F_test)
+    errs = []
+    for c in range(F.shape[0]):
+        full, comp = posterior_variance(F[c], X[c], ridge), posterior_variance(S[c], X[c], ridge)
+        errs.append(float(((comp - full).abs() / full.clamp_min(1e-300)).mean()))
+    return sum(errs) / len(errs)
+
+
+def principal_angles(F_train, synthetic, r: int = 10) -> dict:
+    """Angles between the top-r right singular subspaces of Φ_c and S_c (r capped at each class's s):
+    {"r", "mean_cos2", "max_angle_deg"} averaged over classes."""
+    F, S, _ = _classes(F_train, synthetic, F_train)
+    cos2, worst, used = [], [], []
+    for c in range(F.shape[0]):
+        rc = min(r, S[c].shape[0], F[c].shape[0])
+        if rc == 0:
+            continue
+        V = torch.linalg.svd(F[c], full_matrices=False)[2][:rc].T
+        W = torch.linalg.svd(S[c], full_matrices=False)[2][:rc].T
+        cos = torch.linalg.svdvals(V.T @ W).clamp(0, 1)
+        cos2.append(float((cos ** 2).mean()))
+        worst.append(float(torch.rad2deg(torch.arccos(cos.min()))))
+        used.append(rc)
+    return {"r": min(used) if used else 0, "mean_cos2": sum(cos2) / len(cos2), "max_angle_deg": max(worst)}
+
+
+def gp_prior_targets(F_train, F_test, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random function from each class kernel's GP prior: f_c(x) = φ_c(x)ᵀ g_c with g_c ~ N(0, I_k)
+    (so Cov f_c = K_c), seeded. Returns its values on the training points [m, C] and on the test points
+    [n, C]."""
+    F = (F_train.features if hasattr(F_train, "features") else F_train).double()
+    X = (F_test.features if hasattr(F_test, "features") else F_test).double()
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(F.shape[0], F.shape[2], generator=gen, dtype=torch.float64)
+    return torch.einsum("cmk,ck->mc", F, g), torch.einsum("cnk,ck->nc", X, g)
+
+
+def heldout_target_metrics(synthetic, F_train, F_test, y_train: torch.Tensor, y_test: torch.Tensor, *,
+                           ridge: float, labels_test: torch.Tensor | None = None) -> dict:
+    """The synthetic set's coefficients U refitted on targets y_train [m, C] it was not built for
+    (ŷ' = Uᵀy'), against the all-m model on the same targets, on the test points whose true targets are
+    y_test [n, C]. Returns {"synthetic": summary, "all_m": summary, "agreement": argmax agreement of the
+    two models, "relative_mse": ‖pred_S − pred_m‖² / ‖pred_m‖²}; summaries as :func:`dntk.metrics.summarize`
+    with y_test as the "logits" (fidelity = argmax agreement with y_test)."""
+    F = (F_train.features if hasattr(F_train, "features") else F_train).double()
+    X = F_test.features if hasattr(F_test, "features") else F_test
+    U = synthetic.coefficients
+    y = y_train.double()
+    feats = [U[c].T @ F[c] for c in range(F.shape[0])]
+    targs = [U[c].T @ y[:, c] for c in range(F.shape[0])]
+    pred_s = PerClassKRR(ridge=ridge, normalize=None).fit(feats, targs).predict(X)
+    pred_m = PerClassKRR(ridge=ridge, normalize=None).fit(F, y).predict(X)
+    return {"synthetic": metrics.summarize(pred_s, y_test, labels_test),
+            "all_m": metrics.summarize(pred_m, y_test, labels_test),
+            "agreement": metrics.fidelity(pred_s, pred_m),
+            "relative_mse": float(((pred_s - pred_m) ** 2).sum() / (pred_m ** 2).sum().clamp_min(1e-300))}

@@ -1,0 +1,99 @@
+"""Target-aware gradient distillation: the synthetic gradients that reproduce one regression.
+
+Per class c the kernel model is linear in the features, f_c(x) = φ_c(x)ᵀ w_c with w_c = Φ_cᵀ α_c,
+α_c = (K_c + λI)⁻¹ y_c (features already scaled by √ν_c, absolute ridge λ — the convention of every
+stage-3 kernel model). Inside Algorithm 1's convention (φ̂ = Φᵀu, ŷ = uᵀy) the single unit vector
+
+    u = α_c / ‖α_c‖
+
+reproduces that model *exactly* with the same ridge: the one-point KRR predicts
+φ(x)ᵀφ̂ (φ̂ᵀφ̂ + λ)⁻¹ ŷ = φ(x)ᵀw · αᵀy / (αᵀKα + λ‖α‖²) = φ(x)ᵀw, since αᵀ(K + λI)α = αᵀy.
+So s = 1 suffices for the regression it was built from — which is why fidelity on the distillation
+targets cannot show whether a compressed kernel serves any other question (see
+:mod:`dntk.gradients.kernel_metrics`).
+
+- ``target-direction`` with s > 1: u_1 = α/‖α‖, then the Krylov (partial-least-squares) directions
+  K y, K² y, … orthonormalised against the previous ones — the directions along which y is best
+  explained, one target at a time.
+- ``hybrid``: u_1 = α/‖α‖ plus Algorithm 1's s − 1 synthetic directions (budget mode), so a user gets
+  the regression exactly *and* the spectrum's leading local–global structure.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DNTKError
+from ..features.result import class_kernels
+from .local_global import DistilledGradients, _check_inputs, local_global
+
+
+def _alpha(K: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    m = K.shape[0]
+    return torch.linalg.solve(K + ridge * torch.eye(m, dtype=K.dtype), y)
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    n = float(v.norm())
+    if not n > 0:
+        raise DNTKError("the regression's dual solution is zero (all targets zero?): no target direction exists")
+    return v / n
+
+
+def _krylov(K: torch.Tensor, first: torch.Tensor, y: torch.Tensor, s: int, tol: float = 1e-10) -> torch.Tensor:
+    """[m, s'] orthonormal columns: first, then K^j y (j = 1, 2, …) Gram–Schmidt-orthogonalised; stops
+    early when the Krylov space is exhausted."""
+    cols = [first]
+    v = y
+    for _ in range(10 * s):
+        if len(cols) == s:
+            break
+        v = K @ v
+        v = v / max(float(v.norm()), 1e-300)
+        r = v.clone()
+        for _ in range(2):  # twice is enough (Kahan)
+            for q in cols:
+                r = r - (q @ r) * q
+        if float(r.norm()) > tol:
+            cols.append(r / r.norm())
+    return torch.stack(cols, 1)
+
+
+def target_direction(features: torch.Tensor, targets: torch.Tensor, s: int = 1, *, ridge: float) -> DistilledGradients:
+    """s synthetic gradients per class: the target direction α/‖α‖ and (s > 1) Krylov directions.
+
+    features [C, m, k] (already divided by √ν_c), targets [m, C], ridge: the absolute ridge of the
+    kernel model that will be fitted on the synthetic set."""
+    F, Y = _check_inputs(features, targets)
+    C, m, _ = F.shape
+    if not isinstance(s, int) or not 1 <= s <= m:
+        raise DNTKError(f"budget s must be an integer in [1, m={m}], got {s!r}")
+    K = class_kernels(F)
+    feats, targs, coefs = [], [], []
+    for c in range(C):
+        U = _krylov(K[c], _unit(_alpha(K[c], Y[:, c], ridge)), Y[:, c], s)
+        coefs.append(U)
+        feats.append(U.T @ F[c])
+        targs.append(U.T @ Y[:, c])
+    return DistilledGradients(feats, targs, coefs, {"method": "target-direction", "s": [u.shape[1] for u in coefs],
+                                                    "ridge": ridge})
+
+
+def hybrid(features: torch.Tensor, targets: torch.Tensor, s: int, *, ridge: float, seed: int = 0,
+           **local_global_options) -> DistilledGradients:
+    """The target direction plus Algorithm 1's s − 1 synthetic gradients (budget mode) per class."""
+    F, Y = _check_inputs(features, targets)
+    C, m, _ = F.shape
+    if not isinstance(s, int) or not 1 <= s <= m:
+        raise DNTKError(f"budget s must be an integer in [1, m={m}], got {s!r}")
+    K = class_kernels(F)
+    spectral = local_global(F, Y, budget=s - 1, seed=seed, **local_global_options) if s > 1 else None
+    feats, targs, coefs = [], [], []
+    for c in range(C):
+        u = _unit(_alpha(K[c], Y[:, c], ridge))[:, None]
+        U = u if spectral is None else torch.cat([u, spectral.coefficients[c]], 1)
+        coefs.append(U)
+        feats.append(U.T @ F[c])
+        targs.append(U.T @ Y[:, c])
+    return DistilledGradients(feats, targs, coefs, {"method": "hybrid", "s": [u.shape[1] for u in coefs],
+                                                    "ridge": ridge})
