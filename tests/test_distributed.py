@@ -63,6 +63,9 @@ def test_two_processes_write_the_same_features_as_one(one_and_two):
         fa, fb = sa.read(), sb.read()
         assert len(fa) == (60 if tag == "train" else 50)
         assert torch.equal(fa.features, fb.features) and torch.equal(fa.logits, fb.logits)
+    # the two processes split the work: shard i was written by rank i mod 2
+    ranks = {json.loads(r.read_text())["rank"] for r in _store(b, "test").folder.glob("shard-*.json")}
+    assert ranks == {0, 1}
     ra, rb = (json.loads((p / "results.json").read_text()) for p in (a, b))
     assert ra["kernel_model"] == rb["kernel_model"] and ra["curves"] == rb["curves"]
     assert ra["teacher"]["checksum"] == rb["teacher"]["checksum"]
@@ -84,9 +87,11 @@ def test_a_lost_shard_is_recomputed_alone(one_and_two, teacher):
     assert after["kernel_model"] == before["kernel_model"]
 
 
-def test_store_verify_names_missing_and_corrupt_shards(one_and_two, capsys):
+def test_store_verify_names_missing_and_corrupt_shards(one_and_two, capsys, tmp_path):
+    import shutil
+
     a, _ = one_and_two
-    test = _store(a, "test")
+    test = FeatureStore(shutil.copytree(_store(a, "test").folder, tmp_path / "copy"))  # the fixture stays intact
     assert main(["store", "verify", str(test.folder)]) == 0
     assert "50 samples in 4 shards, 4 complete and intact" in capsys.readouterr().out
     (test.folder / "shard-000002.json").unlink()
@@ -98,6 +103,15 @@ def test_store_verify_names_missing_and_corrupt_shards(one_and_two, capsys):
     out = capsys.readouterr()
     assert "missing shards: [2]" in out.out and "corrupt: shard 3 shard-000003.logits.npy: checksum differs" in out.out
     assert "is incomplete" in out.err
+    # a shard copied over another (right sizes, wrong range) is not taken for it
+    for src in test.folder.glob("shard-000000.*"):
+        shutil.copy(src, test.folder / src.name.replace("000000", "000001"))
+    assert FeatureStore(test.folder).verify()["missing"] == [1, 2]
+    # a folder that is not a store is refused by name
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('{"a": 1}')
+    assert main(["store", "verify", str(tmp_path / "other")]) == 1
+    assert "is not a dntk feature-store manifest" in capsys.readouterr().err
 
 
 def test_streamed_evaluation_equals_stored_and_keeps_no_test_features(one_and_two, teacher, tmp_path):

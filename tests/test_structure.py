@@ -82,6 +82,13 @@ def test_feature_store_resumes_at_the_missing_shard_and_matches_one_extraction(t
     assert store.FeatureStore(tmp_path / "f", shard=8).extract(model, X, proj, batch_size=4, progress=False) == [1]
     assert seen == [8]
     assert torch.equal(fs.read().features, first.features)
+    # a torn array behind a complete record (a crash after the record, a truncated copy) is recomputed
+    arr = tmp_path / "f" / "shard-000002.features.npy"
+    arr.write_bytes(arr.read_bytes()[: arr.stat().st_size // 2])
+    assert fs.missing() == [2]
+    seen.clear()
+    assert store.FeatureStore(tmp_path / "f", shard=8).extract(model, X, proj, batch_size=4, progress=False) == [2]
+    assert seen == [4] and torch.equal(fs.read().features, first.features)
     # several processes: shard i belongs to rank i mod world
     other = store.FeatureStore(tmp_path / "g", shard=8)
     assert other.extract(model, X, proj, progress=False, rank=1, world=2) == [1]
@@ -302,7 +309,8 @@ def test_import_dntk_shows_the_whole_surface():
         dntk.not_a_thing  # noqa: B018
     # no name means two things: stage 1 distillers and stage 3 methods are distinct constants
     assert set(dntk.distill.DISTILLERS) == {"random", "kcenter", "wmdd"}
-    assert dntk.gradients.GRADIENT_METHODS == ("local-global",) + dntk.gradients.SELECTION_METHODS
+    assert dntk.gradients.GRADIENT_METHODS == ("local-global",) + dntk.gradients.SELECTION_METHODS + \
+        dntk.gradients.TARGET_METHODS
 
 
 def test_results_json_schema_is_documented_in_the_readme():

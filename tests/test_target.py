@@ -108,3 +108,19 @@ def test_principal_angles_and_heldout_targets():
     assert other["relative_mse"] > 0.05
     allm = heldout_target_metrics(_all_points(F), F, Ft, y_tr, y_te, ridge=1e-4)
     assert allm["relative_mse"] < 1e-16 and allm["agreement"] == 1.0
+
+
+def test_budget_curves_carry_the_unseen_measures_and_figure3_draws_them(tmp_path):
+    from dntk.gradients import GRADIENT_METHODS, budget_curves
+    from dntk.report import figure3
+
+    F, Y, Ft = _data()
+    labels_tr, labels_te = torch.arange(40) % 3, torch.arange(25) % 3
+    rows = budget_curves(F, Y, Ft, Y.new_zeros(25, 3) + torch.randn(25, 3, dtype=torch.float64), labels_te,
+                         ridge=1e-3, budgets=[1, 4], methods=GRADIENT_METHODS, seeds=(0, 1), n_clusters=3,
+                         unseen_labels=(labels_tr, labels_te))
+    assert {r["method"] for r in rows} == set(GRADIENT_METHODS) and all(r["jacobians"] == 40 * 3 for r in rows)
+    td = next(r for r in rows if r["method"] == "target-direction" and r["s"] == 1)
+    assert 0 <= td["gp_agreement"] <= 1 and td["nystrom_error"] > 0.5 and td["principal_r"] == 1
+    path = figure3(rows, 40, tmp_path / "f3.png")
+    assert path.stat().st_size > 20_000

@@ -108,8 +108,8 @@ class FeatureStore:
 
     Layout of ``folder``::
 
-        manifest.json                 identity (model checksum, projector name/k/seed, inputs digest),
-                                      n, classes, k, dtype, shard size and the shards' index ranges
+        manifest.json                 identity (model checksum, projector name/k/seed/map, inputs digest),
+                                      n, shard size and the shards' index ranges
         shard-000003.features.npy     float32 [C, stop − start, k]   (numpy .npy, opened as a memmap)
         shard-000003.logits.npy       float32 [stop − start, C]
         shard-000003.labels.npy       int64 [stop − start]           (when the inputs carried labels)
@@ -142,8 +142,16 @@ class FeatureStore:
             path = self.folder / "manifest.json"
             if not path.exists():
                 raise DNTKError(f"no feature store at {self.folder} (manifest.json missing); extract features first")
-            self._manifest = json.loads(path.read_text())
-            self.shard = self._manifest["shard_size"]
+            try:
+                manifest = json.loads(path.read_text())
+            except ValueError:
+                manifest = None
+            keys = ("format", "identity", "n", "shard_size", "shards")
+            if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT or any(k not in manifest for k in keys):
+                raise DNTKError(f"{path} is not a dntk feature-store manifest ({STORE_FORMAT}); point at a "
+                                "features-... folder that dntk wrote")
+            self._manifest = manifest
+            self.shard = manifest["shard_size"]
         return self._manifest
 
     def _open(self, identity: dict, n: int) -> dict:
@@ -165,8 +173,38 @@ class FeatureStore:
         self._manifest = wanted
         return wanted
 
+    def _record(self, i: int) -> dict | None:
+        """Shard i's completion record if it belongs to this manifest's extraction and range, else None."""
+        path = self._path(i, "json")
+        if not path.exists():
+            return None
+        try:
+            rec = json.loads(path.read_text())
+        except ValueError:
+            return None
+        m = self.manifest
+        start, stop = m["shards"][i]
+        if rec.get("identity") != digest(m["identity"]) or (rec.get("index"), rec.get("start"), rec.get("stop")) != \
+                (i, start, stop):
+            return None
+        return rec
+
+    def _arrays_ok(self, i: int, rec: dict) -> bool:
+        """Every array the record lists is present with the recorded shape and dtype (a torn or
+        foreign file fails: the .npy header and the file size are checked, not the contents)."""
+        for what, (shape, dtype) in rec.get("arrays", {}).items():
+            try:
+                a = self._array(i, what)
+            except (ValueError, OSError):
+                return False
+            if list(a.shape) != shape or str(a.dtype) != dtype:
+                return False
+        return bool(rec.get("arrays"))
+
     def complete(self, i: int) -> bool:
-        return self._path(i, "json").exists()
+        """Shard i has a record of this extraction and range, and its arrays are whole."""
+        rec = self._record(i)
+        return rec is not None and self._arrays_ok(i, rec)
 
     def missing(self, n: int | None = None) -> list[int]:
         """Indices of the shards without a completion record."""
@@ -174,19 +212,21 @@ class FeatureStore:
         return [i for i in range(count) if not self.complete(i)]
 
     # -- writing -------------------------------------------------------------------------------------
-    def _write_shard(self, i: int, start: int, stop: int, result) -> None:
+    def _write_shard(self, i: int, start: int, stop: int, result, rank: int = 0) -> None:
         files = {"features": result.features.float().numpy(), "logits": result.logits.float().numpy()}
         if result.labels is not None:
             files["labels"] = result.labels.long().numpy()
-        sums = {}
+        sums, arrays = {}, {}
         for what, array in files.items():
             path = self._path(i, f"{what}.npy")
             tmp = _tmp(path)
             with open(tmp, "wb") as f:
                 np.save(f, array)
+            sums[what] = _sha1_file(tmp)  # the bytes this process wrote, before anyone can replace them
             tmp.replace(path)
-            sums[what] = _sha1_file(path)
-        atomic_json({"index": i, "start": start, "stop": stop, "sha1": sums, "classes": list(result.classes),
+            arrays[what] = [list(array.shape), str(array.dtype)]
+        atomic_json({"index": i, "start": start, "stop": stop, "identity": digest(self.manifest["identity"]),
+                     "rank": rank, "sha1": sums, "arrays": arrays, "classes": list(result.classes),
                      "paths": result.paths, "num_params": result.num_params}, self._path(i, "json"))
 
     def extract(self, model, X: torch.Tensor, projector, *, identity: dict | None = None, batch_size: int = 32,
@@ -212,7 +252,7 @@ class FeatureStore:
                 continue
             result = gradient_features(model, X[start:stop], projector, batch_size=batch_size, device=device,
                                        progress=progress)
-            self._write_shard(i, start, stop, result)
+            self._write_shard(i, start, stop, result, rank)
             done.append(i)
         return done
 
@@ -251,9 +291,10 @@ class FeatureStore:
             a, b = max(start, s) - s, min(stop, e) - s
             feats.append(np.asarray(self._array(i, "features")[:, a:b]))
             logits.append(np.asarray(self._array(i, "logits")[a:b]))
-            if self._path(i, "labels.npy").exists():
+            rec = self._record(i)
+            if "labels" in rec["arrays"]:
                 labels.append(np.asarray(self._array(i, "labels")[a:b]))
-            record = record or json.loads(self._path(i, "json").read_text())
+            record = record or rec
         lab = torch.from_numpy(np.concatenate(labels)) if len(labels) == len(feats) and labels else None
         return FeatureResult(torch.from_numpy(np.concatenate(feats, 1)), torch.from_numpy(np.concatenate(logits)), lab,
                              record["classes"], projector, record["paths"], record["num_params"])
@@ -269,30 +310,43 @@ class FeatureStore:
         """The engine path shares of the first shard's parameters (see FeatureResult.path_shares)."""
         from .features import FeatureResult
 
-        rec = json.loads(self._path(0, "json").read_text())
+        self._require_complete()
+        rec = self._record(0)
         return FeatureResult(torch.empty(0), torch.empty(0), None, rec["classes"], None, rec["paths"],
                              rec["num_params"]).path_shares()
 
     def verify(self, checksums: bool = True) -> dict:
-        """{"complete": bool, "missing": [shard indices], "corrupt": [(index, file, reason)], "n", "shards"}:
-        every shard's record present, its arrays present with the recorded shapes and (``checksums``)
-        SHA-1."""
+        """{"complete": bool, "missing": [shard indices], "corrupt": [(index, file, reason)], "n", "shards"}.
+        A shard without a record of this extraction and range is missing; one whose arrays are absent,
+        torn, of another shape or dtype than recorded, inconsistent with the other shards (C, k) or
+        (``checksums``) of another SHA-1 than recorded is corrupt."""
         m = self.manifest
-        corrupt = []
+        corrupt, missing, dims = [], [], set()
         for i, (s, e) in enumerate(m["shards"]):
-            if not self.complete(i):
+            rec = self._record(i)
+            if rec is None:
+                missing.append(i)
                 continue
-            rec = json.loads(self._path(i, "json").read_text())
-            for what, sha in rec["sha1"].items():
+            for what, sha in rec.get("sha1", {}).items():
                 path = self._path(i, f"{what}.npy")
                 if not path.exists():
                     corrupt.append((i, path.name, "missing"))
-                elif checksums and _sha1_file(path) != sha:
+                    continue
+                try:
+                    a = self._array(i, what)
+                except (ValueError, OSError) as err:
+                    corrupt.append((i, path.name, f"unreadable ({err})"))
+                    continue
+                expected = {"features": (np.float32, 3, 1), "logits": (np.float32, 2, 0), "labels": (np.int64, 1, 0)}
+                dtype, ndim, axis = expected.get(what, (None, a.ndim, 0))
+                if (dtype is not None and a.dtype != dtype) or a.ndim != ndim or a.shape[axis] != e - s:
+                    corrupt.append((i, path.name, f"shape {tuple(a.shape)} {a.dtype}, expected {e - s} rows of "
+                                                  f"{np.dtype(dtype).name if dtype else a.dtype}"))
+                elif what == "features":
+                    dims.add((a.shape[0], a.shape[2]))
+                if checksums and _sha1_file(path) != sha and (i, path.name) not in [(c[0], c[1]) for c in corrupt]:
                     corrupt.append((i, path.name, "checksum differs"))
-                else:
-                    rows = self._array(i, what).shape[1 if what == "features" else 0]
-                    if rows != e - s:
-                        corrupt.append((i, path.name, f"{rows} rows, expected {e - s}"))
-        missing = self.missing()
+        if len(dims) > 1:
+            corrupt.append((-1, "features", f"shards disagree on (C, k): {sorted(dims)}"))
         return {"complete": not missing and not corrupt, "missing": missing, "corrupt": corrupt, "n": m["n"],
                 "shards": len(m["shards"])}

@@ -55,25 +55,60 @@ def evaluate_distilled(dg, F_test, logits_test, labels_test, *, ridge: float, ta
                         targets_test=targets_test)
 
 
+def unseen_measures(dg, F, F_test, labels_train, labels_test, *, ridge: float, seed: int = 0,
+                    other_targets: dict | None = None) -> dict:
+    """What a synthetic set did not see, flattened for tables: its refit on one-hot labels (test
+    accuracy, argmax agreement with the all-m model), on a GP-prior function and on every
+    ``other_targets`` {name: (y_train [m, C], y_test [n, C])} — e.g. a second network's logits —
+    (agreement, relative MSE against the all-m model on those targets), and the kernel-level errors
+    (:mod:`dntk.gradients.kernel_metrics`)."""
+    from ..kernels import one_hot
+    from .kernel_metrics import (gp_prior_targets, heldout_target_metrics, nystrom_kernel_error,
+                                 posterior_variance_error, principal_angles)
+
+    C = F.shape[0]
+    onehot = heldout_target_metrics(dg, F, F_test, one_hot(labels_train, C), one_hot(labels_test, C), ridge=ridge,
+                                    labels_test=labels_test)
+    gp = heldout_target_metrics(dg, F, F_test, *gp_prior_targets(F, F_test, seed=seed), ridge=ridge)
+    angles = principal_angles(F, dg, r=10)
+    others = {}
+    for name, (y_tr, y_te) in (other_targets or {}).items():
+        o = heldout_target_metrics(dg, F, F_test, y_tr, y_te, ridge=ridge, labels_test=labels_test)
+        others.update({f"{name}_agreement": o["agreement"], f"{name}_relative_mse": o["relative_mse"]})
+    return {**others, "onehot_accuracy": onehot["synthetic"]["accuracy"], "onehot_agreement": onehot["agreement"],
+            "gp_agreement": gp["agreement"], "gp_relative_mse": gp["relative_mse"],
+            "nystrom_error": nystrom_kernel_error(F, dg, F_test),
+            "posterior_variance_error": posterior_variance_error(F, dg, F_test, ridge=ridge),
+            "principal_cos2": angles["mean_cos2"], "principal_r": angles["r"]}
+
+
 def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, methods, seeds=(0, 1, 2), n_clusters=10,
-                  tau_v=0.95, tau_g=0.9, mode="per_class", targets_test=None) -> list[dict]:
-    """Metrics (mean ± std over seeds) for every method and budget s ≤ m. F [C, m, k], F_test [C, n, k]."""
+                  tau_v=0.95, tau_g=0.9, mode="per_class", targets_test=None, unseen_labels=None,
+                  other_targets=None) -> list[dict]:
+    """Metrics (mean ± std over seeds) for every method and budget s ≤ m. F [C, m, k], F_test [C, n, k].
+
+    With ``unseen_labels=(labels_train [m], labels_test [n])`` each row also holds
+    :func:`unseen_measures` of the first seed's set. ``jacobians``: the per-sample per-logit Jacobians
+    a method needs to build its set — all m·C for every method here (each reads all m gradients)."""
     rows = []
     m = F.shape[1]
     for method in methods:
         for s in budgets:
             if s > m:
                 continue
-            runs = []
+            runs, unseen = [], None
             t = time.perf_counter()
             for seed in seeds:
                 dg = distill_gradients(method, F, Y, budget=s, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters,
                                        mode=mode, seed=seed, ridge=ridge)
                 runs.append(evaluate_distilled(dg, F_test, logits_test, labels_test, ridge=ridge,
                                                targets_test=targets_test))
+                if unseen_labels is not None and unseen is None:
+                    unseen = unseen_measures(dg, F, F_test, *unseen_labels, ridge=ridge, seed=seed,
+                                             other_targets=other_targets)
             row = {"method": method, "s": s, "compression": m / s, "seeds": len(seeds),
-                   "seconds": (time.perf_counter() - t) / len(seeds)}
-            for key in runs[0]:
+                   "jacobians": m * F.shape[0], "seconds": (time.perf_counter() - t) / len(seeds), **(unseen or {})}
+            for key in runs[0]:  # the distillation targets' metrics, mean ± std over seeds
                 vals = torch.tensor([r[key] for r in runs], dtype=torch.float64)
                 row[key] = float(vals.mean())
                 row[f"{key}_std"] = float(vals.std(unbiased=False))

@@ -42,8 +42,14 @@ def figure2(spectra: dict[str, list], ranks: dict[str, list], path, *, class_nam
 def figure3(rows: list[dict], m: int, path) -> Path:
     """Fidelity, accuracy, MSE versus s for every method, and accuracy versus compression m/s.
 
-    rows: {"method", "s", "fidelity", "accuracy", "mse", optional "*_std"}."""
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    rows: {"method", "s", "fidelity", "accuracy", "mse", optional "*_std"}; rows that carry the
+    held-out measures of ``dntk.gradients.unseen_measures`` add a second row of panels: argmax agreement
+    with the all-m model on a GP-prior target and on one-hot labels, and the Nyström kernel error —
+    fidelity on targets the synthetic set never saw next to fidelity on the ones it was built for."""
+    heldout = any("gp_agreement" in r for r in rows)
+    fig, axes = plt.subplots(2 if heldout else 1, 4, figsize=(20, 8 if heldout else 4), squeeze=False)
+    lower = axes[1] if heldout else None
+    axes = axes[0]
     methods = sorted({r["method"] for r in rows}, key=lambda n: (n != "local-global", n))
     for method in methods:
         sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["s"])
@@ -56,7 +62,21 @@ def figure3(rows: list[dict], m: int, path) -> Path:
             if all(v is not None for v in std):
                 ax.fill_between(s, y - np.array(std), y + np.array(std), alpha=0.15)
         axes[3].plot(m / s, [r["accuracy"] for r in sel], **style)
-    for ax, title in zip(axes, ("test fidelity", "test accuracy", "test MSE (logits)", "accuracy vs compression")):
+        if heldout:
+            for ax, key in zip(lower, ("gp_agreement", "onehot_agreement", "nystrom_error", "posterior_variance_error")):
+                ax.plot(s, [r.get(key, np.nan) for r in sel], **style)
+    if heldout:
+        for ax, title in zip(lower, ("held out: agreement with all-m, GP-prior target",
+                                     "held out: agreement with all-m, one-hot labels", "Nyström kernel error",
+                                     "GP posterior-variance error")):
+            ax.set_title(title, fontsize=10)
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("gradients per class kernel s")
+        lower[2].set_yscale("log")
+        lower[3].set_yscale("log")
+    for ax, title in zip(axes, ("test fidelity (distillation targets)", "test accuracy", "test MSE (logits)",
+                                "accuracy vs compression")):
         ax.set_title(title)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
