@@ -124,3 +124,23 @@ def test_budget_curves_carry_the_unseen_measures_and_figure3_draws_them(tmp_path
     assert 0 <= td["gp_agreement"] <= 1 and td["nystrom_error"] > 0.5 and td["principal_r"] == 1
     path = figure3(rows, 40, tmp_path / "f3.png")
     assert path.stat().st_size > 20_000
+
+
+def test_the_shared_all_m_reference_changes_no_number_and_is_reused():
+    """unseen_measures with one AllM reused across sets equals fresh computations per set, and the
+    reference really computes the all-m side once (its cache holds one entry per class and target)."""
+    from dntk.gradients import distill_gradients, unseen_measures
+    from dntk.gradients.kernel_metrics import AllM
+
+    F, Y, Ft = _data()
+    labels_tr, labels_te = torch.arange(40) % 3, torch.arange(25) % 3
+    ref = AllM(F, Ft, 1e-3)
+    for method, s in (("local-global", 4), ("fps", 3), ("target-direction", 1)):
+        dg = distill_gradients(method, F, Y, budget=s, n_clusters=3, ridge=1e-3)
+        shared = unseen_measures(dg, F, Ft, labels_tr, labels_te, ridge=1e-3, reference=ref)
+        fresh = unseen_measures(dg, F, Ft, labels_tr, labels_te, ridge=1e-3)
+        assert shared.keys() == fresh.keys()
+        for key in fresh:
+            assert shared[key] == pytest.approx(fresh[key], rel=1e-12, abs=1e-15), key
+    kinds = [k[0] for k in ref._cache]
+    assert kinds.count("K") == kinds.count("var") == kinds.count("V") == 3 and kinds.count("pred") == 2

@@ -14,7 +14,9 @@ import time
 import torch
 
 from ..errors import DNTKError
-from ..kernels import fit_evaluate
+from ..kernels import fit_evaluate, one_hot
+from .kernel_metrics import (AllM, gp_prior_targets, heldout_target_metrics, nystrom_kernel_error,
+                             posterior_variance_error, principal_angles)
 from .local_global import local_global
 from .selection import SELECTION_METHODS, select
 from .target import hybrid, target_direction
@@ -56,30 +58,27 @@ def evaluate_distilled(dg, F_test, logits_test, labels_test, *, ridge: float, ta
 
 
 def unseen_measures(dg, F, F_test, labels_train, labels_test, *, ridge: float, seed: int = 0,
-                    other_targets: dict | None = None) -> dict:
+                    other_targets: dict | None = None, reference: AllM | None = None) -> dict:
     """What a synthetic set did not see, flattened for tables: its refit on one-hot labels (test
     accuracy, argmax agreement with the all-m model), on a GP-prior function and on every
     ``other_targets`` {name: (y_train [m, C], y_test [n, C])} — e.g. a second network's logits —
     (agreement, relative MSE against the all-m model on those targets), and the kernel-level errors
-    (:mod:`dntk.gradients.kernel_metrics`)."""
-    from ..kernels import one_hot
-    from .kernel_metrics import (gp_prior_targets, heldout_target_metrics, nystrom_kernel_error,
-                                 posterior_variance_error, principal_angles)
-
+    (:mod:`dntk.gradients.kernel_metrics`). ``reference``: an :class:`AllM` of (F, F_test, ridge), so
+    a sweep computes the all-m side once."""
+    ref = reference if reference is not None else AllM(F, F_test, ridge)
     C = F.shape[0]
-    onehot = heldout_target_metrics(dg, F, F_test, one_hot(labels_train, C), one_hot(labels_test, C), ridge=ridge,
-                                    labels_test=labels_test)
-    gp = heldout_target_metrics(dg, F, F_test, *gp_prior_targets(F, F_test, seed=seed), ridge=ridge)
-    angles = principal_angles(F, dg, r=10)
-    others = {}
-    for name, (y_tr, y_te) in (other_targets or {}).items():
-        o = heldout_target_metrics(dg, F, F_test, y_tr, y_te, ridge=ridge, labels_test=labels_test)
-        others.update({f"{name}_agreement": o["agreement"], f"{name}_relative_mse": o["relative_mse"]})
-    return {**others, "onehot_accuracy": onehot["synthetic"]["accuracy"], "onehot_agreement": onehot["agreement"],
-            "gp_agreement": gp["agreement"], "gp_relative_mse": gp["relative_mse"],
-            "nystrom_error": nystrom_kernel_error(F, dg, F_test),
-            "posterior_variance_error": posterior_variance_error(F, dg, F_test, ridge=ridge),
-            "principal_cos2": angles["mean_cos2"], "principal_r": angles["r"]}
+    targets = {"onehot": (one_hot(labels_train, C), one_hot(labels_test, C)),
+               "gp": gp_prior_targets(F, F_test, seed=seed), **(other_targets or {})}
+    held = {name: heldout_target_metrics(dg, F, F_test, y_tr, y_te, ridge=ridge,
+                                         labels_test=None if name == "gp" else labels_test, reference=ref)
+            for name, (y_tr, y_te) in targets.items()}
+    angles = principal_angles(F, dg, r=10, reference=ref)
+    out = {f"{name}_{key}": held[name][key] for name in held for key in ("agreement", "relative_mse")}
+    out.update({"onehot_accuracy": held["onehot"]["synthetic"]["accuracy"],
+                "nystrom_error": nystrom_kernel_error(F, dg, F_test, reference=ref),
+                "posterior_variance_error": posterior_variance_error(F, dg, F_test, ridge=ridge, reference=ref),
+                "principal_cos2": angles["mean_cos2"], "principal_r": angles["r"]})
+    return out
 
 
 def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, methods, seeds=(0, 1, 2), n_clusters=10,
@@ -90,13 +89,15 @@ def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, met
     With ``unseen_labels=(labels_train [m], labels_test [n])`` each row also holds
     :func:`unseen_measures` of the first seed's set. ``jacobians``: the per-sample per-logit Jacobians
     a method needs to build its set — all m·C for every method here (each reads all m gradients)."""
-    rows = []
+    rows, reference = [], None
     m = F.shape[1]
     for method in methods:
         for s in budgets:
             if s > m:
                 continue
             runs, unseen = [], None
+            if unseen_labels is not None and reference is None:
+                reference = AllM(F, F_test, ridge)
             t = time.perf_counter()
             for seed in seeds:
                 dg = distill_gradients(method, F, Y, budget=s, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters,
@@ -105,7 +106,7 @@ def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, met
                                                targets_test=targets_test))
                 if unseen_labels is not None and unseen is None:
                     unseen = unseen_measures(dg, F, F_test, *unseen_labels, ridge=ridge, seed=seed,
-                                             other_targets=other_targets)
+                                             other_targets=other_targets, reference=reference)
             row = {"method": method, "s": s, "compression": m / s, "seeds": len(seeds),
                    "jacobians": m * F.shape[0], "seconds": (time.perf_counter() - t) / len(seeds), **(unseen or {})}
             for key in runs[0]:  # the distillation targets' metrics, mean ± std over seeds

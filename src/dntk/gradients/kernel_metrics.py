@@ -47,15 +47,56 @@ def _classes(F_train, synthetic, F_test):
     return F.double(), [s.double() for s in S], X.double()
 
 
-def nystrom_kernel_error(F_train, synthetic, F_test) -> float:
+class AllM:
+    """The all-m side of every comparison below, computed once per (training features, test features,
+    ridge) and reused for every synthetic set compared with it: per class the restricted kernel
+    X P_Φ Xᵀ, the posterior variance σ², the right singular vectors of Φ, and the all-m model's test
+    predictions for each target set."""
+
+    def __init__(self, F_train, F_test, ridge: float = 0.0):
+        self.F = (F_train.features if hasattr(F_train, "features") else F_train).double()
+        self.X = (F_test.features if hasattr(F_test, "features") else F_test).double()
+        self.ridge = ridge
+        self._cache: dict = {}
+
+    def _get(self, key, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def restricted_kernel(self, c: int) -> torch.Tensor:
+        def compute():
+            A = self.X[c] @ _row_basis(self.F[c])
+            return A @ A.T
+        return self._get(("K", c), compute)
+
+    def variance(self, c: int) -> torch.Tensor:
+        return self._get(("var", c), lambda: posterior_variance(self.F[c], self.X[c], self.ridge))
+
+    def right_vectors(self, c: int) -> torch.Tensor:
+        return self._get(("V", c), lambda: torch.linalg.svd(self.F[c], full_matrices=False)[2])
+
+    def predictions(self, y_train: torch.Tensor) -> torch.Tensor:
+        from ..store import digest
+
+        return self._get(("pred", digest(y_train)), lambda: PerClassKRR(ridge=self.ridge, normalize=None)
+                         .fit(self.F, y_train.double()).predict(self.X))
+
+
+def _reference(F_train, F_test, ridge, reference):
+    return reference if reference is not None else AllM(F_train, F_test, ridge)
+
+
+def nystrom_kernel_error(F_train, synthetic, F_test, *, reference: AllM | None = None) -> float:
     """Mean over classes of ‖X P_S Xᵀ − X P_Φ Xᵀ‖_F / ‖X P_Φ Xᵀ‖_F. F_train [C, m, k]; synthetic: a
-    DistilledGradients (or C tensors [s_c, k]); F_test [C, n, k]."""
+    DistilledGradients (or C tensors [s_c, k]); F_test [C, n, k]; ``reference``: an :class:`AllM` of the
+    same features to reuse."""
     F, S, X = _classes(F_train, synthetic, F_test)
+    ref = _reference(F, X, 0.0, reference)
     errs = []
     for c in range(F.shape[0]):
-        Qm, Qs = _row_basis(F[c]), _row_basis(S[c])
-        Am, As = X[c] @ Qm, X[c] @ Qs
-        Km, Ks = Am @ Am.T, As @ As.T
+        As = X[c] @ _row_basis(S[c])
+        Km, Ks = ref.restricted_kernel(c), As @ As.T
         errs.append(float((Ks - Km).norm() / Km.norm()))
     return sum(errs) / len(errs)
 
@@ -69,26 +110,28 @@ def posterior_variance(F_train: torch.Tensor, F_test: torch.Tensor, ridge: float
     return (X * X).sum(1) - (kx * sol.T).sum(1)
 
 
-def posterior_variance_error(F_train, synthetic, F_test, *, ridge: float) -> float:
+def posterior_variance_error(F_train, synthetic, F_test, *, ridge: float, reference: AllM | None = None) -> float:
     """Mean over classes and held-out points of |σ̂²(x) − σ²(x)| / σ²(x)."""
     F, S, X = _classes(F_train, synthetic, F_test)
+    ref = _reference(F, X, ridge, reference)
     errs = []
     for c in range(F.shape[0]):
-        full, comp = posterior_variance(F[c], X[c], ridge), posterior_variance(S[c], X[c], ridge)
+        full, comp = ref.variance(c), posterior_variance(S[c], X[c], ridge)
         errs.append(float(((comp - full).abs() / full.clamp_min(1e-300)).mean()))
     return sum(errs) / len(errs)
 
 
-def principal_angles(F_train, synthetic, r: int = 10) -> dict:
+def principal_angles(F_train, synthetic, r: int = 10, *, reference: AllM | None = None) -> dict:
     """Angles between the top-r right singular subspaces of Φ_c and S_c (r capped at each class's s):
     {"r", "mean_cos2", "max_angle_deg"} averaged over classes."""
     F, S, _ = _classes(F_train, synthetic, F_train)
+    ref = _reference(F, F, 0.0, reference)
     cos2, worst, used = [], [], []
     for c in range(F.shape[0]):
         rc = min(r, S[c].shape[0], F[c].shape[0])
         if rc == 0:
             continue
-        V = torch.linalg.svd(F[c], full_matrices=False)[2][:rc].T
+        V = ref.right_vectors(c)[:rc].T
         W = torch.linalg.svd(S[c], full_matrices=False)[2][:rc].T
         cos = torch.linalg.svdvals(V.T @ W).clamp(0, 1)
         cos2.append(float((cos ** 2).mean()))
@@ -109,7 +152,8 @@ def gp_prior_targets(F_train, F_test, *, seed: int = 0) -> tuple[torch.Tensor, t
 
 
 def heldout_target_metrics(synthetic, F_train, F_test, y_train: torch.Tensor, y_test: torch.Tensor, *,
-                           ridge: float, labels_test: torch.Tensor | None = None) -> dict:
+                           ridge: float, labels_test: torch.Tensor | None = None,
+                           reference: AllM | None = None) -> dict:
     """The synthetic set's coefficients U refitted on targets y_train [m, C] it was not built for
     (ŷ' = Uᵀy'), against the all-m model on the same targets, on the test points whose true targets are
     y_test [n, C]. Returns {"synthetic": summary, "all_m": summary, "agreement": argmax agreement of the
@@ -122,7 +166,7 @@ def heldout_target_metrics(synthetic, F_train, F_test, y_train: torch.Tensor, y_
     feats = [U[c].T @ F[c] for c in range(F.shape[0])]
     targs = [U[c].T @ y[:, c] for c in range(F.shape[0])]
     pred_s = PerClassKRR(ridge=ridge, normalize=None).fit(feats, targs).predict(X)
-    pred_m = PerClassKRR(ridge=ridge, normalize=None).fit(F, y).predict(X)
+    pred_m = _reference(F, X, ridge, reference).predictions(y)
     return {"synthetic": metrics.summarize(pred_s, y_test, labels_test),
             "all_m": metrics.summarize(pred_m, y_test, labels_test),
             "agreement": metrics.fidelity(pred_s, pred_m),
