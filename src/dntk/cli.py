@@ -3,7 +3,8 @@ dataclasses of :mod:`dntk.config`, so a setting has the same name and default on
 
     dntk run     [options]   teacher → projected NTK features → per-class KRR → results.json + figures
     dntk train   [options]   train (or resume) a teacher only
-    dntk distill [options]   distil the training set (--distill wmdd|random|kcenter) to --ipc images per class
+    dntk distill [options]   distil the training set (--distill wmdd|random|kcenter|kernel-greedy|kernel-herding)
+                             to --ipc images per class
     dntk ntk     [options]   exact per-class eNTK of a few test images (saved as a tensor)
     dntk store verify DIR    check a feature store's shards (presence, shapes, SHA-1)
 
@@ -23,18 +24,22 @@ from .errors import DNTKError
 
 # the flags of each verb: (section, include, exclude) — None includes every field of the section
 _RUN_ONLY_TEACHER = ("checkpoint", "base_model", "student_epochs")   # teacher settings `dntk train` has no use for
+DISTILL_ONLY = ("evaluate", "evaluate_epochs")   # `dntk distill --evaluate`: run evaluates with its own --base-model
 VERBS = {
-    "run": [("data", None, ()), ("teacher", None, ()), ("features", None, ()), ("distill", None, ()),
+    "run": [("data", None, ()), ("teacher", None, ()), ("features", None, ()),
+            ("distill", None, DISTILL_ONLY),
             ("kernel", None, ()), ("gradients", None, ()), (None, None, ())],
     "train": [("data", None, ("n_test",)), ("teacher", None, _RUN_ONLY_TEACHER), (None, None, ())],
     "distill": [("data", None, ("n_test",)), ("teacher", None, ("base_model", "student_epochs")),
-                ("distill", None, ("load",)), (None, None, ())],
+                ("features", ("projector", "k", "batch_size"), ()), ("distill", None, ("load",)),
+                ("kernel", ("ridge", "targets"), ()), (None, None, ())],
     "ntk": [("data", None, ("n_test",)), ("teacher", ("model", "stem", "checkpoint"), ()), (None, None, ())],
 }
 HELP = {
     "run": "the main job (no arguments: embedded digits default, ~1 minute on 2 cores)",
     "train": "train (or resume) a teacher and report its test accuracy",
-    "distill": "distil the training set (--distill wmdd, random or kcenter) to --ipc images per class",
+    "distill": "distil the training set (--distill wmdd, random, kcenter, kernel-greedy, kernel-herding) to --ipc "
+               "images per class",
     "ntk": "exact empirical NTK of the first n test images",
 }
 
@@ -104,18 +109,26 @@ def _train(args):
 
 def _distill(args):
     from .distill import distill_dataset, distilled_folder
+    from .distill.methods import kernel_options
 
     cfg = _config(args)
     d = cfg.distill
     if d.method == "none":
-        raise DNTKError("dntk distill needs a method: --distill wmdd, random or kcenter")
+        raise DNTKError("dntk distill needs a method: --distill wmdd, random, kcenter, kernel-greedy or kernel-herding")
     train_set, val_set = _data(cfg)
     teacher = _teacher(cfg, train_set, val_set)
     out = distilled_folder(cfg.out, d.method, d.ipc, cfg.seed)
     ds = distill_dataset(d.method, teacher.model, train_set, d.ipc, out, seed=cfg.seed, device=cfg.device,
                          progress=cfg.progress, teacher_checksum=teacher.checksum,
+                         kernel_options=kernel_options(d, cfg.features, teacher.model, cfg.seed, cfg.kernel),
                          **(d.wmdd_options() if d.method == "wmdd" else {}))
     print(f"distilled {len(ds)} images ({d.method}, {d.ipc} per class) to {out}")
+    if d.evaluate:
+        from .distill import evaluate_distilled
+
+        ev = evaluate_distilled(out, teacher.model, cfg, val_set)
+        print(f"student under WMDD's protocol ({d.evaluate_epochs} epochs): test accuracy {ev['accuracy']:.4f} "
+              f"(teacher {ev['teacher_accuracy']:.4f}); recorded in {out / 'manifest.json'}")
 
 
 def _ntk(args):

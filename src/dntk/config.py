@@ -164,11 +164,19 @@ class FeatureConfig:
 class DistillConfig:
     """Stage 1: which images the kernel model is built on."""
 
-    method: str = option("none", "stage 1: none (a random balanced real subset of --m), random, kcenter, wmdd",
+    method: str = option("none", "stage 1: none (a random balanced real subset of --m), random, kcenter, wmdd, "
+                         "kernel-greedy (real images chosen from a pool by the kernel model's error), kernel-herding "
+                         "(by its posterior variance)",
                          flag="--distill", choices=("none",) + DISTILLERS, aliases=("--method",))
     ipc: int = option(10, "images per class for --distill", kind="int", minimum=1)
     load: str | None = option(None, "use a distilled-set folder made by `dntk distill`", flag="--distilled",
                               none_means="distil with --distill")
+    evaluate: bool = option(False, "dntk distill: then train a student on the distilled set under WMDD's own protocol "
+                            "(teacher relabelling every batch, RandomResizedCrop + CutMix, AdamW, cosine, T = 20) and "
+                            "report its test accuracy", kind="bool")
+    evaluate_epochs: int = option(300, "epochs of the --evaluate student (WMDD's: 300)", kind="int", minimum=1)
+    pool_factor: int = option(4, "kernel-greedy / kernel-herding: candidates per class = pool_factor × ipc random "
+                              "real images, whose Jacobians are the method's cost", kind="int", minimum=1)
     wmdd_iterations: int = option(200, "WMDD optimisation steps per class (WMDD's own: 2000)", kind="int", minimum=0,
                                   aliases=("--iterations",))
     wmdd_lr: float = option(0.05, "WMDD learning rate (WMDD's own: 0.25)", kind="float", minimum=0.0, above=True)

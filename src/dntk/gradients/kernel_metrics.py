@@ -27,15 +27,7 @@ import torch
 from .. import metrics
 from ..errors import DNTKError
 from ..kernels import PerClassKRR
-
-
-def _row_basis(A: torch.Tensor, tol: float = 1e-10) -> torch.Tensor:
-    """Orthonormal basis [k, r] of the row span of A [s, k]."""
-    if A.shape[0] == 0:
-        return torch.zeros(A.shape[1], 0, dtype=A.dtype)
-    _, sv, Vh = torch.linalg.svd(A, full_matrices=False)
-    keep = sv > tol * float(sv.max()) if sv.numel() and float(sv.max()) > 0 else torch.zeros_like(sv, dtype=torch.bool)
-    return Vh[keep].T
+from ..spectral.theory import row_basis as _row_basis
 
 
 def _classes(F_train, synthetic, F_test):

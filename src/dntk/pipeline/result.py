@@ -29,7 +29,9 @@ class RunResult:
         parameters, k}.
     curves: {"projected": rows over the m grid (Figure 1), plus "teacher" with a student base model and
         "exact" with --exact}; a row is {m, the kernel_model keys}.
-    distillation: None, or {method, ipc, m, jacobians_saved = n_real/m, seconds, source (a loaded folder)}.
+    distillation: None, or {method, ipc, m, jacobians_saved = n_real/m, stage1_jacobian_images (images whose
+        Jacobians stage 1 computed: the kernel-aware methods' pool, else 0), stage1_per_logit_gradients,
+        jacobians_saved_with_stage1 = n_real / (m + stage-1 images), seconds, source (a loaded folder)}.
     kernel_model_teacher: with a student base model, the teacher's kernel model on the same points.
     exact: with --exact, {kernel_relative_error, kernel_alignment (of the projected training kernel
         against the exact eNTK), kernel_model (the exact eNTK's KRR)}.

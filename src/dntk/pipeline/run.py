@@ -69,7 +69,8 @@ def run(config: RunConfig) -> RunResult:
     with st.time("distillation"), ranks.main_first():
         points = training_points(cfg.distill, cfg.kernel.m, train_set, teacher=teacher.model,
                                  teacher_checksum=teacher.checksum, seed=cfg.seed, out_dir=out, device=cfg.device,
-                                 progress=progress)
+                                 progress=progress, features_cfg=cfg.features,
+                                 kernel_cfg=cfg.kernel)
     if points.distilled is not None:
         cfg.kernel.m = len(points)
         log(f"distilled set: {points.distilled.method}, m={cfg.kernel.m} ({len(train_set) / cfg.kernel.m:.1f}× fewer "
@@ -156,9 +157,13 @@ def run(config: RunConfig) -> RunResult:
                 "classes": C, "per_sample_gradients": (m + len(test_set)) * C, "parameters": P, "k": projector.dim},
         curves=curves)
     if points.distilled is not None:
+        cost = (points.manifest or {}).get("jacobians", {})   # what stage 1 itself differentiated (a pool)
+        stage1_images = cost.get("pool_images", 0)
         result.distillation = {"method": points.distilled.method, "ipc": cfg.distill.ipc, "m": m,
-                               "jacobians_saved": len(train_set) / m, "seconds": st.timings.get("distillation", 0.0),
-                               "source": cfg.distill.load}
+                               "jacobians_saved": len(train_set) / m, "stage1_jacobian_images": stage1_images,
+                               "stage1_per_logit_gradients": stage1_images * C,
+                               "jacobians_saved_with_stage1": len(train_set) / (m + stage1_images),
+                               "seconds": st.timings.get("distillation", 0.0), "source": cfg.distill.load}
 
     if teacher_km is not None:  # the paper's Figure 1 compares the two base models on the same points
         curves["teacher"] = teacher_km["curve"]

@@ -32,7 +32,9 @@ class TrainConfig:
     lr: float | None = None           # default 0.05 (sgd) / 2e-3 (adamw)
     weight_decay: float = 5e-4
     momentum: float = 0.9
-    augment: str = "crop_flip"        # "crop_flip" | "shift" | "none"
+    augment: str = "crop_flip"        # "crop_flip" | "rrc_flip" | "rrc" | "shift" | "none"
+    mix: str = "none"                 # "none" | "cutmix" (every batch, λ ~ Beta(1, 1), as WMDD / SRe2L)
+    schedule: str = "onecycle"        # "onecycle" (15% warm-up, cosine) | "cosine" (cosine from lr to 0)
     label_smoothing: float = 0.0
     seed: int = 0
     soft_label_temperature: float = 4.0   # used when soft labels (a teacher) are given
@@ -70,12 +72,81 @@ def same_config(stored_json: str | None, config: TrainConfig, relabel_teacher: b
     return all(stored.get(key, defaults[key]) == value for key, value in expected.items())
 
 
+def crop_boxes(B: int, h: int, w: int, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's RandomResizedCrop box per image: area fraction ~ U(scale), log-uniform aspect
+    ratio, 10 tries, then the central crop of the clamped ratio. Returns [B, 4] (left, top, right, bottom)
+    in pixel-edge coordinates."""
+    boxes = torch.empty(B, 4)
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    for i in range(B):
+        for _ in range(10):
+            target = h * w * (scale[0] + (scale[1] - scale[0]) * float(torch.rand(1, generator=gen)))
+            ar = math.exp(lo + (hi - lo) * float(torch.rand(1, generator=gen)))
+            cw, ch = round(math.sqrt(target * ar)), round(math.sqrt(target / ar))
+            if 0 < cw <= w and 0 < ch <= h:
+                top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+                left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+                break
+        else:
+            r = w / h
+            cw, ch = (w, round(w / ratio[0])) if r < ratio[0] else ((round(h * ratio[1]), h) if r > ratio[1] else (w, h))
+            cw, ch = min(cw, w), min(ch, h)
+            top, left = (h - ch) // 2, (w - cw) // 2
+        boxes[i] = torch.tensor([left, top, left + cw, top + ch], dtype=torch.float32)
+    return boxes
+
+
+def resize_boxes(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each image's box [B, 4] (left, top, right, bottom) resized to the full h × w, bilinear with
+    half-pixel centres, one ``torchvision.ops.roi_align`` call for the batch. x [B, c, h, w] → [B, c, h, w].
+    Equal to F.interpolate(align_corners=False) of the crop wherever the sample lies inside the crop;
+    at the crop's edge it interpolates with the neighbouring pixels of the full image where
+    torchvision's resized_crop clamps to the crop's border (a difference of a fraction of a pixel)."""
+    from torchvision.ops import roi_align
+
+    B, _, h, w = x.shape
+    rois = torch.cat([torch.arange(B, dtype=torch.float32)[:, None], boxes.float()], 1).to(x.device, x.dtype)
+    return roi_align(x, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+
+
+def random_resized_crop(x: torch.Tensor, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's RandomResizedCrop for every image of a batch x [B, c, h, w] → [B, c, h, w]."""
+    B, _, h, w = x.shape
+    return resize_boxes(x, crop_boxes(B, h, w, gen, scale, ratio))
+
+
+def cutmix(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix of a batch x [B, c, h, w] with its own random permutation: λ ~ Beta(1, 1) = U(0, 1), a box
+    of area (1 − λ)·h·w (clipped at the border) from x[perm] pasted at a uniform centre. Returns (mixed
+    [B, c, h, w], perm [B], λ corrected to the pasted area)."""
+    B, _, h, w = x.shape
+    lam = float(torch.rand(1, generator=gen))
+    perm = torch.randperm(B, generator=gen)
+    cut = math.sqrt(1.0 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(torch.randint(0, h, (1,), generator=gen)), int(torch.randint(0, w, (1,), generator=gen))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = x[perm.to(x.device)][:, :, y0:y1, x0:x1]
+    return out, perm, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     """x: normalised float [B, c, h, w]. ``crop_flip``: reflect-pad by h/8, random crop, random
-    horizontal flip. ``shift``: random translation by up to 1 px (for digits, where flips change
-    the class)."""
+    horizontal flip. ``rrc_flip``: RandomResizedCrop(scale 0.08–1) and random horizontal flip (the
+    student augmentation of SRe2L / WMDD); ``rrc``: the same without flips (digits). ``shift``: random translation by up to 1 px (for digits,
+    where flips change the class)."""
     if mode == "none":
         return x
+    if mode in ("rrc_flip", "rrc"):
+        out = random_resized_crop(x, gen)
+        if mode == "rrc_flip":
+            flip = torch.rand(x.shape[0], generator=gen) < 0.5
+            out[flip] = out[flip].flip(-1)
+        return out
+    if mode not in ("crop_flip", "shift"):
+        raise DNTKError(f"unknown augmentation {mode!r}; use crop_flip, rrc_flip, rrc, shift or none")
     B, _, h, w = x.shape
     pad = max(1, h // 8) if mode == "crop_flip" else 1
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if mode == "crop_flip" else "constant",
@@ -136,9 +207,16 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     n = len(train_set)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=config.epochs * steps_per_epoch,
-                                                pct_start=0.15, anneal_strategy="cos", div_factor=10.0,
-                                                final_div_factor=100.0)
+    if config.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=config.epochs * steps_per_epoch,
+                                                    pct_start=0.15, anneal_strategy="cos", div_factor=10.0,
+                                                    final_div_factor=100.0)
+    elif config.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)
+    else:
+        raise DNTKError(f"unknown schedule {config.schedule!r}; use 'onecycle' or 'cosine'")
+    if config.mix not in ("none", "cutmix"):
+        raise DNTKError(f"unknown mix {config.mix!r}; use 'none' or 'cutmix'")
     gen = torch.Generator().manual_seed(config.seed)
     start_epoch, history, best = 0, [], (-1.0, -1)
     last = out_dir / "last.pt"
@@ -163,17 +241,27 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
                 continue  # BatchNorm needs two samples
             x, y = train_set.tensors(idx)
             x = augment_batch(x, config.augment, gen).to(device)
+            partner, lam = None, 1.0
+            if config.mix == "cutmix":
+                x, partner, lam = cutmix(x, gen)
+                partner = partner.to(device)
             out = model(x)
             if soft_labels is not None or teacher is not None:
-                if teacher is not None:
-                    with torch.no_grad():
-                        target = teacher(x)
-                else:
-                    target = soft_labels[idx].to(device)
                 T = config.soft_label_temperature
-                loss = F.kl_div(F.log_softmax(out / T, 1), F.softmax(target / T, 1), reduction="batchmean") * T * T
+                if teacher is not None:    # the teacher labels the (mixed) crop the student sees
+                    with torch.no_grad():
+                        prob = F.softmax(teacher(x) / T, 1)
+                else:
+                    prob = F.softmax(soft_labels[idx].to(device) / T, 1)
+                    if partner is not None:
+                        prob = lam * prob + (1 - lam) * prob[partner]
+                loss = F.kl_div(F.log_softmax(out / T, 1), prob, reduction="batchmean") * T * T
             else:
-                loss = F.cross_entropy(out, y.to(device), label_smoothing=config.label_smoothing)
+                y = y.to(device)
+                loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+                if partner is not None:
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(out, y[partner],
+                                                                    label_smoothing=config.label_smoothing)
             if not torch.isfinite(loss):
                 raise DNTKError(f"training loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate "
                                 f"(now {lr}) or use --optimizer adamw")

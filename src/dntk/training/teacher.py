@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..errors import DNTKError
 from ..models import build_model, load_checkpoint
 from ..store import model_checksum
 from .loop import TrainConfig, TrainResult, evaluate, train
@@ -87,14 +88,36 @@ def student_train_config(dataset: str, epochs: int, seed: int, n: int, eval_ever
                        augment=augmentation(dataset), eval_every=eval_every)
 
 
+def wmdd_student_config(epochs: int, seed: int, n: int, eval_every: int = 1, dataset: str = "folder") -> TrainConfig:
+    """WMDD's student protocol (its run.sh / train_FKD.py, SRe2L's recipe): AdamW lr 1e-3, weight decay
+    0.01, cosine schedule, batch 100, RandomResizedCrop(0.08–1) + flip, CutMix on every batch, KL to the
+    teacher's softmax at temperature 20 (relabelled per batch: the caller passes the teacher);
+    WMDD's epoch count is 300. Data whose class a flip can change (digits) get the crops without flips."""
+    return TrainConfig(epochs=epochs, optimizer="adamw", lr=1e-3, weight_decay=0.01, batch_size=min(100, n),
+                       seed=seed, augment="rrc_flip" if augmentation(dataset) == "crop_flip" else "rrc", mix="cutmix", schedule="cosine", soft_label_temperature=20.0,
+                       eval_every=eval_every)
+
+
+STUDENT_PROTOCOLS = ("dntk", "wmdd")
+
+
 def train_student(student: nn.Module, teacher: nn.Module, distilled, test_set, out_dir, *, dataset: str, epochs: int,
                   seed: int = 0, relabel: bool = True, eval_every: int = 1, device="cpu",
-                  progress: bool = True) -> tuple[nn.Module, float]:
+                  progress: bool = True, protocol: str = "dntk") -> tuple[nn.Module, float]:
     """Train ``student`` (a fresh network) on the images of ``distilled`` (a DistilledSet or ImageSet)
     with the teacher's soft labels — relabelled on every augmented batch, or (relabel=False) fixed
-    per image — and return (student in eval mode, its test accuracy). Cached and resumable in out_dir."""
+    per image — and return (student in eval mode, its test accuracy). Cached and resumable in out_dir.
+    protocol: ``dntk`` (:func:`student_train_config`: AdamW 2e-3, one-cycle, pad-crop-flip, T = 4) or
+    ``wmdd`` (:func:`wmdd_student_config`; relabel must be True, as in WMDD)."""
     torch.manual_seed(seed)
-    cfg = student_train_config(dataset, epochs, seed, len(distilled), eval_every)
+    if protocol == "wmdd":
+        if not relabel:
+            raise DNTKError("the wmdd student protocol relabels every batch; relabel=False is not part of it")
+        cfg = wmdd_student_config(epochs, seed, len(distilled), eval_every, dataset)
+    elif protocol == "dntk":
+        cfg = student_train_config(dataset, epochs, seed, len(distilled), eval_every)
+    else:
+        raise DNTKError(f"unknown student protocol {protocol!r}; use one of {STUDENT_PROTOCOLS}")
     if relabel:
         labels = {"teacher": teacher.eval()}
     else:
