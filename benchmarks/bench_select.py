@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--pool-factors", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--herding", action="store_true", help="also kernel-herding (posterior variance)")
     ap.add_argument("--ridge", type=float, default=1e-4)
+    ap.add_argument("--rows-from", default=None,
+                    help="reuse the per-seed rows of a select.json (e.g. an interrupted run's) and only summarise")
     ap.add_argument("--no-energy-gap", dest="energy_gap", action="store_false",
                     help="skip Proposition 3.6's decomposition per row")
     args = ap.parse_args()
@@ -121,7 +123,13 @@ def main():
     if args.herding:
         methods += [("kernel-herding", p) for p in args.pool_factors]
     rows = []
-    for ipc in args.ipcs:
+    if args.rows_from:
+        import json
+        rows = [r for r in json.loads(Path(args.rows_from).read_text())["rows"] if r.get("pool") is not None]
+        for split, Fs in (("train", real.features), ("val", fte.features)):   # spectra for the PCA rows
+            for c in range(C):
+                spectra[(split, c)] = second_moment_spectrum(Fs[c].double())
+    for ipc in ([] if args.rows_from else args.ipcs):
         for seed in args.seeds:
             for method, p in methods:
                 t0 = time.perf_counter()
@@ -143,10 +151,11 @@ def main():
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             write_json("select.json", {"machine": machine(), "rows": rows, "partial": True})
     if args.energy_gap:   # (d) the top-d PCA directions of the training Σ_g: zero gap in-sample by construction
+        tops = {c: top_pca_directions(real.features[c], max(args.ipcs) * C) for c in range(C)}
         for ipc in args.ipcs:
             res = {"train": [], "val": []}
             for c in range(C):
-                top = top_pca_directions(real.features[c], ipc * C)
+                top = tops[c][:ipc * C]
                 for split, Fs in (("train", real.features), ("val", fte.features)):
                     res[split].append(energy_gap(Fs[c].double(), top, spectrum=spectra[(split, c)]))
             rows.append({"ipc": ipc, "m": ipc * C, "method": "top-m PCA of Σ_g (not images)", "seed": 0, "pool": None,

@@ -37,6 +37,8 @@ def test_gap_vanishes_exactly_on_the_pca_subspace_and_not_elsewhere():
     G = torch.randn(50, 15, generator=g, dtype=torch.float64) * torch.linspace(4, 0.1, 15, dtype=torch.float64)
     top = energy_gap(G, top_pca_directions(G, 4))
     assert top["dim"] == 4 and abs(top["gap"]) < 1e-10
+    wide = G[:10].T.contiguous()[:, :10]                    # n < k: the SVD path
+    assert abs(energy_gap(wide, top_pca_directions(wide, 3))["gap"]) < 1e-10
     rand = energy_gap(G, torch.randn(4, 15, generator=g, dtype=torch.float64))
     assert rand["gap"] > 0.05 and rand["pca_tail"] == pytest.approx(top["pca_tail"])
     # rank-deficient V: d counts the span, not the rows

@@ -65,5 +65,8 @@ def energy_gap(G: torch.Tensor, V: torch.Tensor, *, spectrum: torch.Tensor | Non
 def top_pca_directions(G: torch.Tensor, d: int) -> torch.Tensor:
     """The top-d eigenvectors of Σ_g = GᵀG/n as rows [d, k] (the subspace with zero gap)."""
     G = G.double()
+    if G.shape[0] > G.shape[1]:        # eigenvectors of the k × k second moment: cheaper than the n × k SVD
+        _, vec = torch.linalg.eigh(G.T @ G)
+        return vec.flip(1)[:, :d].T.contiguous()
     _, _, Vh = torch.linalg.svd(G, full_matrices=False)
     return Vh[:d]
