@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--wmdd-iterations", type=int, default=100)
+    ap.add_argument("--cached-only", action="store_true",
+                    help="report only the students already trained (no training): the table of a partial run")
     args = ap.parse_args()
     torch.set_num_threads(2)
     teacher, tr, te = teacher_and_data()
@@ -77,6 +79,10 @@ def main():
     for ipc in args.ipcs:
         for method in args.methods:
             for seed in args.seeds:
+                if args.cached_only and not any(ROOT.glob(f"bench-student-wmddprotocol-{method}-ipc{ipc}-seed{seed}-"
+                                                            f"e{args.epochs}-*.result.pt")):
+                    print(f"{method} ipc {ipc} seed {seed}: not trained (--cached-only); skipped")
+                    continue
                 ds = distilled(method, ipc, seed, teacher, tr, args.wmdd_iterations)
                 if ds is None:
                     print(f"{method} ipc {ipc} seed {seed}: missing (run bench_select.py first); skipped")
