@@ -133,7 +133,8 @@ def test_stage_errors(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path), "--gradient-distill", "fps", "--quiet"]) == 1
     assert "--gradient-distill fps needs --budget s" in capsys.readouterr().err
     assert main(["distill", "--out", str(tmp_path), "--quiet"]) == 1
-    assert "dntk distill needs a method: --distill wmdd, random or kcenter" in capsys.readouterr().err
+    assert "dntk distill needs a method: --distill wmdd, random, kcenter, kernel-greedy or kernel-herding" in \
+        capsys.readouterr().err
     for flag, value, message in (("--gradient-distill", "pca", "invalid choice: 'pca' (choose from 'none', 'local-global',"
                                                               " 'random', 'fps', 'kmeans', 'leverage', "
                                                               "'target-direction', 'hybrid')"),
