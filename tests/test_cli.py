@@ -140,7 +140,7 @@ def test_stage_errors(tmp_path, capsys):
                                                               "'target-direction', 'hybrid')"),
                                  ("--tau-v", "1.5", "must be a finite number > 0 and ≤ 1, got 1.5"),
                                  ("--distill", "dc", "invalid choice: 'dc' (choose from 'none', 'random', 'kcenter', "
-                                                     "'wmdd')")):
+                                                     "'wmdd', 'kernel-greedy', 'kernel-herding')")):
         with pytest.raises(SystemExit):
             main(["run", "--out", str(tmp_path), "--quiet", flag, value])
         assert f"argument {flag}" in (err := capsys.readouterr().err) and message in err
