@@ -203,12 +203,9 @@ def main():
 
 
 def select_real_indices(tr, ipc, seed):
-    """The dataset indices of ``--distill random`` (select_real) for this seed — recomputed by the same
-    seeded permutation and checked against the library's images."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.cat([torch.nonzero(tr.labels == c).flatten()[torch.randperm(int((tr.labels == c).sum()),
-                                                                            generator=gen)[:ipc]]
-                     for c in range(tr.num_classes)])
+    """The dataset indices of ``--distill random`` for this seed: a pool of factor 1 (the same seeded
+    permutation), checked against the library's images."""
+    idx = pool_indices(tr, ipc, 1, seed)
     assert torch.equal(tr.tensors(idx)[0], select_real(tr, ipc, "random", seed=seed).images)
     return idx.tolist()
 

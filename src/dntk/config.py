@@ -19,6 +19,8 @@ import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+import torch
+
 from .data.sources import DATASETS
 from .distill.methods import DISTILLERS
 from .errors import DNTKError, is_int_at_least
@@ -158,6 +160,12 @@ class FeatureConfig:
     test_features: str = option("store", "store the test features (needed by --gradient-distill), or stream them: "
                                 "predictions computed shard by shard, memory flat in the number of test images",
                                 choices=("store", "stream"))
+
+    def resolved_k(self, model: torch.nn.Module) -> int:
+        """The projection dimension for ``model``: --k, or by default min(4096, P/2) for P trainable parameters."""
+        if self.k is not None:
+            return self.k
+        return min(4096, sum(p.numel() for p in model.parameters() if p.requires_grad) // 2)
 
 
 @dataclass

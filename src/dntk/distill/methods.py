@@ -56,9 +56,7 @@ def kernel_options(cfg, features_cfg, teacher, seed: int, kernel_cfg=None) -> di
     from ..projection import make as make_projector
 
     kernel_cfg = kernel_cfg if kernel_cfg is not None else KernelConfig()
-    P = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
-    k = features_cfg.k if features_cfg.k is not None else min(4096, P // 2)
-    return {"projector": make_projector(features_cfg.projector, k=k, seed=seed), "pool_factor": cfg.pool_factor,
+    return {"projector": make_projector(features_cfg.projector, k=features_cfg.resolved_k(teacher), seed=seed), "pool_factor": cfg.pool_factor,
             "batch_size": features_cfg.batch_size, "ridge": kernel_cfg.ridge, "targets": kernel_cfg.targets}
 
 
@@ -101,8 +99,8 @@ def training_points(cfg, m: int, train_set, *, teacher=None, teacher_checksum: s
         options = cfg.wmdd_options() if cfg.method == "wmdd" else {}
         distilled = distill_dataset(cfg.method, teacher, train_set, cfg.ipc, folder, seed=seed, device=device,
                                     progress=progress, teacher_checksum=teacher_checksum,
-                                    kernel_options=kernel_options(cfg, features_cfg, teacher, seed, kernel_cfg)
-                                    if features_cfg is not None else None, **options)
+                                    kernel_options=kernel_options(cfg, features_cfg, teacher, seed, kernel_cfg),
+                                    **options)
     distilled.check_compatible(train_set)
     X, y = distilled.tensors(balanced_indices(distilled.labels, len(distilled), C))
     manifest_path = (folder if folder.is_dir() else folder.parent) / "manifest.json"

@@ -87,7 +87,7 @@ def run(config: RunConfig) -> RunResult:
         log(f"student trained on the {m} distilled images: test accuracy {base_acc:.4f}")
     base_checksum = teacher.checksum if base is teacher.model else model_checksum(base)
 
-    k = cfg.features.k if cfg.features.k is not None else min(4096, P // 2)
+    k = cfg.features.resolved_k(teacher.model)
     projector = make_projector(cfg.features.projector, k=k, seed=cfg.seed)
     X_test, y_test = test_set.tensors()
 
