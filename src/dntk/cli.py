@@ -7,6 +7,9 @@ dataclasses of :mod:`dntk.config`, so a setting has the same name and default on
                              to --ipc images per class
     dntk ntk     [options]   exact per-class eNTK of a few test images (saved as a tensor)
     dntk store verify DIR    check a feature store's shards (presence, shapes, SHA-1)
+    dntk reproduce [options] the paper's setting end to end (--setting paper160 | cpu64): both runs, theory
+                             diagnostics, DNTK vs the exact eNTK, per-stage costs → OUT/report/report.md;
+                             --probe N: measure the setting's unit costs on N images and extrapolate instead
 
 Under ``torchrun --nproc-per-node N -m dntk run ...`` the feature extraction is split across the N
 processes (see :mod:`dntk.distributed`).
@@ -23,14 +26,14 @@ from .config import RunConfig, add_options, int_at_least, options_from_args
 from .errors import DNTKError
 
 # the flags of each verb: (section, include, exclude) — None includes every field of the section
-_RUN_ONLY_TEACHER = ("checkpoint", "base_model", "student_epochs")   # teacher settings `dntk train` has no use for
+_RUN_ONLY_TEACHER = ("checkpoint", "base_model", "student_epochs", "student_protocol")   # teacher settings `dntk train` has no use for
 DISTILL_ONLY = ("evaluate", "evaluate_epochs")   # `dntk distill --evaluate`: run evaluates with its own --base-model
 VERBS = {
     "run": [("data", None, ()), ("teacher", None, ()), ("features", None, ()),
             ("distill", None, DISTILL_ONLY),
             ("kernel", None, ()), ("gradients", None, ()), (None, None, ())],
     "train": [("data", None, ("n_test",)), ("teacher", None, _RUN_ONLY_TEACHER), (None, None, ())],
-    "distill": [("data", None, ("n_test",)), ("teacher", None, ("base_model", "student_epochs")),
+    "distill": [("data", None, ("n_test",)), ("teacher", None, ("base_model", "student_epochs", "student_protocol")),
                 ("features", ("projector", "k", "batch_size"), ()), ("distill", None, ("load",)),
                 ("kernel", ("ridge", "targets"), ()), (None, None, ())],
     "ntk": [("data", None, ("n_test",)), ("teacher", ("model", "stem", "checkpoint"), ()), (None, None, ())],
@@ -69,6 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "ntk":
             p.add_argument("--n", type=int_at_least(1), default=16, help="test images (default: 16)")
             p.add_argument("--blocks", choices=["per_class", "full", "trace"], default="per_class")
+    rp = sub.add_parser("reproduce", help="the paper's setting end to end, every stage's cost, one report",
+                        description="the paper's setting end to end (see dntk.pipeline.reproduce): two runs (teacher "
+                                    "and distilled-data student base models), Algorithm 1 at 20×/50×/100×, theory "
+                                    "diagnostics, DNTK against the exact eNTK on a subset, per-stage costs; writes "
+                                    "OUT/reproduce.json and OUT/report/report.md")
+    from .pipeline.reproduce import SETTINGS
+
+    rp.add_argument("--data-root", required=True, help="ImageFolder copy of ImageNette (train/ and val/)")
+    rp.add_argument("--setting", choices=sorted(SETTINGS), default="cpu64",
+                    help="paper160: the paper's (GPU-sized); cpu64: the same pipeline CPU-sized (default: cpu64)")
+    rp.add_argument("--dataset", choices=("folder", "imagenette"), default="folder", help="(default: folder)")
+    rp.add_argument("--out", default="dntk-reproduce", help="output folder; rerunning resumes (default: dntk-reproduce)")
+    rp.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    rp.add_argument("--seed", type=int_at_least(0), default=0, help="(default: 0)")
+    rp.add_argument("--quiet", action="store_false", dest="progress", help="no progress bars")
+    rp.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override one of the setting's run options by its flag name, e.g. --set n_test=500 "
+                         "--set wmdd_iterations=50 (repeatable)")
+    for name, what in (("theory-images", "real training images estimating Σ_g"),
+                       ("exact-train", "distilled images in the exact-eNTK subset"),
+                       ("exact-test", "validation images in the exact-eNTK subset")):
+        rp.add_argument(f"--{name}", type=int_at_least(1), default=None, help=f"{what} (default: the setting's)")
+    rp.add_argument("--no-exact", action="store_false", dest="exact", help="skip the exact-eNTK comparison")
+    rp.add_argument("--exact-memory-gb", type=float, default=6.0,
+                    help="GiB of gradients the exact eNTK holds at once; more = fewer gradient passes (default: 6)")
+    rp.add_argument("--report-dir", default=None, help="where report.md and its figures go (default: OUT/report)")
+    rp.add_argument("--probe", type=int_at_least(1), default=None, metavar="N",
+                    help="do not run: measure the setting's unit costs on N images and extrapolate every stage "
+                         "(writes OUT/probe-<setting>.json and .md)")
     store = sub.add_parser("store", help="inspect a feature store", description="inspect a feature store")
     actions = store.add_subparsers(dest="action", required=True)
     verify = actions.add_parser("verify", help="check that every shard is present and intact (SHA-1)")
@@ -150,6 +182,71 @@ def _ntk(args):
     print(f"saved {tuple(K.shape)} float64 kernel to {path}")
 
 
+def _overrides(pairs: list[str]) -> dict:
+    """--set NAME=VALUE pairs → typed RunConfig options (checked by RunConfig.resolved)."""
+    from dataclasses import fields as _fields
+
+    from .config import SECTIONS, _option_index
+
+    where = _option_index()
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise DNTKError(f"--set {pair!r}: write NAME=VALUE, e.g. --set n_test=500")
+        name, text = pair.split("=", 1)
+        name = name.strip().replace("-", "_")
+        if name not in where:
+            raise DNTKError(f"--set: unknown option {name!r}; valid names: {', '.join(sorted(where))}")
+        section, fname = where[name]
+        f = next(f for f in _fields(SECTIONS[section] if section else RunConfig) if f.name == fname)
+        kind = f.metadata["kind"]
+        try:
+            if text.lower() == "none":
+                value = None
+            elif kind == "int":
+                value = int(text)
+            elif kind == "float":
+                value = float(text)
+            elif kind == "bool":
+                value = {"true": True, "false": False}[text.lower()]
+            elif kind == "ints":
+                value = [int(v) for v in text.split(",")]
+            else:
+                value = text
+        except (ValueError, KeyError):
+            raise DNTKError(f"--set {pair!r}: {text!r} is not a valid {kind}") from None
+        out[name] = value
+    return out
+
+
+def _positive_gib(gb: float) -> int:
+    if not gb > 0 or gb != gb or gb == float("inf"):
+        raise DNTKError(f"--exact-memory-gb {gb} must be a positive finite number of GiB")
+    return int(gb * 2**30)
+
+
+def _reproduce(args):
+    from .pipeline.reproduce import ReproduceConfig, probe, reproduce
+
+    rc = ReproduceConfig(data_root=args.data_root, setting=args.setting, dataset=args.dataset, out=args.out,
+                         device=args.device, seed=args.seed, progress=args.progress, overrides=_overrides(args.set),
+                         theory_images=args.theory_images, exact_train=args.exact_train, exact_test=args.exact_test,
+                         exact=args.exact, report_dir=args.report_dir,
+                         exact_memory_bytes=_positive_gib(args.exact_memory_gb))
+    rc.run_config()  # every override checked before any work
+    if args.probe is not None:
+        from .report import write_probe_report
+        from .store import atomic_json
+
+        result = probe(rc, args.probe)
+        Path(rc.out).mkdir(parents=True, exist_ok=True)
+        atomic_json(result, Path(rc.out) / f"probe-{rc.setting}.json")
+        path = write_probe_report(result, Path(rc.out) / f"probe-{rc.setting}.md")
+        print(path.read_text())
+        return
+    reproduce(rc)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -157,7 +254,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        {"run": _run, "train": _train, "distill": _distill, "ntk": _ntk, "store": _store}[args.verb](args)
+        {"run": _run, "train": _train, "distill": _distill, "ntk": _ntk, "store": _store,
+         "reproduce": _reproduce}[args.verb](args)
     except DNTKError as e:
         print(f"dntk: error: {e}", file=sys.stderr)
         return 1

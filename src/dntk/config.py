@@ -122,6 +122,8 @@ class DataConfig:
     download: bool = option(False, "imagenette: download with torchvision if --data-root lacks it", kind="bool")
     image_size: int | None = option(None, "side length after resize + centre crop", kind="int", minimum=1,
                                     none_means="64; digits 8")
+    resize: int | None = option(None, "ImageFolder data: shorter side before the centre crop (the paper's 160 px "
+                                "setting: 176)", kind="int", minimum=1, none_means="--image-size: no margin")
     n_test: int | None = option(None, "test points, even across classes", kind="int", minimum=1,
                                 none_means="the whole test split")
     cache_data: bool = option(True, "keep decoded images in OUT/cache", kind="bool", cli=False)
@@ -145,6 +147,9 @@ class TeacherConfig:
     base_model: str = option("teacher", "the network whose NTK is analysed: the teacher, or a student trained on the "
                              "distilled set with the teacher's soft labels", choices=("teacher", "student"))
     student_epochs: int = option(60, "epochs of the --base-model student", kind="int", minimum=1)
+    student_protocol: str = option("dntk", "how the --base-model student is trained: dntk (AdamW, one-cycle, T = 4) or "
+                                   "wmdd (WMDD's own: RandomResizedCrop + CutMix, cosine, T = 20)",
+                                   choices=("dntk", "wmdd"))
 
 
 @dataclass

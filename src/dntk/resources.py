@@ -34,15 +34,91 @@ def process_peak_rss_mb() -> float:
 
 
 class StageTimer:
-    """Wall-clock seconds per named stage (a stage entered twice accumulates): ``with t.time("x"):``."""
+    """Wall-clock seconds per named stage (a stage entered twice accumulates): ``with t.time("x"):``.
+    Also the peak resident memory of each stage (``peak_rss_mb``; Linux: the VmHWM window is reset on
+    entry, elsewhere the process's peak so far) and, when CUDA is in use, the peak GPU memory allocated
+    by PyTorch (``peak_gpu_mb``). Stages must not be nested (an inner stage resets the outer's window)."""
 
     def __init__(self):
         self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
+        self.peak_gpu_mb: dict[str, float] = {}
 
     @contextmanager
     def time(self, name: str):
+        import torch
+
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        reset_peak_rss()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         try:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+            self.peak_rss_mb[name] = max(self.peak_rss_mb.get(name, 0.0), peak_rss_mb())
+            if cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()):
+                gpu = torch.cuda.max_memory_allocated() / 2**20
+                self.peak_gpu_mb[name] = max(self.peak_gpu_mb.get(name, 0.0), gpu)
+
+
+def model_flops(model, x) -> dict:
+    """FLOPs of one input through ``model``, counted by ``torch.utils.flop_counter.FlopCounterMode``
+    (matrix multiplications and convolutions — the ops that dominate a CNN; elementwise ops, BatchNorm
+    and pooling are not counted). x: one input batch [1, ...]. Returns {forward, backward_one_logit
+    (the backward pass of one logit, parameters and activations), per_logit_gradient = forward +
+    backward_one_logit}, per input."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    try:
+        x = x[:1]
+        with FlopCounterMode(display=False) as fwd:
+            with torch.no_grad():
+                model(x)
+        params = [p for p in model.parameters() if p.requires_grad]
+        with FlopCounterMode(display=False) as both:
+            out = model(x)
+            torch.autograd.grad(out[:, 0].sum(), params, allow_unused=True)
+        f = float(fwd.get_total_flops())
+        b = float(both.get_total_flops()) - f
+    finally:
+        model.train(was)
+    return {"forward": f, "backward_one_logit": b, "per_logit_gradient": f + b}
+
+
+def folder_bytes(*paths) -> int:
+    """Bytes of the files under the given files or folders (missing paths count 0)."""
+    from pathlib import Path
+
+    total = 0
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            total += p.stat().st_size
+        elif p.is_dir():
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return total
+
+
+def exact_entk_cost(n_train: int, n_test: int, C: int, P: int, *, flops_per_gradient: float,
+                    seconds_per_gradient: float, contraction_flops_per_second: float, itemsize: int = 4) -> dict:
+    """The uncompressed exact per-class eNTK of n_train × (n_train + n_test) inputs at P parameters,
+    extrapolated from measured unit costs:
+
+        per-logit Jacobians  J = (n_train + n_test)·C, each P numbers (J·P·itemsize bytes to hold them)
+        gradient FLOPs       J · flops_per_gradient         (one forward + one backward per logit)
+        contraction FLOPs    2·P·C·(n_train² + n_train·n_test)   (K_train [C, n, n] and K_test [C, n_test, n])
+        time                 J · seconds_per_gradient + contraction FLOPs / contraction_flops_per_second
+        kernel bytes         8·C·(n_train² + n_test·n_train)  (float64)
+    """
+    J = (n_train + n_test) * C
+    contraction = 2.0 * P * C * (n_train ** 2 + n_train * n_test)
+    return {"n_train": n_train, "n_test": n_test, "classes": C, "parameters": P, "per_logit_jacobians": J,
+            "jacobian_bytes": J * P * itemsize, "gradient_flops": J * flops_per_gradient,
+            "contraction_flops": contraction, "flops": J * flops_per_gradient + contraction,
+            "seconds": J * seconds_per_gradient + contraction / contraction_flops_per_second,
+            "kernel_bytes": 8 * C * (n_train ** 2 + n_test * n_train)}

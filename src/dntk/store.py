@@ -76,6 +76,16 @@ def atomic_json(obj, path, indent: int = 2) -> Path:
     return path
 
 
+def atomic_write_text(text: str, path) -> Path:
+    """Write ``text`` to ``path`` atomically (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def load(path, *, trusted: bool = True):
     """torch.load on CPU; ``trusted`` files (written by dntk itself) may hold Python objects."""
     return torch.load(path, map_location="cpu", weights_only=not trusted)

@@ -134,6 +134,17 @@ def image_folder(root, split: str = "train", image_size: int = 64, *, resize: in
     return ImageSet(images, labels, classes, tuple(mean), tuple(std), name=Path(root).name, files=[p for p, _ in samples])
 
 
+def folder_sample(root, split: str, image_size: int, n: int, *, resize: int | None = None) -> tuple[ImageSet, int]:
+    """n images of an ImageFolder split, spread evenly over its file list, decoded as
+    :func:`image_folder` decodes them — and the split's total image count. For measuring costs on
+    a few images without decoding the whole split."""
+    classes, samples = scan_folder(root, split)
+    pick = torch.linspace(0, len(samples) - 1, min(n, len(samples))).round().long().tolist()
+    images = torch.stack([_decode(samples[i][0], image_size, resize) for i in pick])
+    labels = torch.tensor([samples[i][1] for i in pick], dtype=torch.long)
+    return ImageSet(images, labels, classes, name=Path(root).name), len(samples)
+
+
 def imagenette(root, split: str = "train", image_size: int = 64, *, download: bool = False, **kw) -> ImageSet:
     """Imagenette from a local ImageFolder tree (``root/train``, ``root/val``), or torchvision's
     ``Imagenette`` download (needs network; ``download=True``) stored under root."""
@@ -190,6 +201,8 @@ def load_configured(cfg, *, cache_dir=None, progress: bool = True, split: str | 
     kw = {}
     if cfg.dataset != "digits":
         kw = {"download": cfg.download, "progress": progress}
+        if cfg.resize is not None:
+            kw["resize"] = cfg.resize
         if cfg.cache_data and cache_dir is not None:
             kw["cache_dir"] = cache_dir
     if split is not None:

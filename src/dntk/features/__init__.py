@@ -2,7 +2,7 @@
 
 from .capture import GradientCapture, parameter_table
 from .engine import gradient_features
-from .ntk import empirical_ntk
+from .ntk import empirical_ntk, sliced_class_kernels
 from .result import FeatureResult
 
-__all__ = ["gradient_features", "FeatureResult", "empirical_ntk", "GradientCapture", "parameter_table"]
+__all__ = ["gradient_features", "FeatureResult", "empirical_ntk", "sliced_class_kernels", "GradientCapture", "parameter_table"]

@@ -64,3 +64,30 @@ def rank_curve(train, targets, test, logits_test, labels_test, *, ridge: float, 
     model = PerClassKRR(ridge=ridge, normalize=None, form="dual").fit(train, targets)
     preds = model.sweep(test, ridges=(ridge,), ranks=rs)
     return [{"rank": r, **metrics.summarize(preds[(ridge, r)], logits_test, labels_test, targets_test)} for r in rs]
+
+
+def compare_with_exact(pred_exact, logits_test, labels_test, approximations: dict, K_exact=None) -> list[dict]:
+    """The end-to-end error of compressed kernel models against the exact-eNTK model on the same points.
+
+    pred_exact [n, C]: the exact eNTK model's test predictions; logits_test [n, C] / labels_test [n]: the
+    network's logits and the labels; approximations: {name: {"pred": [n, C] predictions, optional
+    "K_train": [C, m, m] its training kernel}}; K_exact [C, m, m]: the exact training kernel. One row per
+    approximation (the exact model first): its metrics against the network (:func:`dntk.metrics.summarize`),
+    ``agreement_with_exact`` (argmax agreement with the exact model), ``relative_mse_to_exact``
+    (‖pred − pred_exact‖² / ‖pred_exact‖²) and, where a training kernel is given, its
+    ``kernel_relative_error`` and ``kernel_alignment`` against K_exact (raw kernels: a random projection
+    estimates the exact kernel itself, not a rescaling of it)."""
+    rows = [{"name": "exact eNTK", **metrics.summarize(pred_exact, logits_test, labels_test, None),
+             "agreement_with_exact": 1.0, "relative_mse_to_exact": 0.0, "kernel_relative_error": 0.0,
+             "kernel_alignment": 1.0}]
+    ref = pred_exact.double()
+    for name, a in approximations.items():
+        pred = a["pred"].double()
+        row = {"name": name, **metrics.summarize(pred, logits_test, labels_test, None),
+               "agreement_with_exact": float((pred.argmax(1) == ref.argmax(1)).double().mean()),
+               "relative_mse_to_exact": float(((pred - ref) ** 2).sum() / (ref ** 2).sum())}
+        if a.get("K_train") is not None and K_exact is not None:
+            row["kernel_relative_error"] = metrics.kernel_relative_error(a["K_train"], K_exact)
+            row["kernel_alignment"] = metrics.kernel_alignment(a["K_train"], K_exact)
+        rows.append(row)
+    return rows

@@ -37,7 +37,9 @@ class RunResult:
         against the exact eNTK), kernel_model (the exact eNTK's KRR)}.
     gradient_distillation: with --gradient-distill, stage 3's summary
         (:func:`dntk.pipeline.stage3.gradient_stage`).
-    timings_s: wall-clock seconds per stage; peak_memory_mb: the process's peak RSS.
+    timings_s: wall-clock seconds per stage; peak_memory_mb: the process's peak RSS; stage_memory_mb:
+        {"rss": {stage: peak RSS during it}, "gpu": {stage: peak CUDA memory allocated}} (Linux; see
+        :class:`dntk.resources.StageTimer`).
     """
 
     config: dict
@@ -55,6 +57,7 @@ class RunResult:
     gradient_distillation: dict | None = None
     timings_s: dict | None = None
     peak_memory_mb: float | None = None
+    stage_memory_mb: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -97,30 +97,31 @@ def run(config: RunConfig) -> RunResult:
 
     def kernel_model(model, checksum, tag):
         """Features of the m points (and, stored, of the test split) of one base model, and its Figure 1
-        curve. Every rank extracts its shards; rank 0 alone fits (returns None elsewhere)."""
+        curve. Folders are keyed by the model's checksum (not by its role), so a teacher-base run and a
+        student-base run in one OUT share the teacher's features. Every rank extracts its shards; rank 0 alone fits (returns None elsewhere)."""
         key = digest(FEATURE_FORMAT, checksum, cfg.features.projector, k, cfg.seed)
         shard = cfg.features.feature_chunk
         extract = dict(identity={"model": checksum}, batch_size=cfg.features.batch_size, device=cfg.device,
                        progress=progress, rank=ranks.rank, world=ranks.world)
         stream = cfg.features.test_features == "stream"
         with st.time(f"features_train{tag}"):  # each stage's time includes waiting for the other ranks
-            train = FeatureStore(out / f"features-train{tag}-{key}-{digest(points.images)}", shard)
+            train = FeatureStore(out / f"features-train-{key}-{digest(points.images)}", shard)
             train.extract(model, points.images, projector, **extract)
             if stream:
                 ranks.barrier()
         if not stream:
             with st.time(f"features_test{tag}"):
-                test = FeatureStore(out / f"features-test{tag}-{key}-{digest(X_test)}", shard)
+                test = FeatureStore(out / f"features-test-{key}-{digest(X_test)}", shard)
                 test.extract(model, X_test, projector, **extract)
                 ranks.barrier()
         y_train = targets_of(train.read_logits(), points.labels)
         if stream:  # test features are computed batch by batch and dropped; only predictions are kept
             with st.time(f"kernel_model{tag}"):
                 with ranks.main_first():
-                    weights, cond = cached(out / f"weights{tag}-{key}-{digest(points.images, grid, cfg.kernel)}.pt",
+                    weights, cond = cached(out / f"weights-{key}-{digest(points.images, grid, cfg.kernel)}.pt",
                                            lambda: class_weights(train, y_train, grid, ridge=cfg.kernel.ridge,
                                                                  device=cfg.device))
-                folder = out / f"predictions{tag}-{key}-{digest(*[weights[g] for g in grid])}-{digest(X_test)}"
+                folder = out / f"predictions-{key}-{digest(*[weights[g] for g in grid])}-{digest(X_test)}"
                 predict_shards(model, X_test, projector, weights, folder, shard=shard, **{
                     k_: v for k_, v in extract.items() if k_ != "identity"})
                 ranks.barrier()
@@ -204,6 +205,7 @@ def run(config: RunConfig) -> RunResult:
                              f"trace-normalised)")
     result.timings_s = dict(st.timings)
     result.peak_memory_mb = process_peak_rss_mb()
+    result.stage_memory_mb = {"rss": dict(st.peak_rss_mb), "gpu": dict(st.peak_gpu_mb)}
     result.save(out / "results.json")
     log(report.format_results(result))
     log(f"wrote {out / 'results.json'} and {out / 'figure1.png'}")
@@ -232,9 +234,12 @@ def _student(cfg: RunConfig, teacher, points: TrainingPoints, test_set, out: Pat
     ds = DistilledSet(points.images, points.labels, list(test_set.classes), test_set.mean, test_set.std, test_set.name,
                       cfg.distill.method)
     student = build_network(cfg.teacher, cfg.data.dataset, cfg.data.image_size, test_set)
-    return train_student(student, teacher.model, ds, test_set, out / f"student-{digest(teacher.checksum, digest(points.images))}",
-                         dataset=cfg.data.dataset, epochs=cfg.teacher.student_epochs, seed=cfg.seed,
-                         device=cfg.device, progress=progress)
+    protocol, epochs = cfg.teacher.student_protocol, cfg.teacher.student_epochs
+    key = digest(teacher.checksum, digest(points.images)) if protocol == "dntk" else \
+        digest(teacher.checksum, digest(points.images), protocol, epochs, cfg.seed)
+    return train_student(student, teacher.model, ds, test_set, out / f"student-{key}", dataset=cfg.data.dataset,
+                         epochs=epochs, seed=cfg.seed, device=cfg.device, progress=progress, protocol=protocol,
+                         eval_every=epochs if protocol == "wmdd" else 1)
 
 
 def _figure1_curves(curves: dict, cfg: RunConfig, projector, points: TrainingPoints) -> dict:

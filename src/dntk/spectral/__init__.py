@@ -5,10 +5,10 @@ from .analysis import (LocalGlobal, alignment_matrix, check_kernel, check_tau, c
                        coverage, coverage_gap, data_redundancy, eigh_desc, local_global_structure, own_class_blocks,
                        parameter_redundancy, truncation_rank, variance_heatmap)
 from .summary import ALL_POINTS, OWN_CLASS, local_global_summary, spectral_summary
-from .theory import energy_gap, row_basis, second_moment_spectrum, top_pca_directions
+from .theory import energy_gap, row_basis, second_moment_spectrum, subspace_diagnostics, top_pca_directions
 
 __all__ = ["eigh_desc", "truncation_rank", "data_redundancy", "own_class_blocks", "parameter_redundancy",
            "cluster_kernel", "LocalGlobal", "local_global_structure", "alignment_matrix", "coverage",
            "containment_curves", "variance_heatmap", "coverage_gap", "check_kernel", "check_tau",
            "spectral_summary", "local_global_summary", "ALL_POINTS", "OWN_CLASS", "energy_gap", "row_basis",
-           "second_moment_spectrum", "top_pca_directions"]
+           "second_moment_spectrum", "top_pca_directions", "subspace_diagnostics"]

@@ -70,3 +70,51 @@ def top_pca_directions(G: torch.Tensor, d: int) -> torch.Tensor:
         return vec.flip(1)[:, :d].T.contiguous()
     _, _, Vh = torch.linalg.svd(G, full_matrices=False)
     return Vh[:d]
+
+
+def subspace_diagnostics(G: torch.Tensor, G_heldout: torch.Tensor, V: torch.Tensor | None, *,
+                         labels_heldout: torch.Tensor, labels_V: torch.Tensor | None = None, pca_dim: int | None = None,
+                         spectrum: torch.Tensor | None = None) -> dict:
+    """Proposition 3.6 and Theorem 3.3 for one logit and one subspace.
+
+    G [n, k]: real-image tangent features estimating Σ_g; G_heldout [n', k]: tangent features of other
+    real images (labels_heldout [n']); V [s, k]: the training points' tangent features (labels_V [s]),
+    or None with ``pca_dim`` = d for the top-d PCA subspace of Σ_g (estimated from G, so it is *not*
+    the optimum on G_heldout). Returns fractions (float64):
+
+    - ``residual``, ``pca_tail``, ``gap``, ``dim``: Proposition 3.6 on Σ_g of G (:func:`energy_gap`);
+    - ``heldout_residual``: Theorem 3.3's projection residual E‖(I − Π_V) g‖² / E‖g‖² on G_heldout;
+    - ``task_residual`` / ``task_misalignment``: the same two terms of Theorem 3.3 for the tasks "class y's
+      mean gradient" g_t = mean of G_heldout over class y, with the distilled step g_D̃ = mean of V's rows
+      of class y (η = 1/L): mean over classes of ‖(I − Π_V) g_t‖² / ‖g_t‖² and ‖g_D̃ − Π_V g_t‖² / ‖g_t‖²
+      (misalignment None for the PCA subspace, which has no points of its own).
+    """
+    G, G_heldout = G.double(), G_heldout.double()
+    if V is None:
+        if pca_dim is None:
+            raise DNTKError("pass V (the training points' features) or pca_dim (the PCA subspace's dimension)")
+        V = top_pca_directions(G, pca_dim)
+        own = False
+    else:
+        V = V.double()
+        own = True
+        if labels_V is None or labels_V.shape[0] != V.shape[0]:
+            raise DNTKError("labels_V [s] must label every row of V")
+    out = energy_gap(G, V, spectrum=spectrum)
+    Q = row_basis(V)
+    held = float((G_heldout ** 2).sum())
+    out["heldout_residual"] = (held - float(((G_heldout @ Q) ** 2).sum())) / held if held > 0 else float("nan")
+    res, mis = [], []
+    for y in torch.unique(labels_heldout).tolist():
+        g = G_heldout[labels_heldout == y].mean(0)
+        norm = float(g @ g)
+        if norm == 0:
+            continue
+        proj = Q @ (Q.T @ g)
+        res.append(float(((g - proj) ** 2).sum()) / norm)
+        if own and bool((labels_V == y).any()):
+            gd = V[labels_V == y].mean(0)
+            mis.append(float(((gd - proj) ** 2).sum()) / norm)
+    out["task_residual"] = sum(res) / len(res) if res else float("nan")
+    out["task_misalignment"] = sum(mis) / len(mis) if mis else None
+    return out

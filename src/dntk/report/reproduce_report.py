@@ -1,0 +1,179 @@
+"""``report.md`` of ``dntk reproduce``: formatting only — every number arrives in the summary dict
+(:func:`dntk.pipeline.reproduce.reproduce`), every figure is already drawn in the report folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..store import atomic_write_text
+
+
+def _f(v, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if abs(v) >= 1e5 or (0 < abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} EB"
+
+
+def _seconds(s) -> str:
+    if s is None:
+        return "–"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    if s < 3 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def write_reproduce_report(summary: dict, folder) -> Path:
+    """Write ``folder/report.md`` from the reproduce summary; returns its path."""
+    folder = Path(folder)
+    L: list[str] = []
+    st = summary["settings"]
+    tb, sb = summary["teacher_base"], summary["student_base"]
+    L += [f"# dntk reproduce — setting `{summary['setting']}`", "",
+          "Written by `dntk reproduce`; every number below comes from `reproduce.json` beside this file's run "
+          "folder. Paper numbers are from the reconstruction in `shared/research/paper.md` (§4).", ""]
+    L += ["## Settings, ours beside the paper's", ""]
+    L += _table(["", "ours", "paper"], [
+        ["images", f"{st['image_size']} px" + (f" (resize {st['resize']} → crop)" if st.get("resize") else
+                                              " (resize + centre crop)"), "160 px (Resize 176 → CenterCrop 160)"],
+        ["network", f"{st['model']}, {st['stem']} stem, P = {summary['costs']['parameters']:,}", "ResNet-18"],
+        ["teacher", f"{st['epochs']} epochs, test accuracy {tb['teacher_accuracy']:.4f}", "pretrained, accuracy not stated"],
+        ["stage 1", f"{st['distill']} IPC {st['ipc']}, {st['wmdd_iterations']} iterations, lr {st['wmdd_lr']}",
+         "WMDD IPC 50 (m = 500)"],
+        ["distilled-data base model", f"student, {st['student_protocol']} protocol, {st['student_epochs']} epochs, "
+                                      f"test accuracy {sb['base_model']['test_accuracy']:.4f}", "trained on distilled data"],
+        ["projection", f"{tb['projector']['name']} k = {tb['projector']['k']}", "random projection"],
+        ["test images", f"{tb['counts']['n_test']:,}", "3,925 (reproduction)"],
+        ["device", summary["device"] + (f" ({summary['cuda']})" if summary.get("cuda") else ""), "GPU"],
+    ])
+    L += ["## The paper's five claims", ""]
+    L += _table(["claim", "ours", "rule", "holds"],
+                [[c["claim"], c["ours"], c["rule"], _f(c["holds"])] for c in summary["claims"]])
+
+    L += ["## Figure 1 — two base models on the distilled points", "", "![Figure 1](figure1.png)", ""]
+    rows = []
+    for name, curve in (("teacher (pretrained)", summary["figure1"]["teacher"]), ("student (distilled data)",
+                                                                                  summary["figure1"]["student"])):
+        if curve:
+            r = curve[-1]
+            rows.append([name, r["m"], _f(r["fidelity"]), _f(r["accuracy"]), _f(r["mse_vs_teacher_logits"]),
+                         _f(r["condition_number"], 1)])
+    L += _table(["base model", "m", "fidelity", "accuracy", "logit MSE", "condition number"], rows)
+
+    L += ["## Figures 2–5 — spectra, budgets, local–global structure, rank", ""]
+    for i, what in ((2, "class-kernel spectra"), (3, "gradient budgets: Algorithm 1 and the selection baselines"),
+                    (4, "local–global composition"), (5, "rank of the Woodbury predictor")):
+        if (folder / f"figure{i}.png").exists():
+            L += [f"![Figure {i}: {what}](figure{i}.png)", ""]
+    L += ["### Algorithm 1 and the baselines at 20×, 50×, 100× gradient compression (teacher base model)", ""]
+    L += _table(["m/s", "s", "method", "fidelity", "accuracy", "logit MSE"],
+                [[r["compression"], r["s"], r["method"], _f(r["fidelity"]), _f(r["accuracy"]),
+                  _f(r.get("mse_vs_teacher_logits"))] for r in sorted(summary["algorithm1"],
+                                                                     key=lambda r: (r["compression"], r["method"]))])
+
+    ex = summary.get("exact")
+    if ex:
+        L += [f"## DNTK against the exact eNTK ({ex['n_train']} distilled + {ex['n_test']} validation images)", "",
+              f"Exact per-class eNTK by parameter slices ({ex['exact']['groups']} slices, "
+              f"{ex['exact']['passes']} gradient passes, P = {ex['exact']['parameters']:,}). Metrics of each kernel "
+              "model against the network (fidelity, accuracy) and against the exact eNTK model (agreement, "
+              "relative MSE); kernel error of the raw training kernel.", ""]
+        L += _table(["model", "kernel rel. error", "alignment", "agreement with exact", "rel. MSE to exact",
+                     "fidelity", "accuracy"],
+                    [[r["name"], _f(r.get("kernel_relative_error")), _f(r.get("kernel_alignment")),
+                      _f(r["agreement_with_exact"]), _f(r["relative_mse_to_exact"]), _f(r["fidelity"]),
+                      _f(r["accuracy"])] for r in ex["rows"]])
+
+    th = summary.get("theory")
+    if th:
+        L += ["## Theory diagnostics (Proposition 3.6, Theorem 3.3)", "",
+              f"Σ_g from {th['sigma_images']:,} real training images outside every subset; Theorem 3.3 on the "
+              f"{th['heldout_images']:,} held-out validation images. Fractions of tr Σ_g, averaged over logits. "
+              "Tasks: a class's mean gradient; the distilled step: the mean of that class's training-point "
+              "gradients.", ""]
+        L += _table(["subspace", "dim", "residual", "PCA tail", "misalignment gap", "held-out residual",
+                     "task residual", "task misalignment"],
+                    [[name, _f(v["dim"], 0), _f(v["residual"]), _f(v["pca_tail"]), _f(v["gap"]),
+                      _f(v["heldout_residual"]), _f(v["task_residual"]), _f(v.get("task_misalignment"))]
+                     for name, v in th["subspaces"].items()])
+
+    co = summary["costs"]
+    L += ["## Cost of every stage", "",
+          f"FLOPs from `{co['flops_counter']}`: forward {co['model_flops']['forward']:.3g}, one logit's backward "
+          f"{co['model_flops']['backward_one_logit']:.3g} per image. Wall time and peak RSS (the stage's own Linux "
+          "VmHWM window) are those of the invocation that computed the stage (`cost-ledger.json` keeps the longest "
+          "one of each stage; a stage resumed half-way shows its longer part).", ""]
+    L += _table(["stage", "per-logit Jacobians", "FLOPs", "how", "bytes stored", "wall time", "peak RSS",
+                 "peak GPU"],
+                [[s["stage"] + (f" ({s['note']})" if s.get("note") else ""), _f(s["jacobians"]), _f(s["flops"]),
+                  s["flops_how"], _bytes(s["bytes"]), _seconds(s["seconds"]),
+                  "–" if s["peak_rss_mb"] is None else f"{s['peak_rss_mb']:,.0f} MB",
+                  "–" if s.get("peak_gpu_mb") is None else f"{s['peak_gpu_mb']:,.0f} MB"] for s in co["stages"]])
+    full = co.get("exact_full")
+    if full:
+        mo = full["measured_on"]
+        L += ["### The uncompressed exact eNTK, extrapolated", "",
+              f"All {full['n_train']:,} training × {full['n_test']:,} test images, C = {full['classes']}, "
+              f"P = {full['parameters']:,}. Unit costs measured on the exact subset ({mo['images']} images): "
+              f"{mo['seconds_per_gradient'] * 1e3:.2f} ms per materialised per-logit gradient, "
+              f"{mo['contraction_flops_per_second'] / 1e9:.1f} GFLOP/s contraction.", "",
+              "    J = (n_train + n_test)·C;  bytes = J·P·4;  FLOPs = J·(forward + backward) + 2·P·C·(n_train² + n_train·n_test)",
+              "    time = J · s_per_gradient + contraction FLOPs / measured rate", ""]
+        L += _table(["quantity", "exact eNTK"], [
+            ["per-logit Jacobians", _f(full["per_logit_jacobians"])], ["Jacobian bytes", _bytes(full["jacobian_bytes"])],
+            ["FLOPs", _f(full["flops"])], ["time on this device", _seconds(full["seconds"])],
+            ["kernel bytes (float64)", _bytes(full["kernel_bytes"])]])
+    L += ["### Reduction factors", ""]
+    L += _table(["compression", "factor"], [[k, f"{v:,.1f}×"] for k, v in co["reductions"].items()])
+    path = folder / "report.md"
+    atomic_write_text("\n".join(L) + "\n", path)
+    return path
+
+
+def write_probe_report(probe: dict, path) -> Path:
+    """A markdown table of :func:`dntk.pipeline.reproduce.probe`'s extrapolated stage costs."""
+    L = [f"# `{probe['setting']}` measured on {probe['images_measured']} images on {probe['device']}, extrapolated", "",
+         f"P = {probe['parameters']:,}, k = {probe['k']}; per image: training step "
+         f"{probe['seconds_per_image']['train_step']:.3f} s, pixel step {probe['seconds_per_image']['pixel_step']:.3f} s, "
+         f"projected features {probe['seconds_per_image']['projected_features']:.3f} s; exact per-logit gradient "
+         f"{probe['seconds_per_exact_gradient'] * 1e3:.1f} ms; contraction {probe['contraction_flops_per_second'] / 1e9:.1f} GFLOP/s.", ""]
+    L += _table(["stage", "units", "FLOPs", "time"],
+                [[s["stage"], s["units"], _f(s["flops"]), _seconds(s["seconds"])] for s in probe["stages"]])
+    L += [f"Total: {_seconds(probe['total_seconds'])}. The exact eNTK of all images: "
+          f"{_bytes(probe['exact_full']['jacobian_bytes'])} of Jacobians, {_seconds(probe['exact_full']['seconds'])}.",
+          "", "Not listed: the kernel model, stage 3 and the theory's eigendecompositions, which depend on m, k and "
+          "the number of test images but not on the image size (their cost is in the run report of the same m).",
+          "Unit costs are from a few timed repetitions (after one warm-up) on this device; the WMDD step is counted as "
+          "one forward and backward to the pixels per image (its barycenter and BatchNorm terms are not timed).", ""]
+    path = Path(path)
+    atomic_write_text("\n".join(L) + "\n", path)
+    return path
