@@ -7,8 +7,17 @@ import time
 from contextlib import contextmanager
 
 
+_OPEN_WINDOWS: list[list[float]] = []   # the running peaks (MB) of the open peak_window()s, outermost first
+
+
 def reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: VmHWM is reset through /proc/self/clear_refs)."""
+    """Start a new peak-RSS window (Linux: VmHWM is reset through /proc/self/clear_refs). The peak
+    reached so far is first folded into every open :func:`peak_window`, so an inner reset never hides
+    an outer window's peak."""
+    if _OPEN_WINDOWS:
+        now = _vmhwm_mb()
+        for w in _OPEN_WINDOWS:
+            w[0] = max(w[0], now)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -16,8 +25,7 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory (MB) since the last reset_peak_rss() (Linux), else of the process."""
+def _vmhwm_mb() -> float:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -26,6 +34,26 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return process_peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory (MB) since the last reset_peak_rss() (Linux), else of the process."""
+    return _vmhwm_mb()
+
+
+@contextmanager
+def peak_window():
+    """Measure the peak RSS (MB) of a block, exact even when code inside calls reset_peak_rss():
+    ``with peak_window() as box: ...`` then ``box["peak_mb"]``."""
+    box = {"peak_mb": float("nan")}
+    reset_peak_rss()
+    w = [0.0]
+    _OPEN_WINDOWS.append(w)
+    try:
+        yield box
+    finally:
+        _OPEN_WINDOWS.remove(w)
+        box["peak_mb"] = max(w[0], _vmhwm_mb())
 
 
 def process_peak_rss_mb() -> float:
@@ -37,7 +65,8 @@ class StageTimer:
     """Wall-clock seconds per named stage (a stage entered twice accumulates): ``with t.time("x"):``.
     Also the peak resident memory of each stage (``peak_rss_mb``; Linux: the VmHWM window is reset on
     entry, elsewhere the process's peak so far) and, when CUDA is in use, the peak GPU memory allocated
-    by PyTorch (``peak_gpu_mb``). Stages must not be nested (an inner stage resets the outer's window)."""
+    by PyTorch (``peak_gpu_mb``). The RSS peak is exact even if code inside resets the peak window
+    (:func:`peak_window`); the CUDA peak is reset on entry, so CUDA stages must not be nested."""
 
     def __init__(self):
         self.timings: dict[str, float] = {}
@@ -49,18 +78,18 @@ class StageTimer:
         import torch
 
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        reset_peak_rss()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
-            self.peak_rss_mb[name] = max(self.peak_rss_mb.get(name, 0.0), peak_rss_mb())
-            if cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()):
-                gpu = torch.cuda.max_memory_allocated() / 2**20
-                self.peak_gpu_mb[name] = max(self.peak_gpu_mb.get(name, 0.0), gpu)
+        with peak_window() as box:
+            try:
+                yield
+            finally:
+                self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+        self.peak_rss_mb[name] = max(self.peak_rss_mb.get(name, 0.0), box["peak_mb"])
+        if cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            gpu = torch.cuda.max_memory_allocated() / 2**20
+            self.peak_gpu_mb[name] = max(self.peak_gpu_mb.get(name, 0.0), gpu)
 
 
 def model_flops(model, x) -> dict:
@@ -104,21 +133,42 @@ def folder_bytes(*paths) -> int:
     return total
 
 
-def exact_entk_cost(n_train: int, n_test: int, C: int, P: int, *, flops_per_gradient: float,
+def exact_entk_cost(n_train: int, n_test: int, C: int, P: int, *, flops_per_input: float,
                     seconds_per_gradient: float, contraction_flops_per_second: float, itemsize: int = 4) -> dict:
     """The uncompressed exact per-class eNTK of n_train × (n_train + n_test) inputs at P parameters,
     extrapolated from measured unit costs:
 
         per-logit Jacobians  J = (n_train + n_test)·C, each P numbers (J·P·itemsize bytes to hold them)
-        gradient FLOPs       J · flops_per_gradient         (one forward + one backward per logit)
+        gradient FLOPs       (n_train + n_test) · flops_per_input   (one forward + C backward passes per input)
         contraction FLOPs    2·P·C·(n_train² + n_train·n_test)   (K_train [C, n, n] and K_test [C, n_test, n])
         time                 J · seconds_per_gradient + contraction FLOPs / contraction_flops_per_second
-        kernel bytes         8·C·(n_train² + n_test·n_train)  (float64)
+        kernel bytes         8·C·(n_train² + n_test·n_train)  (float64; the storage floor of a method that
+                             recomputes gradients instead of holding them, e.g. sliced_class_kernels)
     """
     J = (n_train + n_test) * C
     contraction = 2.0 * P * C * (n_train ** 2 + n_train * n_test)
+    grad = (n_train + n_test) * flops_per_input
     return {"n_train": n_train, "n_test": n_test, "classes": C, "parameters": P, "per_logit_jacobians": J,
-            "jacobian_bytes": J * P * itemsize, "gradient_flops": J * flops_per_gradient,
-            "contraction_flops": contraction, "flops": J * flops_per_gradient + contraction,
+            "jacobian_bytes": J * P * itemsize, "gradient_flops": grad,
+            "contraction_flops": contraction, "flops": grad + contraction,
             "seconds": J * seconds_per_gradient + contraction / contraction_flops_per_second,
             "kernel_bytes": 8 * C * (n_train ** 2 + n_test * n_train)}
+
+
+def contraction_rate(C: int, n: int, *, width: int = 1 << 14, device="cpu", reps: int = 2) -> float:
+    """Measured FLOP/s of the exact eNTK's contraction at n inputs: the batched Gram product of a
+    [C, n, width] float32 block (as :func:`dntk.features.sliced_class_kernels` forms it), after one warm-up."""
+    import torch
+
+    block = torch.randn(C, n, width, device=device)
+
+    def once():
+        torch.bmm(block, block.transpose(1, 2))
+        if "cuda" in str(device):
+            torch.cuda.synchronize()
+
+    once()
+    t = time.perf_counter()
+    for _ in range(reps):
+        once()
+    return 2.0 * C * n * n * width * reps / (time.perf_counter() - t)

@@ -293,6 +293,21 @@ def _valid_blob(out_dir, c, cfg, teacher_checksum):
     return blob
 
 
+def _finished(out_dir: Path, cfg, teacher_checksum: str):
+    """The assembled set in out_dir when its manifest records these settings and this teacher, else None."""
+    import json
+
+    from .distilled import load_distilled
+
+    manifest = out_dir / "manifest.json"
+    if not (out_dir / "distilled.pt").exists() or not manifest.exists():
+        return None
+    rec = json.loads(manifest.read_text())
+    if rec.get("settings") != json.loads(json.dumps(asdict(cfg))) or rec.get("teacher_checksum") != teacher_checksum:
+        return None
+    return load_distilled(out_dir)
+
+
 def wmdd(teacher: nn.Module, dataset: ImageSet, cfg: WMDDConfig, out_dir, *, progress: bool = True,
          device="cpu", teacher_checksum: str = "") -> DistilledSet:
     """Distil ``dataset`` to cfg.ipc images per class; resumable class by class (group by group when
@@ -314,12 +329,14 @@ def wmdd(teacher: nn.Module, dataset: ImageSet, cfg: WMDDConfig, out_dir, *, pro
     C = dataset.num_classes
     groups = [list(range(s, min(C, s + cfg.classes_per_step))) for s in range(0, C, cfg.classes_per_step)]
     blobs = {}
+    computed = False
     try:
         for group in tqdm(groups, desc=f"WMDD ipc={cfg.ipc}", disable=not progress):
             found = {c: _valid_blob(out_dir, c, cfg, teacher_checksum) for c in group}
             if all(b is not None for b in found.values()):
                 blobs.update(found)
                 continue
+            computed = True
             t0 = time.perf_counter()
             targets, inits = [], []
             for c in group:
@@ -337,6 +354,9 @@ def wmdd(teacher: nn.Module, dataset: ImageSet, cfg: WMDDConfig, out_dir, *, pro
     finally:
         for p, flag in zip(teacher.parameters(), trainable):
             p.requires_grad_(flag)
+    done = _finished(out_dir, cfg, teacher_checksum) if not computed else None
+    if done is not None:   # every class was already optimised and assembled: keep the files (and their record)
+        return done
     images = torch.cat([blobs[c]["images"] for c in range(C)])
     labels = torch.arange(C).repeat_interleave(torch.tensor([blobs[c]["images"].shape[0] for c in range(C)]))
     ds = DistilledSet.from_normalised(images, labels, dataset, method="wmdd")

@@ -260,35 +260,28 @@ _CHUNK = 1 << 16
 
 class _SliceSink(_ExactSink):
     """Keeps, of each parameter named in ``plan``, only the flattened elements [lo, hi) of its
-    per-sample gradient: plan = {name: (lo, hi)}. Everything else is dropped unmaterialised."""
+    per-sample gradient: plan = {name: (lo, hi)}. A factored (outer-product) gradient of a parameter
+    outside the plan is never formed; blocks the engine hands over whole (closed-form, op-vjp paths)
+    are formed by the engine on every pass and dropped here."""
 
-    def __init__(self, plan: dict):
+    def __init__(self, plan: dict, widths: dict):
         super().__init__()
-        self.plan = plan
+        self.plan, self.widths = plan, widths
+
+    def _keep(self, c, name, flat):
+        if flat.shape[1] != self.widths[name]:   # the slices index the parameter's elements: refuse a mismatch
+            raise DNTKError(f"the engine's gradient block of {name} has {flat.shape[1]} elements per sample, the "
+                            f"parameter {self.widths[name]}; use empirical_ntk for this model")
+        lo, hi = self.plan[name]
+        self._add(c, name, flat[:, lo:hi])
 
     def block(self, c, name, block):
         if name in self.plan:
-            lo, hi = self.plan[name]
-            self._add(c, name, block.detach().reshape(block.shape[0], -1)[:, lo:hi])
+            self._keep(c, name, block.detach().reshape(block.shape[0], -1))
 
     def outer(self, c, name, g, a, fixed_a=True):
         if name in self.plan:
-            lo, hi = self.plan[name]
-            self._add(c, name, torch.bmm(g, a.transpose(1, 2)).reshape(g.shape[0], -1)[:, lo:hi])
-
-
-class _WidthSink(_ExactSink):
-    """Records the flattened width of every parameter's per-sample gradient (one probe pass)."""
-
-    def __init__(self):
-        super().__init__()
-        self.width: dict[str, int] = {}
-
-    def block(self, c, name, block):
-        self.width[name] = block[0].numel()
-
-    def outer(self, c, name, g, a, fixed_a=True):
-        self.width[name] = g.shape[1] * a.shape[1]
+            self._keep(c, name, torch.bmm(g, a.transpose(1, 2)).reshape(g.shape[0], -1))
 
 
 def plan_parameter_slices(widths: dict[str, int], capacity: int) -> list[dict]:
@@ -316,7 +309,8 @@ def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_byt
     """The exact per-class eNTK K[c, i, j] = ⟨∇θ f_c(x_i), ∇θ f_c(x_j)⟩ (float64 [C, n, n]) of inputs
     x [n, ...], with every input's gradients held in memory — never spilled to disk — by cutting the
     parameters into slices: for each slice, one gradient pass over all n inputs materialises only that
-    slice's gradients ([C, n, width], float32, ≤ ``memory_budget_bytes``) and adds their Gram matrices.
+    slice's gradients ([C, n, width] in the parameters' dtype, ≤ ``memory_budget_bytes``) and adds their Gram
+    matrices (products over ≤ 65,536 elements, summed in float64).
     Exact because ⟨g, g'⟩ is the sum over any partition of the parameters' elements (checked against
     :func:`empirical_ntk` in the tests).
 
@@ -336,24 +330,27 @@ def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_byt
     if x.device != device:
         raise DNTKError(f"x is on {x.device} but the model is on {device}; move it with .to('{device}')")
     capture = GradientCapture(model, backend=backend)
-    probe = _WidthSink()
-    logits = capture.run(x[:1], None, probe)
-    C, n = logits.shape[1], x.shape[0]
-    widths = {s.name: probe.width[s.name] for s in capture.specs if s.name in probe.width}
+    with torch.no_grad():
+        C = _num_outputs(model, x[:1], capture)
+    n = x.shape[0]
+    # every trainable parameter (tied ones once), whether or not a given input reaches it
+    widths = {name: t.numel() for name, t in capture.table.params.items()}
     P = sum(widths.values())
-    capacity = memory_budget_bytes // (4 * C * n)
+    dtype = next(iter(capture.table.params.values())).dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    capacity = memory_budget_bytes // (itemsize * C * n)
     if capacity < 1:
         raise DNTKError(f"memory_budget_bytes={memory_budget_bytes:,} cannot hold one gradient element of {n} inputs × "
-                        f"{C} logits; raise it to at least {4 * C * n:,}")
+                        f"{C} logits; raise it to at least {itemsize * C * n:,}")
     groups = plan_parameter_slices(widths, capacity)
     K = torch.zeros(C, n, n, dtype=torch.float64)
     t_grad = t_con = 0.0
     for plan in tqdm(groups, desc="exact eNTK (parameter slices)", disable=not progress, unit="slice"):
         width = sum(hi - lo for lo, hi in plan.values())
-        G = torch.zeros(C, n, width, dtype=torch.float32, device=device)
+        G = torch.zeros(C, n, width, dtype=dtype, device=device)
         t = time.perf_counter()
         for s in range(0, n, batch_size):
-            sink = _SliceSink(plan)
+            sink = _SliceSink(plan, widths)
             xb = x[s : s + batch_size]
             capture.run(xb, None, sink)
             col = 0
@@ -365,7 +362,7 @@ def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_byt
                 col += hi - lo
         t_con_start = time.perf_counter()
         t_grad += t_con_start - t
-        for c0 in range(0, width, _CHUNK):  # float32 products over ≤ 65,536 elements, summed in float64
+        for c0 in range(0, width, _CHUNK):  # products over ≤ 65,536 elements, summed in float64
             part = G[:, :, c0 : c0 + _CHUNK]
             K += torch.bmm(part, part.transpose(1, 2)).double().cpu()
         t_con += time.perf_counter() - t_con_start

@@ -46,11 +46,12 @@ from ..features import sliced_class_kernels
 from ..gradients import distill_gradients
 from ..kernels import PerClassKRR, compare_with_exact, shared_normalisation
 from ..projection import make as make_projector
-from ..resources import StageTimer, exact_entk_cost, folder_bytes, model_flops, process_peak_rss_mb
-from ..spectral import ALL_POINTS, second_moment_spectrum, subspace_diagnostics
+from ..resources import StageTimer, contraction_rate, exact_entk_cost, folder_bytes, model_flops, process_peak_rss_mb
+from ..spectral import ALL_POINTS, OWN_CLASS, second_moment_spectrum, subspace_diagnostics
 from ..store import FeatureStore, atomic_json, cached, digest
 from ..training import load_or_train_teacher
 from .run import FEATURE_FORMAT, run
+from .stage3 import FIG3_COMPRESSIONS
 
 # the paper's numbers (../shared/research/paper.md §4), for the side-by-side table
 PAPER = {"truncation_ranks": (31, 41), "coverage_gap": (0.12, 0.15), "accuracy_100x": 0.76, "fidelity_100x": 0.78,
@@ -66,7 +67,7 @@ SETTINGS = {
 }
 EXTRA = {"paper160": {"theory_images": 4000, "exact_train": 100, "exact_test": 200, "exact_ks": (256, 1024, 4096)},
          "cpu64": {"theory_images": 2000, "exact_train": 100, "exact_test": 200, "exact_ks": (256, 1024, 4096)}}
-COMPRESSIONS = (20, 50, 100)   # Algorithm 1's m/s
+COMPRESSIONS = FIG3_COMPRESSIONS   # Algorithm 1's m/s (Figure 3 always evaluates them)
 
 
 @dataclass
@@ -129,16 +130,14 @@ def reproduce(rc: ReproduceConfig) -> dict:
 
     # 1-2: the two runs (teacher base with stage 3; student base for Figure 1)
     cfg_t = rc.run_config(base_model="teacher", gradient_distill="local-global")
-    with st.time("run_teacher_base"):
-        res_t = run(cfg_t).to_dict()
+    res_t = run(cfg_t).to_dict()   # each run times its own stages (not nested here: the peaks stay exact)
     for name in ("figure2.png", "figure3.png", "figure5.png"):
         _copy(out / name, report_dir / name)
     _copy(out / "figure4-class0.png", report_dir / "figure4.png")   # the first class (tench on ImageNette)
     _copy(out / "figure1.png", report_dir / "figure1_teacher_only.png")
     atomic_json(res_t, report_dir / "results_teacher_base.json")
     cfg_s = rc.run_config(base_model="student")
-    with st.time("run_student_base"):
-        res_s = run(cfg_s).to_dict()
+    res_s = run(cfg_s).to_dict()
     _copy(out / "figure1.png", report_dir / "figure1.png")
     atomic_json(res_s, report_dir / "results_student_base.json")
     cfg = cfg_t
@@ -153,10 +152,13 @@ def reproduce(rc: ReproduceConfig) -> dict:
     projector = make_projector(cfg.features.projector, k=k, seed=cfg.seed)
     key = digest(FEATURE_FORMAT, teacher.checksum, cfg.features.projector, k, cfg.seed)
 
-    def features(X, name="train", proj=projector, key_=key):
+    stores: dict[str, set] = {}   # the feature folders each step used (their bytes are that step's)
+
+    def features(X, purpose, name="train", proj=projector, key_=key):
         store = FeatureStore(out / f"features-{name}-{key_}-{digest(X)}", cfg.features.feature_chunk)
         store.extract(model, X, proj, identity={"model": teacher.checksum}, batch_size=cfg.features.batch_size,
                       device=cfg.device, progress=rc.progress)
+        stores.setdefault(purpose, set()).add(store.folder)
         return store.read(projector=proj)
 
     points = training_points(cfg.distill, cfg.kernel.m, train_set, teacher=model, teacher_checksum=teacher.checksum,
@@ -180,7 +182,12 @@ def reproduce(rc: ReproduceConfig) -> dict:
     # 5: costs (wall time and peak memory from the ledger: the longest invocation of each stage, so a
     # stage found cached in this invocation keeps the cost it had when it was computed)
     ledger = _ledger(out, res_t, res_s, st)
-    costs = _costs(cfg, res_t, res_s, ledger, model, train_set, test_set, exact, out, k)
+    run_stores = [out / f"features-{name}-{digest(FEATURE_FORMAT, checksum, cfg.features.projector, k, cfg.seed)}-{digest(X)}"
+                  for checksum in (teacher.checksum, res_s["base_model"]["checksum"])
+                  for name, X in (("train", points.images), ("test", X_test))]
+    costs = _costs(cfg, res_t, res_s, ledger, model, train_set, test_set, exact, out, k,
+                   {**{p_: sorted(v) for p_, v in stores.items()},
+                    "run": sorted(set(run_stores) | stores.get("run", set()))})
     summary = {"setting": rc.setting, "settings": SETTINGS[rc.setting] | rc.overrides,
                "extra": {n: rc.extra(n) for n in EXTRA[rc.setting]}, "paper": PAPER,
                "teacher_base": _headline(res_t), "student_base": _headline(res_s),
@@ -208,14 +215,14 @@ def _headline(res: dict) -> dict:
 
 
 def _algorithm1_rows(res: dict) -> list[dict]:
-    """Figure 3's rows at the compressions m/s of COMPRESSIONS (Algorithm 1 and the selection baselines)."""
+    """Figure 3's rows at the paper's compressions (Algorithm 1 and the selection baselines): one row per
+    target m/s in COMPRESSIONS and method, at s = round(m / target) (``compression`` is the actual m/s)."""
     gd = res.get("gradient_distillation") or {}
     m = res["counts"]["m"]
-    wanted = {max(1, round(m / r)): r for r in COMPRESSIONS}
     rows = []
-    for row in gd.get("figure3_rows", []):
-        if row["s"] in wanted:
-            rows.append({"compression": wanted[row["s"]], **row})
+    for target in COMPRESSIONS:
+        s = max(1, round(m / target))
+        rows += [{"target_compression": target, **row} for row in gd.get("figure3_rows", []) if row["s"] == s]
     return rows
 
 
@@ -238,9 +245,10 @@ def _theory(rc, cfg, train_set, points, X_test, y_test, model, features) -> dict
     free = torch.tensor([int(i) for i in order if int(i) not in used])
     pick = free[balanced_indices(train_set.labels[free], min(n_sigma, len(free)), train_set.num_classes)]
     X_sigma, _ = train_set.tensors(pick)
-    F_sigma = features(X_sigma).features.double()
-    F_test = features(X_test, "test").features.double()
-    F_sub = {name: features(X).features.double() for name, (X, _) in subsets.items()}
+    F_sigma = features(X_sigma, "theory").features.double()
+    F_test = features(X_test, "run", "test").features.double()
+    F_sub = {name: features(X, "run" if name == "wmdd" else "theory").features.double()
+             for name, (X, _) in subsets.items()}
     C = F_sigma.shape[0]
     rows = {name: [] for name in list(subsets) + ["pca"]}
     for c in range(C):
@@ -256,7 +264,14 @@ def _theory(rc, cfg, train_set, points, X_test, y_test, model, features) -> dict
         keys = [k_ for k_ in per[0] if per[0][k_] is not None]
         summary[name] = {k_: sum(r[k_] for r in per) / len(per) for k_ in keys}
         summary[name]["per_logit"] = per
-    return {"sigma_images": int(len(pick)), "heldout_images": int(len(X_test)), "subspaces": summary}
+    k = F_sigma.shape[-1]
+    d = summary["wmdd"]["dim"]
+    return {"sigma_images": int(len(pick)), "heldout_images": int(len(X_test)), "subspaces": summary, "k": k,
+            "projection_factor": 1 - d / k,
+            "projection_note": f"measured on the projected features (k = {k}): a gradient's part outside a "
+                               f"d-dimensional V keeps ≈ (1 − d/k) = {1 - d / k:.3f} of its energy outside the projected "
+                               "V, so residuals read about that factor of the unprojected ones; the decomposition "
+                               "itself is exact in the projected space"}
 
 
 def _exact_subset(rc, cfg, points, test_set, model, checksum, out: Path, features) -> dict:
@@ -285,7 +300,7 @@ def _exact_subset(rc, cfg, points, test_set, model, checksum, out: Path, feature
     for kk in rc.extra("exact_ks"):
         proj = make_projector(cfg.features.projector, k=kk, seed=cfg.seed)
         key_ = digest(FEATURE_FORMAT, checksum, cfg.features.projector, kk, cfg.seed)
-        ftr, fte = features(X_tr, "train", proj, key_), features(X_te, "test", proj, key_)
+        ftr, fte = features(X_tr, "exact", "train", proj, key_), features(X_te, "exact", "test", proj, key_)
         feats[kk] = (ftr, fte)
         pred = PerClassKRR(ridge=ridge, normalize="trace").fit(ftr, logits_tr).predict(fte)
         approx[f"{cfg.features.projector} k={kk}"] = {"pred": pred, "K_train": ftr.kernel()}
@@ -320,8 +335,6 @@ def _ledger(out: Path, res_t: dict, res_s: dict, st: StageTimer) -> dict:
     for name, sec in st.timings.items():
         entries[f"reproduce:{name}"] = {"seconds": sec, "peak_rss_mb": st.peak_rss_mb.get(name),
                                         "peak_gpu_mb": st.peak_gpu_mb.get(name)}
-    if res_t["teacher"].get("best_epoch") is not None:      # trained (not loaded) in this invocation
-        entries["teacher_base:teacher"]["trained"] = True
     for name, e in entries.items():
         if name not in ledger or (e["seconds"] or 0) > (ledger[name]["seconds"] or 0):
             ledger[name] = e
@@ -329,7 +342,8 @@ def _ledger(out: Path, res_t: dict, res_s: dict, st: StageTimer) -> dict:
     return ledger
 
 
-def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, out: Path, k: int) -> dict:
+def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, out: Path, k: int,
+           stores: dict) -> dict:
     """Per-stage Jacobians, FLOPs (model profile), bytes, wall time, peak memory; the exact eNTK extrapolated."""
     x1 = train_set.tensors(torch.arange(1))[0].to(cfg.device)
     fl = model_flops(model, x1)
@@ -357,23 +371,29 @@ def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, o
     if recorded.get("seconds") and (distill_cost["seconds"] or 0) < recorded["seconds"]:   # computed before
         distill_cost = {"seconds": recorded["seconds"], "peak_rss_mb": recorded.get("peak_memory_mb"),
                         "peak_gpu_mb": None}
-    trained_here = bool(ledger.get("teacher_base:teacher", {}).get("trained"))
-    teacher_cost = cost("teacher_base:teacher") if trained_here else {"seconds": None, "peak_rss_mb": None,
-                                                                       "peak_gpu_mb": None}
+    # training time from the checkpoints' own history (whichever invocation trained them); peaks from the ledger
+    teacher_seconds = res_t["teacher"].get("train_seconds")
+    teacher_cost = {**cost("teacher_base:teacher"), "seconds": teacher_seconds}
+    if teacher_seconds is None:
+        teacher_cost["peak_rss_mb"] = None
+    student_cost = cost("student_base:student")          # the ledger: the invocation that trained it
+    if res_s["base_model"].get("train_seconds") is not None:
+        student_cost["seconds"] = res_s["base_model"]["train_seconds"]
     stages = [
         {"stage": "teacher", "jacobians": 0, "flops": epochs * n_real * (F + B),
          "flops_how": "epochs × n_train × (forward + backward)", "bytes": folder_bytes(out / "teacher"),
-         **teacher_cost, "note": "" if trained_here else "trained before this command; its time was not recorded"},
+         **teacher_cost, "note": "" if teacher_seconds is not None else "trained before per-epoch times were recorded"},
         {"stage": "distillation (WMDD)", "jacobians": 0, "flops": wm.wmdd_iterations * m * (F + B),
-         "flops_how": "iterations × m × (forward + backward to the pixels)",
+         "flops_how": "iterations × m × (forward + backward); the parameter backward's FLOPs stand in for the "
+                      "backward to the pixels WMDD takes",
          "bytes": folder_bytes(distilled_folder(out, wm.method, wm.ipc, cfg.seed)), **distill_cost},
         {"stage": "student (distilled-data base model)", "jacobians": 0,
          "flops": cfg.teacher.student_epochs * m * (2 * F + B),
          "flops_how": "epochs × m × (student forward + backward + teacher relabel forward)",
-         "bytes": folder_bytes(*out.glob("student-*")), **cost("student_base:student")},
+         "bytes": folder_bytes(*out.glob("student-*")), **student_cost},
         {"stage": "features (teacher + student, projected)", "jacobians": 2 * (m + n_test) * C,
          "flops": 2 * (m + n_test) * (F + C * B), "flops_how": "images × (forward + C backward), two models",
-         "bytes": folder_bytes(*out.glob("features-train-*"), *out.glob("features-test-*")),
+         "bytes": folder_bytes(*stores.get("run", [])),
          **cost(*with_prefix("teacher_base", "features"), *with_prefix("student_base", "features")),
          "note": "the student run reads the teacher's stored features"},
         {"stage": "kernels (per-class KRR, Figure 1)", "jacobians": 0,
@@ -387,7 +407,7 @@ def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, o
          **cost("teacher_base:gradient_distillation", "teacher_base:figures_stage3")},
         {"stage": "evaluation: theory diagnostics", "jacobians": None, "flops": None,
          "flops_how": "projected features of the random and k-center subsets and the Σ_g sample, then float64 "
-                      "eigendecompositions", "bytes": folder_bytes(*out.glob("theory-*.pt")),
+                      "eigendecompositions", "bytes": folder_bytes(*stores.get("theory", []), *out.glob("theory-*.pt")),
          **cost("reproduce:theory")},
     ]
     if exact is not None:
@@ -396,7 +416,8 @@ def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, o
         stages.append({"stage": f"evaluation: exact eNTK of the subset ({exact['n_train']} + {exact['n_test']} images)",
                        "jacobians": n_sub * C * info["groups"], "flops": info["groups"] * n_sub * (F + C * B)
                        + info["contraction_flops"], "flops_how": "slices × images × (forward + C backward) + 2·C·n²·P",
-                       "bytes": folder_bytes(*out.glob("exact-subset-*.pt")), **cost("reproduce:exact_subset")})
+                       "bytes": folder_bytes(*stores.get("exact", []), *out.glob("exact-subset-*.pt")),
+                       **cost("reproduce:exact_subset")})
     # the uncompressed exact eNTK of every training × test image, from measured unit costs
     full = None
     if exact is not None:
@@ -404,22 +425,23 @@ def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, o
         n_sub = exact["n_train"] + exact["n_test"]
         sec_per_grad = info["gradient_seconds"] / (info["groups"] * n_sub * C)   # one materialised per-logit gradient
         rate = info["contraction_flops"] / max(info["contraction_seconds"], 1e-9)
-        full = exact_entk_cost(n_real, len(test_set), C, P, flops_per_gradient=F + B,
+        full = exact_entk_cost(n_real, len(test_set), C, P, flops_per_input=F + C * B,
                                seconds_per_gradient=sec_per_grad, contraction_flops_per_second=rate)
         full["measured_on"] = {"images": n_sub, "seconds_per_gradient": sec_per_grad, "contraction_flops_per_second": rate}
     dntk_jacobians = stages[3]["jacobians"] // 2          # one base model: (m + n_test)·C
     dntk_flops = (stages[1]["flops"] or 0) + (m + n_test) * (F + C * B) + C * (2 * m * m * k + m ** 3 / 3 + 2 * n_test * m * k)
-    gd = res_t.get("gradient_distillation") or {}
-    s_mean = gd.get("s_mean") or m
+    s100 = max(1, round(m / 100))            # the paper's 100× point (Algorithm 1's thresholds pick their own s)
     reductions = {
         "data (n_real / m)": n_real / m,
         "parameters (P / k)": P / k,
-        "gradients (m / s, Algorithm 1's own s)": m / s_mean,
-        "train-side storage: exact n_real·C·P floats / DNTK s·C·k": (n_real * C * P) / (s_mean * C * k),
+        f"gradients (m / s at the paper's 100× point, s = {s100})": m / s100,
+        f"train-side representation: exact n_real·C·P numbers / DNTK s·C·k (s = {s100})": (n_real * P) / (s100 * k),
     }
     if full is not None:
         dntk_bytes = 4 * (m + n_test) * C * k
         reductions["Jacobian storage: exact (n_real + n_test)·C·P / DNTK (m + n_test)·C·k"] = full["jacobian_bytes"] / dntk_bytes
+        reductions["kernel storage (float64): exact C·(n_real² + n_real·n_test) / DNTK C·(m² + m·n_test)"] = \
+            (n_real ** 2 + n_real * len(test_set)) / (m ** 2 + m * len(test_set))
         reductions["FLOPs: exact eNTK / DNTK (WMDD + features + kernels)"] = full["flops"] / dntk_flops
         reductions["per-logit Jacobians: exact / DNTK"] = full["per_logit_jacobians"] / dntk_jacobians
     return {"model_flops": fl, "flops_counter": "torch.utils.flop_counter.FlopCounterMode: matmuls and convolutions "
@@ -431,8 +453,8 @@ def _claims(res_t: dict, res_s: dict, costs: dict) -> list[dict]:
     """The paper's five claims beside our numbers, each with the rule that decides 'holds'."""
     gd = res_t.get("gradient_distillation") or {}
     ranks = (gd.get("ranks") or {}).get(ALL_POINTS) or []
+    own = (gd.get("ranks") or {}).get(OWN_CLASS) or []
     lg = gd.get("local_global") or []
-    gaps = [row.get("uncovered_variance_fraction") for row in lg if row.get("uncovered_variance_fraction") is not None]
     m = res_t["counts"]["m"]
     s100 = max(1, round(m / 100))
     at100 = [r for r in gd.get("figure3_rows", []) if r["s"] == s100 and r["method"] == "local-global"]
@@ -440,21 +462,38 @@ def _claims(res_t: dict, res_s: dict, costs: dict) -> list[dict]:
     red = costs["reductions"]
     flops_red = red.get("FLOPs: exact eNTK / DNTK (WMDD + features + kernels)")
     out = []
+
+    def within(lo, hi, a, b, slack):
+        """yes: [lo, hi] inside [a, b]; close: inside [a − slack, b + slack]; else no."""
+        return "yes" if a <= lo and hi <= b else ("close" if a - slack <= lo and hi <= b + slack else "no")
+
     if ranks:
         lo, hi = min(ranks), max(ranks)
-        out.append({"claim": "(i) per-class truncation ranks 31–41 at 95% variance", "ours": f"{lo}–{hi}",
-                    "rule": "ours within 31–41", "holds": lo >= 31 and hi <= 41})
-    if gaps:
-        mean_gap = sum(gaps) / len(gaps)
+        text = f"{lo}–{hi} (per-logit kernel over all {m} points)"
+        verdict = within(lo, hi, 31, 41, 3)
+        if own:
+            text += f"; {min(own)}–{max(own)} (own-class {m // len(own)} × {m // len(own)} blocks)"
+            if verdict == "no" and within(min(own), max(own), 31, 41, 3) != "no":
+                verdict = "only for the own-class blocks"
+        out.append({"claim": "(i) per-class truncation ranks 31–41 at 95% variance", "ours": text,
+                    "rule": "range within 31–41 (close: within 3)", "holds": verdict})
+    unc = [row["uncovered_variance_fraction"] for row in lg if row.get("uncovered_variance_fraction") is not None]
+    gapv = [row["gap_variance_fraction"] for row in lg if row.get("gap_variance_fraction") is not None]
+    if unc and gapv:
+        mu, mg = sum(unc) / len(unc), sum(gapv) / len(gapv)
+        vu, vg = within(mu, mu, 0.12, 0.15, 0.02), within(mg, mg, 0.12, 0.15, 0.02)
+        verdict = "yes" if "yes" in (vu, vg) else ("close" if "close" in (vu, vg) else "no")
         out.append({"claim": "(ii) 12–15% of the global structure not covered by the clusters",
-                    "ours": f"{100 * min(gaps):.1f}–{100 * max(gaps):.1f}% (mean {100 * mean_gap:.1f}%)",
-                    "rule": "mean uncovered variance fraction within 12–15%", "holds": 0.12 <= mean_gap <= 0.15})
+                    "ours": f"variance in gap directions (coverage < τ_g) {100 * min(gapv):.1f}–{100 * max(gapv):.1f}% "
+                            f"(mean {100 * mg:.1f}%); variance-weighted uncovered fraction {100 * min(unc):.1f}–"
+                            f"{100 * max(unc):.1f}% (mean {100 * mu:.1f}%)",
+                    "rule": "either mean within 12–15% (close: within 2 points)", "holds": verdict})
     if at100:
         r = at100[0]
         out.append({"claim": "(iii) 76% accuracy / 78% fidelity at 100× gradient compression",
                     "ours": f"{100 * r['accuracy']:.1f}% / {100 * r['fidelity']:.1f}% (s = {s100})",
-                    "rule": "both within 3 points of the paper's or above", "holds":
-                        r["accuracy"] >= 0.73 and r["fidelity"] >= 0.75})
+                    "rule": "both within 3 points of the paper's or above",
+                    "holds": "yes" if r["accuracy"] >= 0.73 and r["fidelity"] >= 0.75 else "no"})
     if kt:
         gap_acc = kt["accuracy"] - ks["accuracy"]
         gap_fid = kt["fidelity"] - ks["fidelity"]
@@ -462,12 +501,18 @@ def _claims(res_t: dict, res_s: dict, costs: dict) -> list[dict]:
                     "ours": f"accuracy {100 * gap_acc:+.1f} points, fidelity {100 * gap_fid:+.1f} points "
                             f"(base models' own test accuracy {res_s['teacher']['test_accuracy']:.3f} vs "
                             f"{res_s['base_model']['test_accuracy']:.3f})",
-                    "rule": "kernel-model accuracy gap within 5–15 points", "holds": 0.05 <= gap_acc <= 0.15})
+                    "rule": "kernel-model accuracy gap within 5–15 points",
+                    "holds": "yes" if 0.05 <= gap_acc <= 0.15 else "no"})
     if flops_red is not None:
         storage = red["Jacobian storage: exact (n_real + n_test)·C·P / DNTK (m + n_test)·C·k"]
+        kernel = red["kernel storage (float64): exact C·(n_real² + n_real·n_test) / DNTK C·(m² + m·n_test)"]
+        ok = [flops_red >= 100, storage >= 100, kernel >= 100]
         out.append({"claim": "(v) several orders of magnitude saved in computation and storage",
-                    "ours": f"FLOPs {flops_red:,.0f}×, Jacobian storage {storage:,.0f}×",
-                    "rule": "both ≥ 100× (two orders of magnitude)", "holds": flops_red >= 100 and storage >= 100})
+                    "ours": f"FLOPs {flops_red:,.0f}×; storage {storage:,.0f}× if the exact method holds its Jacobians, "
+                            f"{kernel:,.0f}× if it holds only its kernel (recomputing gradients, as "
+                            "sliced_class_kernels does)",
+                    "rule": "each ≥ 100× (two orders of magnitude)",
+                    "holds": "yes" if all(ok) else ("partly" if any(ok) else "no")})
     return out
 
 
@@ -534,7 +579,9 @@ def probe(rc: ReproduceConfig, n_images: int = 8) -> dict:
     n_ex = min(2, n_images)
     _, info = sliced_class_kernels(model.eval(), x[:n_ex], memory_budget_bytes=1 << 30)
     s_grad = info["gradient_seconds"] / (info["groups"] * n_ex * C)
-    rate = info["contraction_flops"] / max(info["contraction_seconds"], 1e-9)
+    # the contraction rate at the exact subset's size (a 2-image product runs at matrix-vector speed)
+    n_rate = rc.extra("exact_train") + rc.extra("exact_test")
+    rate = contraction_rate(C, n_rate, device=cfg.device)
     m = cfg.distill.ipc * C
     cfg_e = {n: rc.extra(n) for n in EXTRA[rc.setting]}
     n_sub = cfg_e["exact_train"] + cfg_e["exact_test"]
@@ -554,7 +601,7 @@ def probe(rc: ReproduceConfig, n_images: int = 8) -> dict:
         {"stage": "exact eNTK of the subset", "units": f"{groups_sub} passes × {n_sub} images + contraction",
          "seconds": groups_sub * n_sub * C * s_grad + 2 * C * n_sub ** 2 * P / rate, "flops": None},
     ]
-    full = exact_entk_cost(n_real, n_test, C, P, flops_per_gradient=fl["per_logit_gradient"],
+    full = exact_entk_cost(n_real, n_test, C, P, flops_per_input=fl["forward"] + C * fl["backward_one_logit"],
                            seconds_per_gradient=s_grad, contraction_flops_per_second=rate)
     return {"setting": rc.setting, "device": cfg.device, "images_measured": n_images, "parameters": P, "k": k,
             "model_flops": fl, "seconds_per_image": {"train_step": s_train, "pixel_step": s_pixel, "forward": s_fwd,

@@ -16,8 +16,10 @@ class RunResult:
     config: the resolved :class:`dntk.config.RunConfig` by section (data, teacher, features, distill,
         kernel, gradients, device, seed, out, progress).
     teacher: {model, parameters P, test_accuracy, checksum, source (checkpoint path), best_epoch (None
-        when loaded)}.
-    base_model: the network whose NTK is analysed: {name ("teacher" | "student"), test_accuracy, checksum}.
+        when loaded), train_seconds (wall seconds of its training summed over epochs, also when it was
+        trained by an earlier invocation; None when loaded from --checkpoint or trained by an older dntk)}.
+    base_model: the network whose NTK is analysed: {name ("teacher" | "student"), test_accuracy, checksum,
+        train_seconds (the student's, as for the teacher; None for the teacher)}.
     projector: {name, k, seed}.
     gradient_paths: {engine path: share of the parameters (by count) whose gradient took it}
         (:meth:`dntk.FeatureResult.path_shares`).

@@ -27,9 +27,9 @@ from ..kernels import (class_weights, curve_from_predictions, default_m_grid, ga
 from ..projection import make as make_projector
 from ..resources import StageTimer, process_peak_rss_mb
 from ..store import FeatureStore, cached, digest, model_checksum
-from ..training import build_network, evaluate, load_or_train_teacher, train_student
+from ..training import build_network, evaluate, load_or_train_teacher, train_student, training_seconds
 from .result import RunResult
-from .stage3 import gradient_stage
+from .stage3 import figure3_budgets, gradient_stage
 
 FEATURE_FORMAT = "feature-store-v3"   # part of every feature folder's key: the sharded memmap store
 
@@ -80,10 +80,10 @@ def run(config: RunConfig) -> RunResult:
     m = cfg.kernel.m
     _check_budget(cfg, m, "the distilled set's size")
 
-    base, base_acc = teacher.model, test_acc
+    base, base_acc, student_dir = teacher.model, test_acc, None
     if cfg.teacher.base_model == "student":
         with st.time("student"), ranks.main_first():
-            base, base_acc = _student(cfg, teacher, points, test_set, out, progress)
+            base, base_acc, student_dir = _student(cfg, teacher, points, test_set, out, progress)
         log(f"student trained on the {m} distilled images: test accuracy {base_acc:.4f}")
     base_checksum = teacher.checksum if base is teacher.model else model_checksum(base)
 
@@ -149,8 +149,10 @@ def run(config: RunConfig) -> RunResult:
     result = RunResult(
         config=cfg.to_dict(),
         teacher={"model": cfg.teacher.model, "parameters": P, "test_accuracy": test_acc, "checksum": teacher.checksum,
-                 "source": teacher.source, "best_epoch": teacher.trained.best_epoch if teacher.trained else None},
-        base_model={"name": cfg.teacher.base_model, "test_accuracy": base_acc, "checksum": base_checksum},
+                 "source": teacher.source, "best_epoch": teacher.trained.best_epoch if teacher.trained else None,
+                 "train_seconds": training_seconds(Path(teacher.source).parent) if teacher.trained else None},
+        base_model={"name": cfg.teacher.base_model, "test_accuracy": base_acc, "checksum": base_checksum,
+                    "train_seconds": training_seconds(student_dir) if student_dir is not None else None},
         projector={"name": projector.name, "k": projector.dim, "seed": cfg.seed},
         gradient_paths=base_km["paths"], targets=cfg.kernel.targets,
         kernel_model=_at_m(curves["projected"]),
@@ -192,7 +194,8 @@ def run(config: RunConfig) -> RunResult:
             fte = base_km["fte"]
             stage = gradient_stage(base_km["ftr"], base_km["y_train"], points.labels, fte, fte.logits, y_test,
                                    cfg=cfg.gradients, ridge=cfg.kernel.ridge, seed=cfg.seed,
-                                   class_names=train_set.classes, targets_test=targets_of(fte.logits, y_test))
+                                   class_names=train_set.classes, targets_test=targets_of(fte.logits, y_test),
+                                   fig3_budgets=figure3_budgets(m))
         with st.time("figures_stage3"):
             report.gradient_stage_figures(stage, out, class_names=train_set.classes, tau_v=cfg.gradients.tau_v,
                                           tau_g=cfg.gradients.tau_g)
@@ -237,9 +240,11 @@ def _student(cfg: RunConfig, teacher, points: TrainingPoints, test_set, out: Pat
     protocol, epochs = cfg.teacher.student_protocol, cfg.teacher.student_epochs
     key = digest(teacher.checksum, digest(points.images)) if protocol == "dntk" else \
         digest(teacher.checksum, digest(points.images), protocol, epochs, cfg.seed)
-    return train_student(student, teacher.model, ds, test_set, out / f"student-{key}", dataset=cfg.data.dataset,
-                         epochs=epochs, seed=cfg.seed, device=cfg.device, progress=progress, protocol=protocol,
-                         eval_every=epochs if protocol == "wmdd" else 1)
+    folder = out / f"student-{key}"
+    model, acc = train_student(student, teacher.model, ds, test_set, folder, dataset=cfg.data.dataset, epochs=epochs,
+                               seed=cfg.seed, device=cfg.device, progress=progress, protocol=protocol,
+                               eval_every=epochs if protocol == "wmdd" else 1)
+    return model, acc, folder
 
 
 def _figure1_curves(curves: dict, cfg: RunConfig, projector, points: TrainingPoints) -> dict:

@@ -17,6 +17,14 @@ from ..kernels import fit_evaluate, one_hot, rank_curve, shared_normalisation
 from ..spectral import local_global_summary, spectral_summary
 
 
+FIG3_COMPRESSIONS = (20, 50, 100)   # m/s points Figure 3 always evaluates (the paper's 20×/50×/100×)
+
+
+def figure3_budgets(m: int) -> tuple[int, ...]:
+    """Figure 3's budgets s for m points: 5, 10, 25 and s = m/20, m/50, m/100 (rounded, ≥ 1)."""
+    return tuple(sorted({5, 10, 25} | {max(1, round(m / r)) for r in FIG3_COMPRESSIONS}))
+
+
 @dataclass
 class GradientStage:
     """summary: what results.json holds under ``gradient_distillation``; spectra and

@@ -2,7 +2,7 @@
 evaluation every epoch, the best checkpoint kept, and resume after interruption.
 
 Files in ``out_dir``: ``last.pt`` (everything needed to resume, written atomically every epoch),
-``best.pt`` (the best-validation-accuracy weights), ``history.json`` (per-epoch loss/accuracy).
+``best.pt`` (the best-validation-accuracy weights), ``history.json`` (per-epoch loss, accuracy and wall seconds).
 A finished run found in ``out_dir`` with the same configuration is returned without retraining.
 """
 
@@ -232,6 +232,7 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
     t0 = time.perf_counter()
     bar = tqdm(total=config.epochs, initial=start_epoch, desc="training", unit="epoch", disable=not progress)
     for epoch in range(start_epoch, config.epochs):
+        t_epoch = time.perf_counter()
         model.train()
         perm = torch.randperm(n, generator=gen)
         total, seen = 0.0, 0
@@ -274,7 +275,7 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
         due = (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs
         acc = evaluate(model, val_set, device=device)[0] if due else None
         history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_accuracy": acc,
-                        "lr": sched.get_last_lr()[0]})
+                        "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t_epoch})
         if acc is not None and acc > best[0]:
             best = (acc, epoch + 1)
             atomic_save({"model": model.state_dict(), "val_accuracy": acc, "epoch": epoch + 1}, out_dir / "best.pt")
@@ -291,3 +292,15 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
         model.load_state_dict(torch.load(out_dir / "best.pt", map_location="cpu")["model"])
     return TrainResult(model, best[0], best[1], history, time.perf_counter() - t0, resumed_from)
 
+
+
+def training_seconds(out_dir) -> float | None:
+    """Wall seconds the training in ``out_dir`` took, summed over its epochs (history.json), across
+    resumptions; None when there is no history or an epoch was recorded without its time (older runs)."""
+    path = Path(out_dir) / "history.json"
+    if not path.exists():
+        return None
+    history = json.loads(path.read_text())
+    if not history or any("seconds" not in h for h in history):
+        return None
+    return float(sum(h["seconds"] for h in history))
