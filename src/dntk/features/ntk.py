@@ -273,7 +273,7 @@ class _SliceSink(_ExactSink):
             raise DNTKError(f"the engine's gradient block of {name} has {flat.shape[1]} elements per sample, the "
                             f"parameter {self.widths[name]}; use empirical_ntk for this model")
         lo, hi = self.plan[name]
-        self._add(c, name, flat[:, lo:hi])
+        self._add(c, name, flat[:, lo:hi].clone())   # a copy: a view would keep the whole block alive
 
     def block(self, c, name, block):
         if name in self.plan:
@@ -282,6 +282,13 @@ class _SliceSink(_ExactSink):
     def outer(self, c, name, g, a, fixed_a=True):
         if name in self.plan:
             self._keep(c, name, torch.bmm(g, a.transpose(1, 2)).reshape(g.shape[0], -1))
+
+
+def _add_gram(K: torch.Tensor, G: torch.Tensor) -> None:
+    """K [C, n, n] float64 += G Gᵀ per class, G [C, n, w]: products over ≤ 65,536 elements, summed in float64."""
+    for c0 in range(0, G.shape[-1], _CHUNK):
+        part = G[:, :, c0 : c0 + _CHUNK]
+        K += torch.bmm(part, part.transpose(1, 2)).double().cpu()
 
 
 def plan_parameter_slices(widths: dict[str, int], capacity: int) -> list[dict]:
@@ -305,7 +312,7 @@ def plan_parameter_slices(widths: dict[str, int], capacity: int) -> list[dict]:
 
 
 def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_bytes: int = 4 << 30,
-                         batch_size: int = 16, backend: str = "auto", progress: bool = False) -> tuple[torch.Tensor, dict]:
+                         batch_size: int = 8, backend: str = "auto", progress: bool = False) -> tuple[torch.Tensor, dict]:
     """The exact per-class eNTK K[c, i, j] = ⟨∇θ f_c(x_i), ∇θ f_c(x_j)⟩ (float64 [C, n, n]) of inputs
     x [n, ...], with every input's gradients held in memory — never spilled to disk — by cutting the
     parameters into slices: for each slice, one gradient pass over all n inputs materialises only that
@@ -315,7 +322,8 @@ def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_byt
     :func:`empirical_ntk` in the tests).
 
     Cost: ⌈C·n·P·4 / budget⌉ gradient passes over the n inputs (the price of using no disk) and
-    2·C·n²·P FLOPs of contraction; peak memory ≈ budget + one batch's activations + K.
+    2·C·n²·P FLOPs of contraction; peak memory ≈ budget + one batch's gradient blocks of the slice's
+    parameters (batch_size·C·their full size, formed to be cut) + one batch's activations + K.
     Returns (K, info) with info = {groups, passes, parameters, gradient_seconds, contraction_seconds,
     contraction_flops}."""
     import time
@@ -362,11 +370,9 @@ def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_byt
                 col += hi - lo
         t_con_start = time.perf_counter()
         t_grad += t_con_start - t
-        for c0 in range(0, width, _CHUNK):  # products over ≤ 65,536 elements, summed in float64
-            part = G[:, :, c0 : c0 + _CHUNK]
-            K += torch.bmm(part, part.transpose(1, 2)).double().cpu()
+        _add_gram(K, G)
         t_con += time.perf_counter() - t_con_start
-        del G
+        del G   # freed before the next slice's buffer is allocated (no view of it outlives this line)
     info = {"groups": len(groups), "passes": len(groups) + 1, "parameters": P, "gradient_seconds": t_grad,
             "contraction_seconds": t_con, "contraction_flops": 2.0 * C * n * n * P,
             "split_parameters": sorted({name for g in groups for name, (lo, hi) in g.items()
