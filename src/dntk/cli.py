@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--report-dir", default=None, help="where report.md and its figures go (default: OUT/report)")
     rp.add_argument("--probe", type=int_at_least(1), default=None, metavar="N",
                     help="do not run: measure the setting's unit costs on N images and extrapolate every stage "
-                         "(writes OUT/probe-<setting>.json and .md)")
+                         "(writes probe-<setting>.json and .md to --report-dir, default OUT)")
     store = sub.add_parser("store", help="inspect a feature store", description="inspect a feature store")
     actions = store.add_subparsers(dest="action", required=True)
     verify = actions.add_parser("verify", help="check that every shard is present and intact (SHA-1)")
@@ -239,9 +239,10 @@ def _reproduce(args):
         from .store import atomic_json
 
         result = probe(rc, args.probe)
-        Path(rc.out).mkdir(parents=True, exist_ok=True)
-        atomic_json(result, Path(rc.out) / f"probe-{rc.setting}.json")
-        path = write_probe_report(result, Path(rc.out) / f"probe-{rc.setting}.md")
+        where = Path(rc.report_dir or rc.out)
+        where.mkdir(parents=True, exist_ok=True)
+        atomic_json(result, where / f"probe-{rc.setting}.json")
+        path = write_probe_report(result, where / f"probe-{rc.setting}.md")
         print(path.read_text())
         return
     reproduce(rc)

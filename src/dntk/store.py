@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -222,7 +223,7 @@ class FeatureStore:
         return [i for i in range(count) if not self.complete(i)]
 
     # -- writing -------------------------------------------------------------------------------------
-    def _write_shard(self, i: int, start: int, stop: int, result, rank: int = 0) -> None:
+    def _write_shard(self, i: int, start: int, stop: int, result, rank: int = 0, seconds: float | None = None) -> None:
         files = {"features": result.features.float().numpy(), "logits": result.logits.float().numpy()}
         if result.labels is not None:
             files["labels"] = result.labels.long().numpy()
@@ -237,7 +238,8 @@ class FeatureStore:
             arrays[what] = [list(array.shape), str(array.dtype)]
         atomic_json({"index": i, "start": start, "stop": stop, "identity": digest(self.manifest["identity"]),
                      "rank": rank, "sha1": sums, "arrays": arrays, "classes": list(result.classes),
-                     "paths": result.paths, "num_params": result.num_params}, self._path(i, "json"))
+                     "paths": result.paths, "num_params": result.num_params, "seconds": seconds},
+                    self._path(i, "json"))
 
     def extract(self, model, X: torch.Tensor, projector, *, identity: dict | None = None, batch_size: int = 32,
                 device=None, progress: bool = True, rank: int = 0, world: int = 1) -> list[int]:
@@ -260,9 +262,10 @@ class FeatureStore:
         for i, (start, stop) in enumerate(self.ranges(n)):
             if i % world != rank or self.complete(i):
                 continue
+            t0 = time.perf_counter()
             result = gradient_features(model, X[start:stop], projector, batch_size=batch_size, device=device,
                                        progress=progress)
-            self._write_shard(i, start, stop, result, rank)
+            self._write_shard(i, start, stop, result, rank, seconds=time.perf_counter() - t0)
             done.append(i)
         return done
 
@@ -315,6 +318,17 @@ class FeatureStore:
         stop = self.manifest["n"] if stop is None else stop
         return torch.from_numpy(np.concatenate([np.asarray(self._array(i, "logits")[max(start, s) - s:min(stop, e) - s])
                                                 for i, s, e in self._shards_over(start, stop)]))
+
+    def extraction_seconds(self) -> float | None:
+        """Wall seconds the shards took to compute, summed over shards (whichever invocation or rank computed
+        them); None when a shard was written without its time (by an older dntk)."""
+        total = 0.0
+        for i in range(len(self.manifest["shards"])):
+            rec = self._record(i)
+            if rec is None or rec.get("seconds") is None:
+                return None
+            total += rec["seconds"]
+        return total
 
     def path_shares(self) -> dict:
         """The engine path shares of the first shard's parameters (see FeatureResult.path_shares)."""

@@ -318,6 +318,18 @@ def _exact_subset(rc, cfg, points, test_set, model, checksum, out: Path, feature
             "seconds_including_cached": time.perf_counter() - t, "rows": rows}
 
 
+def _test_split_size(cfg, test_set) -> int:
+    """The whole test split's size (the run may use --n-test of it)."""
+    if cfg.data.n_test is None:
+        return len(test_set)
+    from ..data import scan_folder
+
+    try:
+        return len(scan_folder(cfg.data.data_root, "val")[1])
+    except DNTKError:
+        return len(test_set)
+
+
 def _ledger(out: Path, res_t: dict, res_s: dict, st: StageTimer) -> dict:
     """OUT/cost-ledger.json: per stage ("teacher_base:features_train", "reproduce:theory", ...) the
     {seconds, peak_rss_mb, peak_gpu_mb} of its longest recorded invocation — the one that computed it
@@ -344,7 +356,9 @@ def _ledger(out: Path, res_t: dict, res_s: dict, st: StageTimer) -> dict:
 
 def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, out: Path, k: int,
            stores: dict) -> dict:
-    """Per-stage Jacobians, FLOPs (model profile), bytes, wall time, peak memory; the exact eNTK extrapolated."""
+    """Per-stage Jacobians, FLOPs (model profile), bytes, wall time, peak memory; the exact eNTK of all
+    training × all test images extrapolated, and the reduction factors against DNTK on the same test images."""
+    N_te = _test_split_size(cfg, test_set)
     x1 = train_set.tensors(torch.arange(1))[0].to(cfg.device)
     fl = model_flops(model, x1)
     F, B = fl["forward"], fl["backward_one_logit"]
@@ -376,9 +390,10 @@ def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, o
     teacher_cost = {**cost("teacher_base:teacher"), "seconds": teacher_seconds}
     if teacher_seconds is None:
         teacher_cost["peak_rss_mb"] = None
-    student_cost = cost("student_base:student")          # the ledger: the invocation that trained it
-    if res_s["base_model"].get("train_seconds") is not None:
-        student_cost["seconds"] = res_s["base_model"]["train_seconds"]
+    student_cost = {**cost("student_base:student"), "seconds": res_s["base_model"].get("train_seconds")}
+    # the features' time from the stores' own shard records (whichever invocation computed them)
+    shard_seconds = [FeatureStore(p).extraction_seconds() for p in stores.get("run", [])]
+    feature_seconds = sum(shard_seconds) if shard_seconds and None not in shard_seconds else None
     stages = [
         {"stage": "teacher", "jacobians": 0, "flops": epochs * n_real * (F + B),
          "flops_how": "epochs × n_train × (forward + backward)", "bytes": folder_bytes(out / "teacher"),
@@ -390,12 +405,15 @@ def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, o
         {"stage": "student (distilled-data base model)", "jacobians": 0,
          "flops": cfg.teacher.student_epochs * m * (2 * F + B),
          "flops_how": "epochs × m × (student forward + backward + teacher relabel forward)",
-         "bytes": folder_bytes(*out.glob("student-*")), **student_cost},
+         "bytes": folder_bytes(*out.glob("student-*")), **student_cost,
+         "note": "" if student_cost["seconds"] is not None else "trained before per-epoch times were recorded"},
         {"stage": "features (teacher + student, projected)", "jacobians": 2 * (m + n_test) * C,
          "flops": 2 * (m + n_test) * (F + C * B), "flops_how": "images × (forward + C backward), two models",
          "bytes": folder_bytes(*stores.get("run", [])),
          **cost(*with_prefix("teacher_base", "features"), *with_prefix("student_base", "features")),
-         "note": "the student run reads the teacher's stored features"},
+         "seconds": feature_seconds,
+         "note": "the student run reads the teacher's stored features" + (
+             "" if feature_seconds is not None else "; extracted before shard times were recorded")},
         {"stage": "kernels (per-class KRR, Figure 1)", "jacobians": 0,
          "flops": 2 * C * (2 * m * m * k + m ** 3 / 3 + 2 * n_test * m * k),
          "flops_how": "C × (Gram 2m²k + Cholesky m³/3 + test kernel 2·n_test·m·k), both models",
@@ -425,11 +443,12 @@ def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, o
         n_sub = exact["n_train"] + exact["n_test"]
         sec_per_grad = info["gradient_seconds"] / (info["groups"] * n_sub * C)   # one materialised per-logit gradient
         rate = info["contraction_flops"] / max(info["contraction_seconds"], 1e-9)
-        full = exact_entk_cost(n_real, len(test_set), C, P, flops_per_input=F + C * B,
+        full = exact_entk_cost(n_real, N_te, C, P, flops_per_input=F + C * B,
                                seconds_per_gradient=sec_per_grad, contraction_flops_per_second=rate)
         full["measured_on"] = {"images": n_sub, "seconds_per_gradient": sec_per_grad, "contraction_flops_per_second": rate}
-    dntk_jacobians = stages[3]["jacobians"] // 2          # one base model: (m + n_test)·C
-    dntk_flops = (stages[1]["flops"] or 0) + (m + n_test) * (F + C * B) + C * (2 * m * m * k + m ** 3 / 3 + 2 * n_test * m * k)
+    # DNTK on the same N_te test images as the exact side (by the same formulas as the stages above)
+    dntk_jacobians = (m + N_te) * C
+    dntk_flops = (stages[1]["flops"] or 0) + (m + N_te) * (F + C * B) + C * (2 * m * m * k + m ** 3 / 3 + 2 * N_te * m * k)
     s100 = max(1, round(m / 100))            # the paper's 100× point (Algorithm 1's thresholds pick their own s)
     reductions = {
         "data (n_real / m)": n_real / m,
@@ -438,14 +457,15 @@ def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, o
         f"train-side representation: exact n_real·C·P numbers / DNTK s·C·k (s = {s100})": (n_real * P) / (s100 * k),
     }
     if full is not None:
-        dntk_bytes = 4 * (m + n_test) * C * k
+        dntk_bytes = 4 * (m + N_te) * C * k
         reductions["Jacobian storage: exact (n_real + n_test)·C·P / DNTK (m + n_test)·C·k"] = full["jacobian_bytes"] / dntk_bytes
         reductions["kernel storage (float64): exact C·(n_real² + n_real·n_test) / DNTK C·(m² + m·n_test)"] = \
-            (n_real ** 2 + n_real * len(test_set)) / (m ** 2 + m * len(test_set))
+            (n_real ** 2 + n_real * N_te) / (m ** 2 + m * N_te)
         reductions["FLOPs: exact eNTK / DNTK (WMDD + features + kernels)"] = full["flops"] / dntk_flops
         reductions["per-logit Jacobians: exact / DNTK"] = full["per_logit_jacobians"] / dntk_jacobians
     return {"model_flops": fl, "flops_counter": "torch.utils.flop_counter.FlopCounterMode: matmuls and convolutions "
             "only", "parameters": P, "k": k, "stages": stages, "exact_full": full, "dntk_flops": dntk_flops,
+            "n_test_all": N_te, "n_test_run": n_test,
             "reductions": reductions, "process_peak_rss_mb": process_peak_rss_mb()}
 
 

@@ -153,7 +153,8 @@ def write_reproduce_report(summary: dict, folder) -> Path:
             ["per-logit Jacobians", _f(full["per_logit_jacobians"])], ["Jacobian bytes", _bytes(full["jacobian_bytes"])],
             ["FLOPs", _f(full["flops"])], ["time on this device", _seconds(full["seconds"])],
             ["kernel bytes (float64)", _bytes(full["kernel_bytes"])]])
-    L += ["### Reduction factors", ""]
+    L += ["### Reduction factors", "", f"Both sides on all {co.get('n_test_all', '–'):,} test images (this run evaluated "
+          f"{co.get('n_test_run', '–'):,}; the DNTK side at the full test split follows the stage formulas above).", ""]
     L += _table(["compression", "factor"], [[k, f"{v:,.1f}×"] for k, v in co["reductions"].items()])
     path = folder / "report.md"
     atomic_write_text("\n".join(L) + "\n", path)
