@@ -147,7 +147,8 @@ def write_reproduce_report(summary: dict, folder) -> Path:
               f"P = {full['parameters']:,}. Unit costs measured on the exact subset ({mo['images']} images): "
               f"{mo['seconds_per_gradient'] * 1e3:.2f} ms per materialised per-logit gradient, "
               f"{mo['contraction_flops_per_second'] / 1e9:.1f} GFLOP/s contraction.", "",
-              "    J = (n_train + n_test)·C;  bytes = J·P·4;  FLOPs = J·(forward + backward) + 2·P·C·(n_train² + n_train·n_test)",
+              "    J = (n_train + n_test)·C;  bytes = J·P·4;",
+              "    FLOPs = (n_train + n_test)·(forward + C·backward) + 2·P·C·(n_train² + n_train·n_test)",
               "    time = J · s_per_gradient + contraction FLOPs / measured rate", ""]
         L += _table(["quantity", "exact eNTK"], [
             ["per-logit Jacobians", _f(full["per_logit_jacobians"])], ["Jacobian bytes", _bytes(full["jacobian_bytes"])],
