@@ -29,6 +29,7 @@ CPU states what the 160 px run costs without running it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -334,8 +335,6 @@ def _ledger(out: Path, res_t: dict, res_s: dict, st: StageTimer) -> dict:
     """OUT/cost-ledger.json: per stage ("teacher_base:features_train", "reproduce:theory", ...) the
     {seconds, peak_rss_mb, peak_gpu_mb} of its longest recorded invocation — the one that computed it
     (a stage resumed half-way keeps only its longer part; said in the report)."""
-    import json
-
     path = out / "cost-ledger.json"
     ledger = json.loads(path.read_text()) if path.exists() else {}
     entries = {}
@@ -378,7 +377,6 @@ def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, o
 
     epochs = cfg.teacher.epochs
     wm = cfg.distill
-    import json
     manifest = distilled_folder(out, wm.method, wm.ipc, cfg.seed) / "manifest.json"
     recorded = json.loads(manifest.read_text()) if manifest.exists() else {}
     distill_cost = cost("teacher_base:distillation")
