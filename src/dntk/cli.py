@@ -36,7 +36,8 @@ VERBS = {
     "distill": [("data", None, ("n_test",)), ("teacher", None, ("base_model", "student_epochs", "student_protocol")),
                 ("features", ("projector", "k", "batch_size"), ()), ("distill", None, ("load",)),
                 ("kernel", ("ridge", "targets"), ()), (None, None, ())],
-    "ntk": [("data", None, ("n_test",)), ("teacher", ("model", "stem", "checkpoint"), ()), (None, None, ())],
+    "ntk": [("data", None, ("n_test",)), ("teacher", ("model", "stem", "checkpoint", "pretrained"), ()),
+            (None, None, ())],
 }
 HELP = {
     "run": "the main job (no arguments: embedded digits default, ~1 minute on 2 cores)",
@@ -67,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, sections in VERBS.items():
         p = sub.add_parser(verb, help=HELP[verb], description=HELP[verb])
         for section, include, exclude in sections:
-            add_options(p, section, include=include, exclude=exclude,
-                        required=("checkpoint",) if verb == "ntk" else ())
+            add_options(p, section, include=include, exclude=exclude)
         if verb == "ntk":
             p.add_argument("--n", type=int_at_least(1), default=16, help="test images (default: 16)")
             p.add_argument("--blocks", choices=["per_class", "full", "trace"], default="per_class")
@@ -122,21 +122,31 @@ def _run(args):
 def _teacher(cfg: RunConfig, train_set, val_set):
     from .training import load_or_train_teacher
 
+    if getattr(train_set, "image_shape", None) is None and cfg.distill.method == "wmdd":
+        raise DNTKError("WMDD synthesises pixels; this data is not images — use --distill random, kcenter, "
+                        "kernel-greedy or kernel-herding")
     return load_or_train_teacher(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set, val_set, cfg.out,
                                  seed=cfg.seed, device=cfg.device, progress=cfg.progress)
 
 
 def _data(cfg: RunConfig, split=None):
     from .data import load_configured
+    from .pipeline.run import _pad_id
 
-    return load_configured(cfg.data, cache_dir=Path(cfg.out) / "cache", progress=cfg.progress, split=split)
+    return load_configured(cfg.data, cache_dir=Path(cfg.out) / "cache", progress=cfg.progress, split=split,
+                           pad_id=_pad_id(cfg, None))
 
 
 def _train(args):
     cfg = _config(args)
-    res = _teacher(cfg, *_data(cfg)).trained
+    if cfg.teacher.train_teacher == "never":
+        raise DNTKError("dntk train with --train-teacher never has nothing to do")
+    if cfg.teacher.train_teacher == "auto":
+        cfg.teacher.train_teacher = "always"   # the verb trains: an hf: folder is fine-tuned from its weights
+    teacher = _teacher(cfg, *_data(cfg))
+    res = teacher.trained
     print(json.dumps({"best_val_accuracy": res.best_accuracy, "best_epoch": res.best_epoch, "seconds": res.seconds,
-                      "checkpoint": str(Path(cfg.out) / "teacher" / "best.pt")}, indent=1))
+                      "checkpoint": teacher.source}, indent=1))
 
 
 def _distill(args):
@@ -170,12 +180,19 @@ def _ntk(args):
     from .models import load_checkpoint
     from .training import build_network
 
+    from .models import parse_model
+    from .samples import to as to_device
+
     cfg = _config(args)
+    if not cfg.teacher.checkpoint and not parse_model(cfg.teacher.model).carries_weights:
+        raise DNTKError("dntk ntk analyses a trained network: pass --checkpoint (or --model hf:DIR, whose folder holds "
+                        "its weights)")
     test = _data(cfg, "val")
-    model = load_checkpoint(build_network(cfg.teacher, cfg.data.dataset, cfg.data.image_size, test),
-                            cfg.teacher.checkpoint)
+    model = build_network(cfg.teacher, cfg.data.dataset, cfg.data.image_size, test)
+    if cfg.teacher.checkpoint:
+        load_checkpoint(model, cfg.teacher.checkpoint)
     x, _ = test.tensors(torch.arange(min(args.n, len(test))))
-    K = empirical_ntk(model.to(cfg.device), x.to(cfg.device), blocks=args.blocks)
+    K = empirical_ntk(model.to(cfg.device), to_device(x, cfg.device), blocks=args.blocks)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     path = Path(cfg.out) / f"ntk-{args.blocks}.pt"
     torch.save(K, path)

@@ -26,7 +26,6 @@ from .distill.methods import DISTILLERS
 from .errors import DNTKError, is_int_at_least
 from .gradients.evaluation import GRADIENT_METHODS, SELECTION_METHODS
 from .gradients.local_global import MODES
-from .models.networks import MODELS
 from .projection.registry import DEFAULT as DEFAULT_PROJECTOR
 from .projection.registry import NAMES as PROJECTORS
 
@@ -35,18 +34,20 @@ _KINDS = ("str", "int", "float", "bool", "ints")
 
 def option(default, help: str, *, kind: str = "str", flag: str | None = None, minimum=None, maximum=None,
            above: bool = False, choices=None, none_means: str | None = None, aliases=(), inverse: str | None = None,
-           cli: bool = True):
+           cli: bool = True, check=None):
     """A config field with its command-line description.
 
     kind: str / int / float / bool / ints (comma-separated integers); minimum (≥, or > with
     ``above``) and maximum (≤) bound numbers; choices restrict strings; none_means documents what
     None stands for (None is then allowed); flag overrides ``--field-name``; aliases are older
     spellings still accepted; inverse names a store_false flag for a bool that defaults to True;
-    cli=False keeps a field Python-only."""
+    cli=False keeps a field Python-only; check: a function that raises a DNTKError naming what is wrong
+    with a (non-None) string value (the form of ``--model``)."""
     assert kind in _KINDS, kind
     meta = {"help": help, "kind": kind, "flag": flag, "minimum": minimum, "maximum": maximum, "above": above,
             "choices": tuple(choices) if choices is not None else None, "none_means": none_means,
-            "aliases": tuple(aliases), "inverse": inverse, "cli": cli}
+            "aliases": tuple(aliases), "inverse": inverse, "cli": cli,
+            "check": check}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -105,10 +106,18 @@ def check_value(f, value, prefix: str = "") -> None:
         ok = value in meta["choices"]
     else:
         ok = isinstance(value, str) and value != ""
+        if ok and meta.get("check") is not None:
+            meta["check"](value)
     if not ok:
         unset = f", or leave it unset for the default ({meta['none_means']})" if meta.get("none_means") else ""
         problem = "is not a valid choice" if meta["choices"] else "is out of range"
         raise DNTKError(f"{name} {value!r} {problem}: it must be {_range_text(meta)}{unset}")
+
+
+def _check_model(text: str) -> None:
+    from .models.registry import parse_model
+
+    parse_model(text)
 
 
 # --- the stages' settings ------------------------------------------------------------------------------
@@ -116,9 +125,11 @@ def check_value(f, value, prefix: str = "") -> None:
 class DataConfig:
     """Where the images come from and how they are prepared."""
 
-    dataset: str = option("digits", "digits is embedded; folder is any ImageFolder tree", choices=DATASETS)
-    data_root: str | None = option(None, "ImageFolder root with train/ and val/ (folder, imagenette)",
-                                   none_means="none: digits needs no folder")
+    dataset: str = option("digits", "digits is embedded; folder is any ImageFolder tree; hf-disk a tokenized "
+                          "datasets.DatasetDict saved with save_to_disk (train and test/validation splits)",
+                          choices=DATASETS)
+    data_root: str | None = option(None, "ImageFolder root with train/ and val/ (folder, imagenette), or the "
+                                   "save_to_disk folder (hf-disk)", none_means="none: digits needs no folder")
     download: bool = option(False, "imagenette: download with torchvision if --data-root lacks it", kind="bool")
     image_size: int | None = option(None, "side length after resize + centre crop", kind="int", minimum=1,
                                     none_means="64; digits 8")
@@ -126,6 +137,8 @@ class DataConfig:
                                 "setting: 176)", kind="int", minimum=1, none_means="--image-size: no margin")
     n_test: int | None = option(None, "test points, even across classes", kind="int", minimum=1,
                                 none_means="the whole test split")
+    max_length: int | None = option(None, "hf-disk: cut or pad every sequence to this many tokens",
+                                    kind="int", minimum=1, none_means="pad each batch to its longest sequence")
     cache_data: bool = option(True, "keep decoded images in OUT/cache", kind="bool", cli=False)
 
 
@@ -133,10 +146,18 @@ class DataConfig:
 class TeacherConfig:
     """The network analysed: its architecture, where its weights come from, how it is trained."""
 
-    model: str | None = option(None, "architecture", choices=MODELS,
-                               none_means="small_cnn for digits, resnet18 otherwise")
-    checkpoint: str | None = option(None, "teacher weights (torchvision / DataParallel / WMDD key layouts)",
-                                    none_means="train one, cached in OUT/teacher")
+    model: str | None = option(None, "the classifier: resnet18, small_cnn, torchvision:NAME, timm:NAME, hf:DIR "
+                               "(a save_pretrained folder), package.module:callable or path/to/file.py:callable "
+                               "(called with num_classes=C)", none_means="small_cnn for digits, resnet18 otherwise",
+                               check=_check_model)
+    checkpoint: str | None = option(None, "teacher weights: a state_dict file (also wrapped as {'state_dict': ...} / "
+                                    "{'model': ...}, module./model. prefixes), .safetensors, or a save_pretrained "
+                                    "folder", none_means="train one, cached in OUT/teacher")
+    pretrained: bool = option(False, "start from torchvision's / timm's own pretrained weights (local cache only; "
+                              "the head gets C outputs)", kind="bool")
+    train_teacher: str = option("auto", "auto: train the teacher unless weights are given (--checkpoint, an hf: "
+                                "folder, a model object); always: train (fine-tune) it from those weights; never: "
+                                "use the model as built", choices=("auto", "always", "never"))
     stem: str = option("auto", "ResNet-18 stem: small (3x3/1) for inputs ≤ 64 px under auto",
                        choices=("auto", "small", "imagenet"))
     epochs: int | None = option(None, "teacher epochs", kind="int", minimum=1, none_means="30 for digits, 15 otherwise")
@@ -284,15 +305,29 @@ class RunConfig:
         for section, f, value in _walk(self):
             check_value(f, value)
 
-    def resolved(self) -> "RunConfig":
-        """A copy with every value checked and dataset-dependent defaults filled in."""
+    def resolved(self, model_name: str | None = None) -> "RunConfig":
+        """A copy with every value checked and dataset-dependent defaults filled in. model_name: the
+        name recorded for a model object passed to :func:`dntk.run` (then ``teacher.model`` is not a spec)."""
         from .training.teacher import default_epochs, default_image_size, default_model
 
         c = copy.deepcopy(self)
         c.check_numbers()
-        if c.teacher.model is None:
+        if c.data.dataset == "hf-disk" and c.data.image_size is not None:
+            raise DNTKError("--image-size applies to images; hf-disk holds token ids (use --max-length)")
+        if model_name is not None:
+            c.teacher.model = model_name
+        elif c.teacher.model is None:
+            if c.data.dataset == "hf-disk":
+                raise DNTKError("--dataset hf-disk holds token ids: name a model that takes them, e.g. --model hf:DIR "
+                                "(a save_pretrained folder) or --model path/to/file.py:build")
             c.teacher.model = default_model(c.data.dataset)
-        if c.data.image_size is None:
+        from .models.registry import parse_model
+
+        spec = parse_model(c.teacher.model) if model_name is None else None
+        if c.teacher.pretrained and (spec is None or spec.kind not in ("torchvision", "timm")):
+            raise DNTKError(f"--pretrained loads torchvision's or timm's own weights; --model {c.teacher.model} has "
+                            "none (give trained weights with --checkpoint)")
+        if c.data.image_size is None and c.data.dataset != "hf-disk":
             c.data.image_size = default_image_size(c.data.dataset)
         if c.teacher.epochs is None:
             c.teacher.epochs = default_epochs(c.data.dataset)
@@ -373,6 +408,18 @@ def _argparse_type(f):
     return parse
 
 
+def _checked_text(check):
+    def parse(text: str):
+        try:
+            check(text)
+        except DNTKError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    parse.__name__ = "value"
+    return parse
+
+
 def int_at_least(minimum: int):
     """argparse type for a verb-only integer flag: an integer ≥ minimum."""
     f = field(default=None, metadata={"kind": "int", "minimum": minimum, "maximum": None, "above": False,
@@ -406,6 +453,8 @@ def add_options(parser: argparse.ArgumentParser, section: str | None, *, include
             continue
         if meta["kind"] in ("int", "float", "ints"):
             kw["type"] = _argparse_type(f)
+        elif meta.get("check") is not None:
+            kw["type"] = _checked_text(meta["check"])
         elif meta["choices"]:
             kw["choices"] = meta["choices"]
         kw["default"] = f.default if f.default is not MISSING else f.default_factory()

@@ -33,11 +33,32 @@ def digest(*parts) -> str:
     """16-hex-digit SHA-1 of tensors (their bytes) and JSON-able values (sorted keys), in order."""
     h = hashlib.sha1()
     for p in parts:
-        if isinstance(p, torch.Tensor):
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        _feed(h, p)
     return h.hexdigest()[:16]
+
+
+def _feed(h, p) -> None:
+    """Tensors by their bytes; tuples, lists and dicts holding tensors entry by entry, each tensor with
+    its dtype and shape (and the container's kind and keys, so {"a": x} and (x,) differ); other values
+    as sorted JSON."""
+    if isinstance(p, torch.Tensor):
+        t = p.detach().cpu().contiguous()
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    elif isinstance(p, (tuple, list, dict)) and _holds_tensor(p):
+        items = p.items() if isinstance(p, dict) else enumerate(p)
+        h.update(f"{type(p).__name__}:{len(p)}:".encode())
+        for k, v in items:
+            h.update(json.dumps(k, default=str).encode())
+            if isinstance(v, torch.Tensor):
+                h.update(f"{v.dtype}:{tuple(v.shape)}:".encode())
+            _feed(h, v)
+    else:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+
+
+def _holds_tensor(p) -> bool:
+    values = p.values() if isinstance(p, dict) else p
+    return any(isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list, dict)) and _holds_tensor(v)) for v in values)
 
 
 def model_checksum(model: torch.nn.Module) -> str:
@@ -241,15 +262,17 @@ class FeatureStore:
                      "paths": result.paths, "num_params": result.num_params, "seconds": seconds},
                     self._path(i, "json"))
 
-    def extract(self, model, X: torch.Tensor, projector, *, identity: dict | None = None, batch_size: int = 32,
+    def extract(self, model, X, projector, *, identity: dict | None = None, batch_size: int = 32,
                 device=None, progress: bool = True, rank: int = 0, world: int = 1) -> list[int]:
-        """Compute the missing shards of :func:`dntk.gradient_features` of X [n, ...] that belong to
-        ``rank`` (shard i goes to rank i mod world). ``identity``: what the features depend on besides the
+        """Compute the missing shards of :func:`dntk.gradient_features` of X that belong to ``rank``
+        (shard i goes to rank i mod world). X: n samples as a tensor [n, ...], a tuple or a dict of
+        tensors (:mod:`dntk.samples`). ``identity``: what the features depend on besides the
         inputs (model checksum, projector) — default: the projector's name, k and seed and a digest of
         the model's state; the inputs' digest is always added. Returns the shards computed here."""
+        from . import samples
         from .features import gradient_features
 
-        n = X.shape[0]
+        n = samples.count(X)
         if n == 0:
             raise DNTKError("no inputs to extract features from")
         if identity is None:
@@ -263,7 +286,8 @@ class FeatureStore:
             if i % world != rank or self.complete(i):
                 continue
             t0 = time.perf_counter()
-            result = gradient_features(model, X[start:stop], projector, batch_size=batch_size, device=device,
+            result = gradient_features(model, samples.take(X, slice(start, stop)), projector, batch_size=batch_size,
+                                       device=device,
                                        progress=progress)
             self._write_shard(i, start, stop, result, rank, seconds=time.perf_counter() - t0)
             done.append(i)

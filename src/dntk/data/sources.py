@@ -14,7 +14,7 @@ from ..store import atomic_save, digest, load
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImageSet, balanced_indices
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-DATASETS = ("digits", "folder", "imagenette")
+DATASETS = ("digits", "folder", "imagenette", "hf-disk")
 
 
 # --- embedded default -----------------------------------------------------------------------------
@@ -194,10 +194,20 @@ def load_splits(name: str, *, root=None, image_size: int | None = None, **kw) ->
     return train, val
 
 
-def load_configured(cfg, *, cache_dir=None, progress: bool = True, split: str | None = None):
+def load_configured(cfg, *, cache_dir=None, progress: bool = True, split: str | None = None, pad_id: int = 0):
     """The data of a :class:`dntk.config.DataConfig`: (train, test) — the test split cut to
     ``cfg.n_test`` images even across classes — or one ``split``. ``cache_dir`` keeps decoded images
-    (ImageFolder data only; ignored when ``cfg.cache_data`` is False)."""
+    (ImageFolder data only; ignored when ``cfg.cache_data`` is False). ``hf-disk`` data
+    (:func:`dntk.data.sets.hf_disk`) is padded with ``pad_id`` (the model's pad token)."""
+    if cfg.dataset == "hf-disk":
+        from .sets import hf_disk
+
+        if cfg.data_root is None:
+            raise DNTKError("--dataset hf-disk needs --data-root: a folder written by DatasetDict.save_to_disk")
+        train, test = hf_disk(cfg.data_root, max_length=cfg.max_length, pad_id=pad_id, n_test=cfg.n_test)
+        return test if split in ("val", "test") else train if split == "train" else (train, test)
+    if getattr(cfg, "max_length", None) is not None:
+        raise DNTKError("--max-length applies to token data (--dataset hf-disk); drop it for images")
     kw = {}
     if cfg.dataset != "digits":
         kw = {"download": cfg.download, "progress": progress}

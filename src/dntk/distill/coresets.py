@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from .. import samples
 from ..data.images import ImageSet
 from ..resources import peak_rss_mb, reset_peak_rss
 from .distilled import DistilledSet, check_ipc, save_distilled
@@ -48,7 +49,7 @@ def select_real(dataset: ImageSet, ipc: int, method: str, *, teacher=None, seed:
             if teacher is None:
                 raise ValueError("kcenter needs the teacher")
             x, _ = dataset.tensors(idx)
-            f = class_features(teacher.to(device), x.to(device)).cpu()
+            f = class_features(teacher.to(device), samples.to(x, device)).cpu()
             first = int(torch.randint(idx.numel(), (1,), generator=gen))
             chosen.append(idx[torch.tensor(kcenter_greedy(f, ipc, first))])
         else:

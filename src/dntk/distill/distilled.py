@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import samples
 from ..data.images import ImageSet
 from ..errors import DNTKError
 from ..store import atomic_json, atomic_save, load
@@ -35,10 +36,11 @@ def check_ipc(dataset: ImageSet, ipc: int):
 
 @dataclass
 class DistilledSet:
-    """images: normalised float32 [m, c, h, w]; labels int64 [m]; same class list and
-    normalisation as the dataset it was distilled from."""
+    """images: the m samples — normalised float32 [m, c, h, w] for image data, else any sample batch of
+    :mod:`dntk.samples` (a real subset of token data: a dict of token ids); labels int64 [m]; the class
+    list and (images) normalisation of the dataset it was distilled from."""
 
-    images: torch.Tensor
+    images: object
     labels: torch.Tensor
     classes: list
     mean: tuple
@@ -47,15 +49,17 @@ class DistilledSet:
     method: str
 
     @classmethod
-    def from_normalised(cls, images, labels, source: ImageSet, method: str) -> "DistilledSet":
-        return cls(images.float().contiguous(), labels.long(), list(source.classes), tuple(source.mean),
-                   tuple(source.std), source.name, method)
+    def from_normalised(cls, images, labels, source, method: str) -> "DistilledSet":
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
+            images = images.float().contiguous()
+        return cls(images, labels.long(), list(source.classes), tuple(getattr(source, "mean", ())),
+                   tuple(getattr(source, "std", ())), source.name, method)
 
     def __len__(self):
-        return self.images.shape[0]
+        return samples.count(self.images)
 
     def __getitem__(self, i):
-        return self.images[i], self.labels[i]
+        return samples.map_leaves(lambda t: t[0], samples.take(self.images, [i])), self.labels[i]
 
     @property
     def num_classes(self) -> int:
@@ -63,43 +67,52 @@ class DistilledSet:
 
     @property
     def image_shape(self):
-        return tuple(self.images.shape[1:])
+        """[c, h, w] of image data, None for other inputs."""
+        return tuple(self.images.shape[1:]) if samples.is_images(self.images) else None
 
     def tensors(self, index=None):
         if index is None:
-            return self.images.clone(), self.labels.clone()
+            return samples.map_leaves(torch.clone, self.images), self.labels.clone()
         index = torch.as_tensor(index, dtype=torch.long)
-        return self.images[index], self.labels[index]
+        return samples.take(self.images, index), self.labels[index]
 
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
     def to_uint8(self) -> torch.Tensor:
+        if not samples.is_images(self.images) or not self.mean:
+            raise DNTKError("to_uint8 needs image data with its normalisation")
         m = torch.tensor(self.mean).view(1, -1, 1, 1)
         s = torch.tensor(self.std).view(1, -1, 1, 1)
         return ((self.images * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
 
-    def check_compatible(self, dataset: ImageSet):
+    def check_compatible(self, dataset):
         """Raise unless this set was distilled from data with the same classes and image shape."""
         if list(self.classes) != list(dataset.classes):
             raise DNTKError(f"the distilled set has {len(self.classes)} classes ({', '.join(map(str, self.classes[:4]))}…) "
                             f"but the data has {dataset.num_classes} ({', '.join(map(str, dataset.classes[:4]))}…); "
                             "distil from the same dataset, or point --distilled at the right folder")
-        if tuple(self.image_shape) != tuple(dataset.image_shape):
-            raise DNTKError(f"the distilled images are {self.image_shape} but the data's are {dataset.image_shape}; "
+        theirs = getattr(dataset, "image_shape", None)
+        if self.image_shape is not None and theirs is not None and tuple(self.image_shape) != tuple(theirs):
+            raise DNTKError(f"the distilled images are {self.image_shape} but the data's are {theirs}; "
                             "use the same --image-size")
+        if (self.image_shape is None) != (theirs is None):
+            raise DNTKError("the distilled set and the data differ in kind (images vs other inputs); distil from the "
+                            "same dataset")
 
 
 def save_distilled(ds: DistilledSet, out_dir, manifest: dict, grids: bool = True) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    blob = {"images": ds.images, "labels": ds.labels, "classes": ds.classes, "mean": list(ds.mean), "std": list(ds.std),
+    images = ds.images if isinstance(ds.images, torch.Tensor) else samples.to_plain(ds.images)
+    blob = {"images": images, "labels": ds.labels, "classes": ds.classes, "mean": list(ds.mean), "std": list(ds.std),
             "dataset": ds.dataset, "method": ds.method}
     atomic_save(blob, out_dir / "distilled.pt")
     manifest = {**manifest, "n": len(ds), "classes": ds.classes, "class_counts": ds.class_counts(),
-                "image_shape": list(ds.image_shape), "dataset": ds.dataset}
+                "image_shape": list(ds.image_shape) if ds.image_shape is not None else None,
+                "inputs": samples.describe(ds.images), "dataset": ds.dataset}
     atomic_json(manifest, out_dir / "manifest.json", indent=1)
-    if grids:
+    if grids and ds.image_shape is not None and ds.mean:
         from torchvision.utils import save_image
 
         u8 = ds.to_uint8()
@@ -120,5 +133,5 @@ def load_distilled(path) -> DistilledSet:
     if not f.exists():
         raise DNTKError(f"no distilled set at {f}; run `dntk distill` first or point at its output folder")
     blob = load(f, trusted=False)  # a user-supplied file: tensors, lists and strings only
-    return DistilledSet(blob["images"], blob["labels"], blob["classes"], tuple(blob["mean"]), tuple(blob["std"]),
+    return DistilledSet(samples.from_plain(blob["images"]), blob["labels"], blob["classes"], tuple(blob["mean"]), tuple(blob["std"]),
                         blob["dataset"], blob["method"])

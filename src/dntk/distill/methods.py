@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .. import samples
 from ..data import balanced_indices
 from ..errors import DNTKError
 from .coresets import select_real
@@ -62,17 +63,17 @@ def kernel_options(cfg, features_cfg, teacher, seed: int, kernel_cfg=None) -> di
 
 @dataclass
 class TrainingPoints:
-    """The kernel model's m training points: images [m, c, h, w] (normalised) and labels [m] in balanced
-    order (every prefix is even across classes); distilled: the DistilledSet they came from, or None
-    for a random real subset."""
+    """The kernel model's m training points: images [m, c, h, w] (normalised) — or any sample batch of
+    :mod:`dntk.samples` (token ids, tuples) — and labels [m] in balanced order (every prefix is even
+    across classes); distilled: the DistilledSet they came from, or None for a random real subset."""
 
-    images: torch.Tensor
+    images: object
     labels: torch.Tensor
     distilled: DistilledSet | None
     manifest: dict | None = None
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return samples.count(self.images)
 
 
 def distilled_folder(out_dir, method: str, ipc: int, seed: int) -> Path:

@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import samples
 from ..data.images import ImageSet
 from ..errors import DNTKError
 from ..models import forward_with_penultimate, penultimate
@@ -69,11 +70,13 @@ class WMDDConfig:
     #                             (see grouped_objective), far faster on a GPU; resume is per group
 
 
-def class_features(teacher: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Penultimate features [n, d] of normalised images [n, c, h, w] (eval mode, no grad)."""
+def class_features(teacher: nn.Module, images, batch: int = 256) -> torch.Tensor:
+    """Penultimate features [n, d] (the input of the last Linear) of normalised images [n, c, h, w] —
+    or of any sample batch of :mod:`dntk.samples` — in eval mode, no grad."""
     teacher.eval()
+    n = samples.count(images)
     with torch.no_grad():
-        return torch.cat([penultimate(teacher, images[s:s + batch]) for s in range(0, images.shape[0], batch)])
+        return torch.cat([penultimate(teacher, samples.take(images, slice(s, s + batch))) for s in range(0, n, batch)])
 
 
 def barycenter(features: torch.Tensor, ipc: int, *, seed: int = 0, iterations: int = 50) -> torch.Tensor:
@@ -313,6 +316,11 @@ def wmdd(teacher: nn.Module, dataset: ImageSet, cfg: WMDDConfig, out_dir, *, pro
     """Distil ``dataset`` to cfg.ipc images per class; resumable class by class (group by group when
     cfg.classes_per_step > 1) in ``out_dir``. The manifest's ``seconds`` is the optimisation time
     summed over classes, so a resumed run reports the whole cost, not the last sitting's."""
+    if not isinstance(dataset, ImageSet):
+        raise DNTKError(f"WMDD synthesises pixels, so it needs image data (an ImageSet: --dataset folder, imagenette "
+                        f"or digits; dntk.data.ImageSet in Python); this data is "
+                        f"{samples.describe(dataset.tensors(torch.arange(1))[0])}. Use --distill random, kcenter, "
+                        "kernel-greedy or kernel-herding, which choose real samples")
     check_ipc(dataset, cfg.ipc)
     if cfg.classes_per_step < 1:
         raise DNTKError(f"classes_per_step must be ≥ 1, got {cfg.classes_per_step}")

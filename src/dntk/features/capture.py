@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .. import samples
 from ..errors import DNTKError
 from ..projection.base import BlockSpec
 
@@ -118,6 +119,7 @@ def analysis_mode(model: nn.Module):
 
 
 def check_logits(out, batch: int) -> torch.Tensor:
+    out = samples.logits_of(out)
     if not isinstance(out, torch.Tensor):
         raise DNTKError(f"the model returned {type(out).__name__}, not a tensor of logits [batch, C]; "
                         "wrap it so forward() returns the logits tensor")
@@ -661,8 +663,9 @@ class GradientCapture:
         """{parameter name: 'factored' | 'closed' | … joined by '+'}; 'none' when no gradient has reached it."""
         return {n: "+".join(p for p in PATHS if p in self.paths.get(n, ())) or "none" for n in self.table.params}
 
-    def run(self, x: torch.Tensor, classes: list[int] | None, sink) -> torch.Tensor:
-        """Feed the gradients of batch x [B, ...] to ``sink``; return the logits [B, C] (detached)."""
+    def run(self, x, classes: list[int] | None, sink) -> torch.Tensor:
+        """Feed the gradients of batch x to ``sink``; return the logits [B, C] (detached). x: a tensor
+        [B, ...], a tuple (positional) or a dict (keyword) of tensors [B, ...] (:mod:`dntk.samples`)."""
         if self.backend == "ops":
             with torch.enable_grad():  # also when called under no_grad: the engine differentiates
                 return self._run_ops(x, classes, sink)
@@ -673,22 +676,30 @@ class GradientCapture:
         model, table = self.model, self.table
         self._passes += 1
         rec = _Recorder(table, self._passes)
-        B = x.shape[0]
+        B = samples.count(x)
         with analysis_mode(model), torch.enable_grad():
-            leaf = x.detach()
-            if leaf.is_floating_point():
-                leaf.requires_grad_(True)
-            xin = leaf.clone() if leaf.requires_grad else leaf  # not a leaf: the model may modify its input in place
-            xin._dntk_b = True
+            leaves = []   # the floating inputs, differentiated for the sample-mixing check; integer inputs are data
+
+            def tag(t):
+                leaf = t.detach()
+                if leaf.is_floating_point():
+                    leaf.requires_grad_(True)
+                    leaves.append(leaf)
+                    leaf = leaf.clone()  # not a leaf: the model may modify its input in place
+                leaf._dntk_b = True
+                return leaf
+
+            xin = samples.map_leaves(tag, x)
             try:
                 with rec:
-                    out = model(xin)
+                    out = samples.call(model, xin)
             except DNTKError:
                 raise
             except Exception as e:
-                raise DNTKError(f"the model's forward pass failed under dntk's call recorder ({type(e).__name__}: {e}); "
-                                "compiled or scripted code (torch.compile, TorchScript) cannot be traced call by call — "
-                                "pass the plain eager module, or use backend='func'") from e
+                raise DNTKError(f"the model's forward pass failed under dntk's call recorder ({type(e).__name__}: {e}) "
+                                f"on inputs {samples.describe(x)}; if the model runs on these inputs outside dntk, it may "
+                                "be compiled or scripted code (torch.compile, TorchScript), which cannot be traced call "
+                                "by call — pass the plain eager module, or use backend='func'") from e
             logits = check_logits(out, B)
         classes = _resolve_classes(classes, logits.shape[1])
         uses = rec.uses
@@ -719,11 +730,12 @@ class GradientCapture:
             sig = (B, tuple((u.name, u.roots, tuple(tuple(o.shape) for o in u.outs)) for u in uses))
             layouts = self._layouts.get(sig)
             if layouts is None:
-                probe = outs + ([leaf] if leaf.requires_grad else [])
+                probe = outs + leaves
                 try:
                     measured, unique = measure_layouts(logits, probe)
-                    if leaf.requires_grad and measured[-1] is not None and measured[-1] != Layout(0, "major"):
-                        raise _LayoutError(len(outs))
+                    for j in range(len(outs), len(probe)):
+                        if measured[j] is not None and measured[j] != Layout(0, "major"):
+                            raise _LayoutError(j)
                 except _LayoutError as e:
                     where = ("the input" if e.args[0] >= len(outs) else
                              f"the output of {_owner(uses, e.args[0]).name} (parameters {', '.join(_owner(uses, e.args[0]).roots)})")
@@ -775,17 +787,21 @@ class GradientCapture:
         """The logits of a few samples computed alone must equal their logits in the batch (catches
         models whose outputs mix samples through values the gradient test cannot see)."""
         with torch.no_grad(), analysis_mode(self.model):
-            for i in range(min(n, x.shape[0])):
-                alone = self.model(x[i : i + 1].clone())  # clone: a model may modify its input
+            for i in range(min(n, samples.count(x))):
+                # clone: a model may modify its input
+                alone = samples.call(self.model, samples.map_leaves(torch.clone, samples.take(x, slice(i, i + 1))))
                 ref = logits[i : i + 1].detach()
                 tol = (1e-9 if ref.dtype == torch.float64 else 1e-4) * (float(ref.abs().max()) + 1.0)
                 if not torch.isfinite(ref).all():
                     continue
                 if alone.shape != ref.shape or float((alone - ref).abs().max()) > tol:
+                    padded = (" or on its padding (its tokens are cut to its own length when it is run alone: mask the "
+                              "padding in the model, or pad every sequence to one length with --max-length)"
+                              if isinstance(x, samples.PaddedTokens) else "")
                     raise DNTKError(
-                        f"the model's output for sample {i} depends on the rest of its batch (its logits differ when it "
-                        "is run alone), so per-sample gradients of a batch are not defined; use batch_size=1, or remove "
-                        "the cross-sample operation")
+                        f"the model's output for sample {i} depends on the rest of its batch{padded} (its logits differ "
+                        "when it is run alone), so per-sample gradients of a batch are not defined; use batch_size=1, "
+                        "or remove the cross-sample operation")
 
     def _note(self, names, path):
         for n in names:
@@ -971,18 +987,23 @@ class GradientCapture:
         from torch.func import functional_call, jacrev, vmap
 
         model, table = self.model, self.table
+        B = samples.count(x)
+        x = dict(x) if isinstance(x, dict) else x   # a plain pytree for vmap
         with analysis_mode(model):
             with torch.no_grad():
-                logits = check_logits(model(x), x.shape[0])
+                logits = check_logits(samples.call(model, x), B)
             classes_r = _resolve_classes(classes, logits.shape[1])
             params = {n: p.detach() for n, p in table.params.items()}
-            idx = torch.tensor(classes_r, device=x.device)
+            idx = torch.tensor(classes_r, device=logits.device)
 
             def f(p, xi):
-                return functional_call(model, p, (xi.unsqueeze(0),), strict=False).squeeze(0).index_select(0, idx)
+                xb = samples.map_leaves(lambda t: t.unsqueeze(0), xi)
+                args, kwargs = ((xb,), {}) if isinstance(xb, torch.Tensor) else ((xb, {}) if isinstance(xb, tuple)
+                                                                                 else ((), xb))
+                out = samples.logits_of(functional_call(model, p, args, kwargs, strict=False))
+                return out.squeeze(0).index_select(0, idx)
 
             jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)  # name -> [B, C', *shape]
-        B = x.shape[0]
         for ci in range(len(classes_r)):
             for spec in table.specs:
                 sink.block(ci, spec.name, jac[spec.name][:, ci].reshape(B, -1))

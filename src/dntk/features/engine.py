@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import samples
 from ..errors import DNTKError, require_int
 from ..projection import DEFAULT, Projector
 from ..projection import make as make_projector
@@ -34,10 +35,13 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
     """Projected per-sample, per-logit gradients of a classifier.
 
     Args:
-        model: a module with forward(x [B, ...]) -> logits [B, C]. Evaluated in eval mode (BatchNorm
-            uses running statistics); its mode is restored afterwards.
-        inputs: a tensor [n, ...], a Dataset yielding x or (x, y), or a DataLoader (not shuffled, or
-            the rows follow its order).
+        model: a module with forward(x [B, ...]) -> logits [B, C] (or an output with ``.logits``, as
+            Hugging Face models return). Evaluated in eval mode (BatchNorm uses running statistics);
+            its mode is restored afterwards.
+        inputs: a tensor [n, ...], a tuple of tensors [n, ...] (passed positionally), a dict of tensors
+            [n, ...] (passed as keyword arguments: ``input_ids``, ``attention_mask``, ...; integer
+            entries are data), a Dataset yielding x, (x, y) or dicts with a ``label``, or a DataLoader
+            (not shuffled, or the rows follow its order). See :mod:`dntk.samples`.
         projector: a :class:`~dntk.projection.Projector`, or a name for :func:`dntk.projection.make`
             (then ``k`` and ``seed`` are used).
         classes: logit indices to compute (default all C).
@@ -74,7 +78,8 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
     feats, logits_all, labels_all = [], [], []
     bar = tqdm(total=n, desc=f"features ({projector.name}, k={projector.dim})", unit="img", disable=not progress)
     for x, y, start in iter_batches(inputs, batch_size, device, strict):
-        sink = _RowSink(projector, x.shape[0], device)
+        B = samples.count(x)
+        sink = _RowSink(projector, B, device)
         logits = capture.run(x, classes, sink)
         n_cls = len(classes) if classes is not None else logits.shape[1]
         out = sink.stacked(n_cls, logits.dtype)  # [C', B, k]
@@ -87,7 +92,7 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
         logits_all.append(logits.float().cpu())
         if y is not None:
             labels_all.append(y.cpu())
-        bar.update(x.shape[0])
+        bar.update(B)
     bar.close()
     resolved = list(range(logits_all[0].shape[1])) if classes is None else [int(c) for c in classes]
     labels = torch.cat(labels_all) if labels_all and len(labels_all) == len(feats) else None

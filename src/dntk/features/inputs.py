@@ -1,4 +1,10 @@
-"""Turning a tensor, a Dataset or a DataLoader into batches of (x, y-or-None, global indices)."""
+"""Turning inputs into batches of (x, y-or-None, global start index).
+
+Inputs are a sample batch of :mod:`dntk.samples` (a tensor [n, ...], a tuple or a dict of tensors
+[n, ...]), a Dataset or a DataLoader. A Dataset item or loader batch is ``x``, ``(x, y)`` — x itself a
+tensor, a tuple/list of tensors (positional inputs) or a dict of tensors (keyword inputs) — or a dict
+holding the inputs and a ``label``/``labels`` (or ``y``) entry, as Hugging Face datasets yield them.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,40 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .. import samples
 from ..errors import DNTKError
 
+LABEL_KEYS = ("labels", "label", "y")
 
-def _split_item(batch):
+
+def _as_inputs(x):
+    if isinstance(x, list):
+        x = tuple(x)
+    if not samples.is_batch(x):
+        raise DNTKError(f"cannot read inputs from a batch part of type {type(x).__name__}; yield tensors, tuples or "
+                        "dicts of tensors, optionally paired with labels as (x, y)")
+    return x
+
+
+def split_item(batch):
+    """(inputs, labels or None) of one loader batch (see the module docstring)."""
     if isinstance(batch, torch.Tensor):
         return batch, None
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+    if isinstance(batch, (list, tuple)) and batch:
         y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], y
-    if isinstance(batch, dict) and "x" in batch:
-        return batch["x"], batch.get("y")
+        return _as_inputs(batch[0]), y
+    if isinstance(batch, dict) and batch:
+        if "x" in batch:
+            return _as_inputs(batch["x"]), batch.get("y")
+        label = next((k for k in LABEL_KEYS if k in batch), None)
+        x = {k: v for k, v in batch.items() if k != label}
+        return _as_inputs(x), batch[label] if label is not None else None
     raise DNTKError(f"cannot read inputs from a batch of type {type(batch).__name__}; yield tensors or (x, y) pairs")
 
 
 def num_inputs(inputs) -> int | None:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.shape[0] if inputs.dim() > 0 else 0
+    if samples.is_batch(inputs):
+        return samples.count(inputs)
     if isinstance(inputs, DataLoader):
         try:
             return len(inputs.dataset)
@@ -36,31 +59,37 @@ def num_inputs(inputs) -> int | None:
 
 
 def iter_batches(inputs, batch_size: int, device: torch.device, strict_device: bool) -> Iterator[tuple]:
-    """Yield (x [B, ...] on device, y [B] or None, start index)."""
+    """Yield (x on device — the inputs' form, B samples —, y [B] or None, start index)."""
+    if isinstance(inputs, (dict, tuple)) and not samples.is_batch(inputs):
+        samples.count(inputs)  # names what is wrong with a dict or tuple input
     n = num_inputs(inputs)
     if n == 0:
         raise DNTKError("the input is empty (0 samples); pass at least one input")
-    if isinstance(inputs, torch.Tensor):
-        if strict_device and inputs.device != device:
-            raise DNTKError(f"inputs are on {inputs.device} but the model is on {device}; move them with "
-                            f"inputs.to('{device}') or pass device='{inputs.device}' to move the model")
-        for start in range(0, inputs.shape[0], batch_size):
-            yield inputs[start : start + batch_size].to(device), None, start
+    if samples.is_batch(inputs):
+        if strict_device:
+            for t in samples.leaves(inputs):
+                if t.device != device:
+                    raise DNTKError(f"inputs are on {t.device} but the model is on {device}; move them with "
+                                    f"inputs.to('{device}') or pass device='{t.device}' to move the model")
+        for start in range(0, n, batch_size):
+            yield samples.to(samples.take(inputs, slice(start, start + batch_size)), device), None, start
         return
     if isinstance(inputs, DataLoader):
         loader = inputs
     elif isinstance(inputs, Dataset) or hasattr(inputs, "__getitem__"):
         loader = DataLoader(inputs, batch_size=batch_size, shuffle=False)
     else:
-        raise DNTKError(f"inputs must be a tensor, a Dataset or a DataLoader, got {type(inputs).__name__}")
+        raise DNTKError(f"inputs must be a tensor, a tuple or dict of tensors, a Dataset or a DataLoader, got "
+                        f"{type(inputs).__name__}")
     start = 0
     seen = False
     for batch in loader:
-        x, y = _split_item(batch)
-        if x.shape[0] == 0:
+        x, y = split_item(batch)
+        B = samples.count(x)
+        if B == 0:
             continue
         seen = True
-        yield x.to(device), y, start
-        start += x.shape[0]
+        yield samples.to(x, device), y, start
+        start += B
     if not seen:
         raise DNTKError("the input is empty (the loader yielded no samples); pass at least one input")

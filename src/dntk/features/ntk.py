@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import samples
 from ..errors import DNTKError, require_int
 from .capture import GradientCapture
 from .engine import model_device
@@ -122,7 +123,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
             statistics), mode restored afterwards. Only parameters with requires_grad count;
             tied parameters count once.
         x1: inputs [n1, ...]; x2: inputs [n2, ...] or None for x2 = x1 (then only j ≥ i blocks
-            are computed and mirrored).
+            are computed and mirrored). Each a tensor, or a tuple/dict of tensors with the sample
+            axis first (:mod:`dntk.samples`).
         blocks: ``"per_class"`` → [C, n1, n2] with K[c, i, j] = ⟨∇f_c(x1_i), ∇f_c(x2_j)⟩;
             ``"full"`` → [n1, C, n2, C]; ``"trace"`` → [n1, n2], the sum over logits.
         batch_size: inputs per gradient pass (≥ 1); default keeps one pass's gradients
@@ -159,20 +161,15 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
     for name, x in (("x1", x1), ("x2", x2)):
-        if not isinstance(x, torch.Tensor):
-            raise DNTKError(f"{name} must be a tensor [n, ...], got {type(x).__name__}")
-        if x.shape[0] == 0:
-            raise DNTKError(f"{name} is empty (0 samples); pass at least one input")
-        if x.device != device:
-            raise DNTKError(f"{name} is on {x.device} but the model is on {device}; move the inputs with .to('{device}')")
+        _check_inputs(x, name, device)
     capture = GradientCapture(model, backend=backend)
     P = capture.table.num_params
     with torch.no_grad():
-        C = len(classes) if classes is not None else _num_outputs(model, x1[:1], capture)
+        C = len(classes) if classes is not None else _num_outputs(model, samples.take(x1, slice(0, 1)), capture)
     itemsize = next(iter(capture.table.params.values())).element_size()
     if batch_size is None:
         batch_size = max(1, min(64, (256 << 20) // max(1, C * P * itemsize)))
-    n1, n2 = x1.shape[0], x2.shape[0]
+    n1, n2 = samples.count(x1), samples.count(x2)
 
     starts1 = list(range(0, n1, batch_size))
     starts2 = list(range(0, n2, batch_size))
@@ -208,10 +205,11 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
     store = _BlockStore(memory_budget_bytes, spill_dir, device)
     try:
         for s2 in starts2:  # every x2 block's gradients exactly once
-            xb = x2[s2 : s2 + batch_size]
-            store.put(s2, _gradients(capture, xb, classes), xb.shape[0] * per_input)
+            xb = samples.take(x2, slice(s2, s2 + batch_size))
+            store.put(s2, _gradients(capture, xb, classes), samples.count(xb) * per_input)
         for s1 in starts1:
-            g1 = store.get(s1) if symmetric else _gradients(capture, x1[s1 : s1 + batch_size], classes)
+            g1 = store.get(s1) if symmetric else _gradients(capture, samples.take(x1, slice(s1, s1 + batch_size)),
+                                                            classes)
             for s2 in starts2:
                 if symmetric and s2 < s1:
                     continue
@@ -239,6 +237,17 @@ def _check_spill_space(starts2, n2, batch_size, per_input, budget, spill_dir) ->
         raise DNTKError(f"x2's gradients need {spill / 2**30:.2f} GiB of disk beyond memory_budget_bytes="
                         f"{budget:,}, but {folder} has only {free / 2**30:.2f} GiB free; pass spill_dir= a folder on a "
                         f"larger disk, raise memory_budget_bytes, or use fewer x2 inputs or classes")
+
+
+def _check_inputs(x, name: str, device) -> None:
+    """x is a non-empty sample batch (tensor, tuple or dict of tensors, :mod:`dntk.samples`) on ``device``."""
+    if not samples.is_batch(x):
+        raise DNTKError(f"{name} must be a tensor [n, ...] or a tuple/dict of tensors [n, ...], got {type(x).__name__}")
+    if samples.count(x, name) == 0:
+        raise DNTKError(f"{name} is empty (0 samples); pass at least one input")
+    for t in samples.leaves(x):
+        if t.device != device:
+            raise DNTKError(f"{name} is on {t.device} but the model is on {device}; move the inputs with .to('{device}')")
 
 
 def _num_outputs(model, x, capture) -> int:
@@ -332,15 +341,12 @@ def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_byt
 
     require_int(memory_budget_bytes, "memory_budget_bytes", 1, "pass the bytes of gradients to hold at once")
     require_int(batch_size, "batch_size", 1, "pass a positive number of inputs per gradient pass")
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
-        raise DNTKError("x must be a non-empty tensor [n, ...]")
     device = model_device(model)
-    if x.device != device:
-        raise DNTKError(f"x is on {x.device} but the model is on {device}; move it with .to('{device}')")
+    _check_inputs(x, "x", device)
     capture = GradientCapture(model, backend=backend)
     with torch.no_grad():
-        C = _num_outputs(model, x[:1], capture)
-    n = x.shape[0]
+        C = _num_outputs(model, samples.take(x, slice(0, 1)), capture)
+    n = samples.count(x)
     # every trainable parameter (tied ones once), whether or not a given input reaches it
     widths = {name: t.numel() for name, t in capture.table.params.items()}
     P = sum(widths.values())
@@ -359,14 +365,14 @@ def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_byt
         t = time.perf_counter()
         for s in range(0, n, batch_size):
             sink = _SliceSink(plan, widths)
-            xb = x[s : s + batch_size]
+            xb = samples.take(x, slice(s, s + batch_size))
             capture.run(xb, None, sink)
             col = 0
             for name, (lo, hi) in plan.items():
                 for c in range(C):
                     blk = sink.grads.get(c, {}).get(name)
                     if blk is not None:
-                        G[c, s : s + xb.shape[0], col : col + hi - lo] = blk
+                        G[c, s : s + blk.shape[0], col : col + hi - lo] = blk
                 col += hi - lo
         t_con_start = time.perf_counter()
         t_grad += t_con_start - t

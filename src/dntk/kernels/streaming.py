@@ -72,14 +72,16 @@ def predict_shards(model, X: torch.Tensor, projector, weights: dict, folder, *, 
     from ..store import cached
 
     folder = Path(folder)
-    n = X.shape[0]
+    from .. import samples
+
+    n = samples.count(X)
     for i, start in enumerate(range(0, n, shard)):
         if i % world != rank:
             continue
         stop = min(n, start + shard)
 
         def compute(start=start, stop=stop):
-            r = gradient_features(model, X[start:stop], projector, batch_size=batch_size, device=device,
+            r = gradient_features(model, samples.take(X, slice(start, stop)), projector, batch_size=batch_size, device=device,
                                   progress=progress)
             return {"predictions": predict_with_weights(r.features, weights), "logits": r.logits,
                     "paths": r.path_shares()}

@@ -66,19 +66,22 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     raise DNTKError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
 
 
-def forward_with_penultimate(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward: (output, penultimate-layer features [B, d] — the input of the final Linear)."""
+def forward_with_penultimate(model: nn.Module, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward: (logits, penultimate-layer features [B, d] — the input of the final Linear). x: a
+    sample batch of :mod:`dntk.samples` (tensor, tuple or dict of tensors)."""
+    from .. import samples
+
     head = _final_linear(model)
     box = {}
     h = head.register_forward_hook(lambda m, i, o: box.__setitem__("f", i[0]))
     try:
-        out = model(x)
+        out = samples.call(model, x)
     finally:
         h.remove()
     return out, box["f"].flatten(1)
 
 
-def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def penultimate(model: nn.Module, x) -> torch.Tensor:
     """Penultimate-layer features [B, d] (the input of the final Linear)."""
     return forward_with_penultimate(model, x)[1]
 
@@ -95,24 +98,25 @@ def _final_linear(model):
 
 # --- checkpoints ------------------------------------------------------------------------------------
 _PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "teacher", "module")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "best.pt")
 
 
 def _unwrap(obj):
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model", "net", "teacher"):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in _WRAPPERS:
             if key in obj and isinstance(obj[key], (dict, nn.Module)):
                 return _unwrap(obj[key])
-        if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise DNTKError("the checkpoint holds no state dict (looked for a tensor dict, or keys 'state_dict', 'model', "
-                    "'model_state_dict'); save it with torch.save(model.state_dict(), path)")
+    raise DNTKError("the checkpoint holds no state dict (looked for a tensor dict, or keys "
+                    f"{', '.join(repr(k) for k in _WRAPPERS)}); save it with torch.save(model.state_dict(), path)")
 
 
-def normalize_state_dict(state: dict) -> dict:
-    """Strip DataParallel/compile prefixes and map WMDD-style ``downsample.conv/norm`` keys to
-    torchvision's ``downsample.0/1``."""
+def _strip(state: dict) -> dict:
+    """Remove DataParallel / Lightning / compile prefixes (``module.``, ``model.``, ...) from every key."""
     out = {}
     for key, value in state.items():
         changed = True
@@ -121,51 +125,104 @@ def normalize_state_dict(state: dict) -> dict:
             for p in _PREFIXES:
                 if key.startswith(p):
                     key, changed = key[len(p):], True
+        out[key] = value
+    return out
+
+
+def _wmdd_keys(state: dict) -> dict:
+    """WMDD-style ``downsample.conv/norm`` keys mapped to torchvision's ``downsample.0/1``."""
+    out = {}
+    for key, value in state.items():
         key = re.sub(r"downsample\.conv\.", "downsample.0.", key)
         key = re.sub(r"downsample\.(norm|bn)\.", "downsample.1.", key)
         out[key] = value
     return out
 
 
-def load_checkpoint(model: nn.Module, source) -> nn.Module:
-    """Load a checkpoint (path, state dict, module, or a dict wrapping one) into ``model``.
+def normalize_state_dict(state: dict) -> dict:
+    """Strip DataParallel/compile prefixes and map WMDD-style ``downsample.conv/norm`` keys to
+    torchvision's ``downsample.0/1``."""
+    return _wmdd_keys(_strip(state))
 
-    Accepts torchvision state dicts, ``module.``/``model.`` prefixes and WMDD-style
-    ``downsample.conv/norm`` keys. Anything else that does not match raises a DNTKError listing
-    missing keys, unexpected keys and shape mismatches.
-    """
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.exists():
-            raise DNTKError(f"checkpoint {path} does not exist")
+
+def read_state_dict(path) -> dict:
+    """The state dict in a file or folder people save: a ``torch.save`` of a state dict (read with
+    ``weights_only=True``), the same wrapped as ``{"state_dict": ...}`` / ``{"model": ...}`` (Lightning and
+    common training scripts), a ``.safetensors`` file, or a folder written by ``save_pretrained``
+    (``model.safetensors`` or ``pytorch_model.bin`` inside). A pickle holding Python objects beyond tensors
+    (e.g. a whole module) is read with ``weights_only=False`` only as a fallback — it is your own file."""
+    path = Path(path)
+    if not path.exists():
+        raise DNTKError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        found = [path / f for f in _WEIGHT_FILES if (path / f).exists()] or sorted(path.glob("*.safetensors"))
+        if not found:
+            raise DNTKError(f"checkpoint folder {path} has no weights file ({', '.join(_WEIGHT_FILES)} or *.safetensors)")
+        path = found[0]
+    if path.suffix == ".safetensors":
         try:
-            source = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # pickle/zip errors have many types
+            from safetensors.torch import load_file
+        except ImportError:
+            raise DNTKError("reading .safetensors needs the optional package 'safetensors'; pip install \"dntk[hf]\"") from None
+        try:
+            return load_file(str(path))
+        except Exception as e:
             raise DNTKError(f"cannot read checkpoint {path}: {e}") from None
-    state = normalize_state_dict(_unwrap(source))
-    own = model.state_dict()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # pickle/zip errors have many types
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:
+            raise DNTKError(f"cannot read checkpoint {path}: {first}") from None
+    return _unwrap(obj)
+
+
+def _mismatch(own: dict, state: dict) -> tuple[list, list, list]:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        head = _final_linear(model)
-        head_key = next((k for k, v in model.named_parameters() if v is head.weight), None)
-        if missing and (len(missing) > len(own) // 4 or unexpected):
-            hint = " It is probably for another architecture (check --model and --image-size)."
-        elif head_key in state and state[head_key].shape[0] != own[head_key].shape[0]:
-            hint = (f" The classifier head differs: the checkpoint has {state[head_key].shape[0]} classes, the data "
-                    f"{own[head_key].shape[0]}.")
-        else:
-            hint = ""
-        raise DNTKError("checkpoint does not match the model." + hint +
-                        f"\n  missing keys ({len(missing)}): {_short(missing)}"
-                        f"\n  unexpected keys ({len(unexpected)}): {_short(unexpected)}"
-                        f"\n  shape mismatches ({len(shapes)}): {_short(shapes)}")
-    model.load_state_dict(state)
-    return model
+    return missing, unexpected, shapes
+
+
+def load_checkpoint(model: nn.Module, source) -> nn.Module:
+    """Load a checkpoint (path, folder, state dict, module, or a dict wrapping one) into ``model``.
+
+    The keys are used as they are when they match; otherwise with the ``module.`` / ``model.`` /
+    ``_orig_mod.`` prefixes stripped (DataParallel, Lightning, torch.compile) and WMDD-style
+    ``downsample.conv/norm`` keys mapped to torchvision's — whichever of these makes every key match.
+    Anything else raises a DNTKError listing missing keys, unexpected keys and shape mismatches.
+    """
+    if isinstance(source, (str, Path)):
+        state = read_state_dict(source)
+    else:
+        state = _unwrap(source)
+    own = model.state_dict()
+    candidates = [state, _strip(state), _wmdd_keys(state), normalize_state_dict(state)]
+    for cand in candidates:
+        if not any(_mismatch(own, cand)):
+            model.load_state_dict(cand)
+            return model
+    best = min(candidates, key=lambda c: len(_mismatch(own, c)[0]) + len(_mismatch(own, c)[1]) + len(_mismatch(own, c)[2]))
+    missing, unexpected, shapes = _mismatch(own, best)
+    head = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            head = m
+    head_key = next((k for k, v in model.named_parameters() if head is not None and v is head.weight), None)
+    if head_key in best and best[head_key].shape[0] != own[head_key].shape[0]:
+        hint = (f" The classifier head differs: the checkpoint has {best[head_key].shape[0]} classes, the data "
+                f"{own[head_key].shape[0]}.")
+    elif missing and (len(missing) > len(own) // 4 or unexpected):
+        hint = " It is probably for another architecture (check --model and --image-size)."
+    else:
+        hint = ""
+    raise DNTKError("checkpoint does not match the model." + hint +
+                    f"\n  missing keys ({len(missing)}): {_short(missing)}"
+                    f"\n  unexpected keys ({len(unexpected)}): {_short(unexpected)}"
+                    f"\n  shape mismatches ({len(shapes)}): {_short(shapes)}")
 
 
 def _short(items, n=6):
     return ", ".join(items[:n]) + (f", … (+{len(items) - n})" if len(items) > n else "") if items else "none"
-

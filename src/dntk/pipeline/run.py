@@ -26,6 +26,8 @@ from ..kernels import (class_weights, curve_from_predictions, default_m_grid, ga
                        predict_shards)
 from ..projection import make as make_projector
 from ..resources import StageTimer, process_peak_rss_mb
+from ..samples import describe
+from ..samples import to as to_device
 from ..store import FeatureStore, cached, digest, model_checksum
 from ..training import build_network, evaluate, load_or_train_teacher, train_student, training_seconds
 from .result import RunResult
@@ -34,9 +36,22 @@ from .stage3 import figure3_budgets, gradient_stage
 FEATURE_FORMAT = "feature-store-v3"   # part of every feature folder's key: the sharded memmap store
 
 
-def run(config: RunConfig) -> RunResult:
-    """Run the main job; returns the RunResult also written to ``out/results.json``."""
-    cfg = config.resolved()
+def run(config: RunConfig | None = None, *, model: torch.nn.Module | None = None, train_set=None, test_set=None,
+        student=None) -> RunResult:
+    """Run the main job; returns the RunResult also written to ``out/results.json``.
+
+    model: a trained classifier object — the teacher, used as it is (not retrained unless
+        ``train_teacher="always"``); its logits are ``model(x)``, ``model(*x)`` or ``model(**x)`` (or
+        their ``.logits``) for the samples' form (:mod:`dntk.samples`).
+    train_set, test_set: the data instead of ``config.data`` — ImageSets, SampleSets, or any map-style
+        torch Dataset yielding ``(x, y)`` (x a tensor, a tuple or a dict of tensors, integer token ids
+        included) or dicts with a ``label``; materialised in memory (:func:`dntk.data.as_sample_set`).
+        Both or neither.
+    student: with ``base_model="student"`` and a model object, a callable ``student(num_classes=C)``
+        building the fresh student network (a ``--model`` spec builds it from the same factory).
+    """
+    cfg = (config if config is not None else RunConfig()).resolved(
+        model_name=None if model is None else f"object:{type(model).__name__}")
     ranks = from_environment(cfg.device)  # one process, or this process's rank under torchrun
     cfg.device = ranks.device(cfg.device)
     out = Path(cfg.out)
@@ -45,9 +60,12 @@ def run(config: RunConfig) -> RunResult:
     st = StageTimer()
     log = print if ranks.main else (lambda *a, **k: None)  # progress=False silences the bars, not the results
     progress = cfg.progress and ranks.main
+    if cfg.teacher.base_model == "student" and model is not None and student is None:
+        raise DNTKError("--base-model student with a model object needs student=: a callable building a fresh network "
+                        "(student(num_classes=C) -> nn.Module), since dntk cannot rebuild an object it did not make")
 
     with st.time("data"), ranks.main_first():
-        train_set, test_set = load_configured(cfg.data, cache_dir=out / "cache", progress=progress)
+        train_set, test_set = _data(cfg, train_set, test_set, model, out, progress)
     C = train_set.num_classes
     # checked before any training so a mistake costs nothing
     if cfg.distill.method == "none" and not cfg.distill.load and cfg.kernel.m > len(train_set):
@@ -55,16 +73,19 @@ def run(config: RunConfig) -> RunResult:
                         f"choose m ≤ {len(train_set)}")
     if cfg.distill.method != "none" and not cfg.distill.load:
         _check_budget(cfg, cfg.distill.ipc * C, f"--ipc {cfg.distill.ipc} × {C} classes")
-    log(f"data: {cfg.data.dataset}, {len(train_set)} train / {len(test_set)} test images of shape "
-        f"{train_set.image_shape}, {C} classes")
+    log(f"data: {getattr(train_set, 'name', cfg.data.dataset)}, {len(train_set)} train / {len(test_set)} test "
+        f"samples, inputs {describe(train_set.tensors(torch.arange(1))[0]).replace('[1,', '[n,')}, {C} classes")
 
     with st.time("teacher"):
         with ranks.main_first():
             teacher = load_or_train_teacher(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set, test_set,
-                                            out, seed=cfg.seed, device=cfg.device, progress=progress)
+                                            out, seed=cfg.seed, device=cfg.device, progress=progress, model=model)
         test_acc, _ = evaluate(teacher.model, test_set, device=cfg.device)
     P = sum(p.numel() for p in teacher.model.parameters() if p.requires_grad)
-    log(f"teacher: {cfg.teacher.model}, P={P:,}, test accuracy {test_acc:.4f}")
+    if cfg.features.k is not None and cfg.features.projector != "identity" and cfg.features.k > P:
+        raise DNTKError(f"--k {cfg.features.k} is larger than the model's P = {P:,} parameters; choose k < {P}")
+    log(f"teacher: {cfg.teacher.model}, P={P:,}, test accuracy {test_acc:.4f}"
+        + ("" if teacher.trained else f" (weights: {teacher.source}, not trained here)"))
 
     with st.time("distillation"), ranks.main_first():
         points = training_points(cfg.distill, cfg.kernel.m, train_set, teacher=teacher.model,
@@ -83,7 +104,7 @@ def run(config: RunConfig) -> RunResult:
     base, base_acc, student_dir = teacher.model, test_acc, None
     if cfg.teacher.base_model == "student":
         with st.time("student"), ranks.main_first():
-            base, base_acc, student_dir = _student(cfg, teacher, points, test_set, out, progress)
+            base, base_acc, student_dir = _student(cfg, teacher, points, train_set, test_set, out, progress, student)
         log(f"student trained on the {m} distilled images: test accuracy {base_acc:.4f}")
     base_checksum = teacher.checksum if base is teacher.model else model_checksum(base)
 
@@ -104,8 +125,10 @@ def run(config: RunConfig) -> RunResult:
         extract = dict(identity={"model": checksum}, batch_size=cfg.features.batch_size, device=cfg.device,
                        progress=progress, rank=ranks.rank, world=ranks.world)
         stream = cfg.features.test_features == "stream"
+        train = FeatureStore(out / f"features-train-{key}-{digest(points.images)}", shard)
+        if ranks.main:
+            _announce(log, model, points.images, X_test, train, projector, C, cfg, stream, P)
         with st.time(f"features_train{tag}"):  # each stage's time includes waiting for the other ranks
-            train = FeatureStore(out / f"features-train-{key}-{digest(points.images)}", shard)
             train.extract(model, points.images, projector, **extract)
             if stream:
                 ranks.barrier()
@@ -176,7 +199,7 @@ def run(config: RunConfig) -> RunResult:
         with st.time("exact"):
             # gradients beyond the 2 GiB memory budget spill to a temporary folder in out (not /tmp,
             # which may be RAM-backed); each image's gradients are computed once
-            X_train, X_dev = points.images.to(cfg.device), X_test.to(cfg.device)
+            X_train, X_dev = to_device(points.images, cfg.device), to_device(X_test, cfg.device)
             ex = cached(out / f"exact-{digest(FEATURE_FORMAT, base_checksum, digest(points.images), digest(X_test))}.pt",
                         lambda: {"K_train": empirical_ntk(base, X_train, spill_dir=out),
                                  "K_test": empirical_ntk(base, X_dev, X_train, spill_dir=out)})
@@ -232,11 +255,82 @@ def _targets_maker(targets: str, C: int):
     return targets_of
 
 
-def _student(cfg: RunConfig, teacher, points: TrainingPoints, test_set, out: Path, progress: bool):
-    """The base model ``student``: trained on the distilled images only (cached under OUT/student-<key>)."""
-    ds = DistilledSet(points.images, points.labels, list(test_set.classes), test_set.mean, test_set.std, test_set.name,
-                      cfg.distill.method)
-    student = build_network(cfg.teacher, cfg.data.dataset, cfg.data.image_size, test_set)
+def _data(cfg: RunConfig, train_set, test_set, model, out: Path, progress: bool):
+    """(train, test): the given data sets (as SampleSets unless already Image/SampleSets; the test set cut
+    to --n-test even over classes), or the configured ones. hf-disk data is padded with the model's pad
+    token (its config's pad_token_id), else 0."""
+    from ..data import as_sample_set, balanced_indices
+
+    if (train_set is None) != (test_set is None):
+        raise DNTKError("pass both train_set and test_set, or neither (then config.data says where the data is)")
+    if train_set is None:
+        return load_configured(cfg.data, cache_dir=out / "cache", progress=progress, pad_id=_pad_id(cfg, model))
+    train, test = as_sample_set(train_set), as_sample_set(test_set)
+    if list(train.classes) != list(test.classes):
+        if hasattr(train_set, "classes") or hasattr(test_set, "classes"):
+            raise DNTKError(f"train_set and test_set have different classes ({train.classes[:5]} vs {test.classes[:5]}); "
+                            "both need the same class list in the same order")
+        names = [str(c) for c in range(max(train.num_classes, test.num_classes))]
+        train, test = as_sample_set(train_set, classes=names), as_sample_set(test_set, classes=names)
+    if cfg.data.n_test is not None:
+        test = test.subset(balanced_indices(test.labels, min(cfg.data.n_test, len(test)), test.num_classes))
+    return train, test
+
+
+def _pad_id(cfg: RunConfig, model) -> int:
+    if cfg.data.dataset != "hf-disk":
+        return 0
+    config = getattr(model, "config", None)
+    if config is None and cfg.teacher.model and cfg.teacher.model.startswith("hf:"):
+        from ..models import hf_config
+
+        config = hf_config(cfg.teacher.model[3:])
+    pad = getattr(config, "pad_token_id", None) if config is not None else None
+    return int(pad) if pad is not None else 0
+
+
+def _announce(log, model, X_train, X_test, store, projector, C: int, cfg: RunConfig, stream: bool, P: int) -> None:
+    """What the extraction will compute — per-logit gradients, bytes stored — and its time estimated from
+    one timed batch (which includes the engine's one-off layout checks, so it errs high)."""
+    import time
+
+    from ..features import gradient_features
+    from ..samples import count, take
+
+    n_train, n_test = count(X_train), count(X_test)
+    n = n_train + n_test
+    k = P if projector.name == "identity" else projector.dim
+    stored = (n_train + (0 if stream else n_test)) * C * k * 4
+    line = (f"features: {n_train:,} train + {n_test:,} test samples × {C} logits = {n * C:,} per-logit gradients, "
+            f"{'exact (k = P' if projector.name == 'identity' else 'projected to (k'} = {k:,}) "
+            f"({stored / 2**20:,.1f} MiB stored)")
+    try:
+        done = not store.missing(n_train)
+    except DNTKError:
+        done = False
+    if not done:
+        B = min(cfg.features.batch_size, n_train)
+        t0 = time.perf_counter()
+        gradient_features(model, take(X_train, slice(0, B)), projector, batch_size=B, device=cfg.device, progress=False)
+        per = (time.perf_counter() - t0) / B
+        line += f"; ≈ {_duration(per * n)} at {per * 1e3:,.1f} ms per sample (timed on a first batch of {B})"
+    log(line)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.1f} min" if seconds < 7200 else
+                                                     f"{seconds / 3600:.1f} h")
+
+
+def _student(cfg: RunConfig, teacher, points: TrainingPoints, train_set, test_set, out: Path, progress: bool,
+             factory=None):
+    """The base model ``student``: trained on the distilled images only (cached under OUT/student-<key>); a
+    fresh network from the --model spec, or from ``factory`` (the student= of :func:`run`)."""
+    ds = DistilledSet.from_normalised(points.images, points.labels, train_set, cfg.distill.method)
+    torch.manual_seed(cfg.seed)
+    student = build_network(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set, fresh=True,
+                            factory=factory)
+
     protocol, epochs = cfg.teacher.student_protocol, cfg.teacher.student_epochs
     key = digest(teacher.checksum, digest(points.images)) if protocol == "dntk" else \
         digest(teacher.checksum, digest(points.images), protocol, epochs, cfg.seed)

@@ -18,6 +18,10 @@ def figure2(spectra: dict[str, list], ranks: dict[str, list], path, *, class_nam
     spectra: panel title -> list of C eigenvalue arrays (descending); ranks: same keys -> C ranks."""
     fig, axes = plt.subplots(1, len(spectra), figsize=(6.5 * len(spectra), 4), squeeze=False)
     for ax, (title, lams) in zip(axes[0], spectra.items()):
+        if len(lams) > AGGREGATE_ABOVE:
+            _aggregate_spectra(ax, lams, ranks[title])
+            ax.set_title(f"{title}: {len(lams)} classes, truncation ranks at {tau_v:.0%} variance")
+            continue
         cmap = plt.get_cmap("tab10")
         for c, lam in enumerate(lams):
             lam = np.clip(np.asarray(lam, dtype=float), 1e-300, None)
@@ -37,6 +41,32 @@ def figure2(spectra: dict[str, list], ranks: dict[str, list], path, *, class_nam
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+AGGREGATE_ABOVE = 12   # more classes than this: one aggregate panel instead of one line per class
+FIGURE4_CLASSES = 20   # figure4-class<c>.png for at most this many classes (the first ones)
+
+
+def _aggregate_spectra(ax, lams, ranks) -> None:
+    """Median normalised spectrum over classes with its 10–90% band, and the ranks' spread."""
+    L = min(len(lam) for lam in lams)
+    M = np.stack([np.clip(np.asarray(lam, dtype=float)[:L], 1e-300, None) / max(float(lam[0]), 1e-300)
+                  for lam in lams])
+    x = np.arange(1, L + 1)
+    lo, med, hi = np.percentile(M, [10, 50, 90], axis=0)
+    ax.fill_between(x, lo, hi, color="C0", alpha=0.25, label="10–90% of classes")
+    ax.semilogy(x, med, color="C0", lw=1.5, label="median over classes")
+    r = np.asarray([v for v in ranks if v], dtype=float)
+    if r.size:
+        for q, style in ((np.percentile(r, 50), "-"), (r.min(), ":"), (r.max(), ":")):
+            ax.axvline(q, color="C3", ls=style, lw=1)
+        ax.plot([], [], color="C3", label=f"ranks: min {r.min():.0f}, median {np.median(r):.0f}, max {r.max():.0f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("index")
+    ax.set_ylabel("eigenvalue / largest")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def figure3(rows: list[dict], m: int, path) -> Path:
@@ -177,11 +207,14 @@ def class_figure4(row: dict, arrays: dict, tau_g: float, path) -> Path:
 
 def gradient_stage_figures(stage, out, *, class_names=None, tau_v: float = 0.95, tau_g: float = 0.9) -> list[Path]:
     """Figures 2–5 of stage 3 from a :class:`dntk.pipeline.stage3.GradientStage`: figure2.png,
-    figure3.png, figure4-class<c>.png for every class, figure5.png in ``out``."""
+    figure3.png, figure4-class<c>.png for the first FIGURE4_CLASSES classes, figure5.png in ``out``. With
+    more than AGGREGATE_ABOVE classes Figure 2 draws the classes' median spectrum and its spread."""
     out = Path(out)
     paths = [figure2(stage.spectra, stage.summary["ranks"], out / "figure2.png", class_names=class_names, tau_v=tau_v),
              figure3(stage.summary["figure3_rows"], stage.summary["m"], out / "figure3.png")]
     for c, (row, arrays) in enumerate(zip(stage.summary["local_global"], stage.local_global_arrays)):
+        if c >= FIGURE4_CLASSES:   # one file per class stops being readable; the rows are all in results.json
+            break
         paths.append(class_figure4(row, arrays, tau_g, out / f"figure4-class{c}.png"))
     paths.append(figure5(stage.summary["figure5_rows"], out / "figure5.png"))
     return paths

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import samples
 from ..data.images import ImageSet
 from ..errors import DNTKError
 from ..store import atomic_save
@@ -161,14 +162,15 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 256, device="cpu") -> tuple[float, torch.Tensor]:
-    """(accuracy, logits float32 [n, C]) in eval mode; the model's mode is restored."""
+def evaluate(model: nn.Module, data, batch_size: int = 256, device="cpu") -> tuple[float, torch.Tensor]:
+    """(accuracy, logits float32 [n, C]) in eval mode; the model's mode is restored. data: an ImageSet or
+    any set with ``tensors(index)`` and ``labels`` (:class:`dntk.data.SampleSet`)."""
     was = model.training
     model.eval()
     outs = []
     for s in range(0, len(data), batch_size):
         x, _ = data.tensors(torch.arange(s, min(s + batch_size, len(data))))
-        outs.append(model(x.to(device)).float().cpu())
+        outs.append(samples.call(model, samples.to(x, device)).float().cpu())
     model.train(was)
     logits = torch.cat(outs)
     return float((logits.argmax(1) == data.labels).float().mean()), logits
@@ -217,6 +219,10 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
         raise DNTKError(f"unknown schedule {config.schedule!r}; use 'onecycle' or 'cosine'")
     if config.mix not in ("none", "cutmix"):
         raise DNTKError(f"unknown mix {config.mix!r}; use 'none' or 'cutmix'")
+    images = samples.is_images(train_set.tensors(torch.arange(1))[0])
+    if not images and (config.augment not in ("none",) or config.mix != "none"):
+        raise DNTKError(f"augment={config.augment!r} / mix={config.mix!r} need image tensors [n, c, h, w]; this data is "
+                        f"{samples.describe(train_set.tensors(torch.arange(1))[0])} — use augment='none', mix='none'")
     gen = torch.Generator().manual_seed(config.seed)
     start_epoch, history, best = 0, [], (-1.0, -1)
     last = out_dir / "last.pt"
@@ -241,17 +247,19 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
             if idx.numel() < 2 and n > 1:
                 continue  # BatchNorm needs two samples
             x, y = train_set.tensors(idx)
-            x = augment_batch(x, config.augment, gen).to(device)
+            if images:
+                x = augment_batch(x, config.augment, gen)
+            x = samples.to(x, device)
             partner, lam = None, 1.0
             if config.mix == "cutmix":
                 x, partner, lam = cutmix(x, gen)
                 partner = partner.to(device)
-            out = model(x)
+            out = samples.call(model, x)
             if soft_labels is not None or teacher is not None:
                 T = config.soft_label_temperature
                 if teacher is not None:    # the teacher labels the (mixed) crop the student sees
                     with torch.no_grad():
-                        prob = F.softmax(teacher(x) / T, 1)
+                        prob = F.softmax(samples.call(teacher, x) / T, 1)
                 else:
                     prob = F.softmax(soft_labels[idx].to(device) / T, 1)
                     if partner is not None:

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import DNTKError
-from ..models import build_model, load_checkpoint
-from ..store import model_checksum
+from .. import samples
+from ..models import build_model_spec, call_factory, load_checkpoint
+from ..store import digest, model_checksum
 from .loop import TrainConfig, TrainResult, evaluate, train
 
 
@@ -27,7 +28,9 @@ def default_model(dataset: str) -> str:
     return "small_cnn" if dataset == "digits" else "resnet18"
 
 
-def default_image_size(dataset: str) -> int:
+def default_image_size(dataset: str) -> int | None:
+    if dataset == "hf-disk":
+        return None   # token data
     return 8 if dataset == "digits" else 64
 
 
@@ -39,18 +42,30 @@ def augmentation(dataset: str) -> str:
     return "shift" if dataset == "digits" else "crop_flip"
 
 
-def teacher_train_config(dataset: str, cfg, seed: int = 0) -> TrainConfig:
-    """The teacher recipe for ``dataset`` with the settings of a :class:`dntk.config.TeacherConfig`."""
+def teacher_train_config(dataset: str, cfg, seed: int = 0, images: bool = True) -> TrainConfig:
+    """The teacher recipe for ``dataset`` with the settings of a :class:`dntk.config.TeacherConfig`;
+    data that is not images (``images=False``: token ids, tuples, ...) is not augmented."""
     return TrainConfig(epochs=cfg.epochs if cfg.epochs is not None else default_epochs(dataset),
                        optimizer=cfg.optimizer, lr=cfg.lr, seed=seed, batch_size=cfg.train_batch_size,
-                       augment=augmentation(dataset))
+                       augment=augmentation(dataset) if images else "none")
 
 
-def build_network(cfg, dataset: str, image_size: int | None, like) -> nn.Module:
-    """A fresh network of the configured architecture for data shaped like ``like`` (an ImageSet)."""
+def build_network(cfg, dataset: str, image_size: int | None, like, *, fresh: bool = False,
+                  factory=None) -> nn.Module:
+    """A network of the configured ``--model`` (:func:`dntk.models.build_model_spec`) for data shaped like
+    ``like`` (an ImageSet or SampleSet: C classes, image channels or none). fresh: a new initialisation
+    (for an ``hf:`` folder, its architecture without its weights: a student). factory: instead, a
+    callable called with num_classes=C (the ``student=`` of :func:`dntk.run`)."""
+    shape = getattr(like, "image_shape", None)
+    in_channels = shape[0] if shape else None
     size = image_size if image_size is not None else default_image_size(dataset)
-    return build_model(cfg.model or default_model(dataset), like.num_classes, in_channels=like.image_shape[0],
-                       image_size=size, stem=cfg.stem)
+    if size is None and shape:
+        size = shape[-1]
+    if factory is not None:
+        return call_factory(factory, like.num_classes, in_channels, size, what="student=")
+    return build_model_spec(cfg.model or default_model(dataset), like.num_classes, in_channels=in_channels,
+                            image_size=size or 224, stem=cfg.stem, pretrained=getattr(cfg, "pretrained", False),
+                            fresh=fresh)
 
 
 @dataclass
@@ -64,28 +79,54 @@ class Teacher:
     checksum: str
 
 
+def teacher_folder(out_dir, cfg, model: nn.Module, weights_given: bool) -> Path:
+    """Where the teacher is trained: ``OUT/teacher`` for a built-in architecture trained from scratch (as
+    before), else ``OUT/teacher-<key>`` keyed by the ``--model``, ``--pretrained`` and — when training
+    starts from given weights — their checksum, so two models never share (or resume) one folder."""
+    from ..models.registry import BUILTIN
+
+    pretrained = getattr(cfg, "pretrained", False)
+    if cfg.model in BUILTIN and not pretrained and not weights_given:
+        return Path(out_dir) / "teacher"
+    init = model_checksum(model) if weights_given or pretrained else None
+    return Path(out_dir) / f"teacher-{digest(cfg.model, pretrained, init)}"
+
+
 def load_or_train_teacher(cfg, dataset: str, image_size: int | None, train_set, val_set, out_dir, *, seed: int = 0,
-                          device="cpu", progress: bool = True) -> Teacher:
-    """The teacher of a :class:`dntk.config.TeacherConfig`: loaded from ``cfg.checkpoint``, or trained on
-    train_set (validated on val_set) and cached in ``out_dir/teacher`` — a finished run there with
-    the same recipe is reused, an interrupted one resumed."""
+                          device="cpu", progress: bool = True, model: nn.Module | None = None) -> Teacher:
+    """The teacher of a :class:`dntk.config.TeacherConfig`: ``model`` when given (a model object, used
+    as it is), else the ``--model`` built (an ``hf:`` folder with its weights) and loaded from
+    ``cfg.checkpoint``; trained on train_set (validated on val_set) and cached in :func:`teacher_folder`
+    when ``cfg.train_teacher`` says so — ``auto``: only when no weights were given — a finished run
+    there with the same recipe is reused, an interrupted one resumed."""
+    from ..models.registry import parse_model
+
     torch.manual_seed(seed)  # the initial weights: the same teacher from every verb for the same --seed
-    model = build_network(cfg, dataset, image_size, train_set)
+    given = model is not None
+    if model is None:
+        model = build_network(cfg, dataset, image_size, train_set)
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
-        trained, source = None, str(cfg.checkpoint)
-    else:
-        folder = Path(out_dir) / "teacher"
-        trained = train(model, train_set, val_set, teacher_train_config(dataset, cfg, seed), folder, device=device,
-                        progress=progress)
+    weights_given = given or bool(cfg.checkpoint) or (not given and cfg.model is not None
+                                                      and parse_model(cfg.model).carries_weights)
+    mode = getattr(cfg, "train_teacher", "auto")
+    if mode == "always" or (mode == "auto" and not weights_given):
+        folder = teacher_folder(out_dir, cfg, model, weights_given)
+        images = getattr(train_set, "image_shape", None) is not None
+        trained = train(model, train_set, val_set, teacher_train_config(dataset, cfg, seed, images), folder,
+                        device=device, progress=progress)
         source = str(folder / "best.pt")
+    else:
+        trained = None
+        source = str(cfg.checkpoint) if cfg.checkpoint else ("model object" if given else cfg.model)
     model.to(device).eval()
     return Teacher(model, source, trained, model_checksum(model))
 
 
-def student_train_config(dataset: str, epochs: int, seed: int, n: int, eval_every: int = 1) -> TrainConfig:
+def student_train_config(dataset: str, epochs: int, seed: int, n: int, eval_every: int = 1,
+                         images: bool = True) -> TrainConfig:
     return TrainConfig(epochs=epochs, optimizer="adamw", batch_size=min(64, n), seed=seed, weight_decay=0.01,
-                       augment=augmentation(dataset), eval_every=eval_every)
+                       augment=augmentation(dataset) if images else "none", eval_every=eval_every)
 
 
 def wmdd_student_config(epochs: int, seed: int, n: int, eval_every: int = 1, dataset: str = "folder") -> TrainConfig:
@@ -110,19 +151,23 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, test_set, o
     protocol: ``dntk`` (:func:`student_train_config`: AdamW 2e-3, one-cycle, pad-crop-flip, T = 4) or
     ``wmdd`` (:func:`wmdd_student_config`; relabel must be True, as in WMDD)."""
     torch.manual_seed(seed)
+    images = getattr(distilled, "image_shape", None) is not None
     if protocol == "wmdd":
+        if not images:
+            raise DNTKError("the wmdd student protocol crops and mixes images (RandomResizedCrop, CutMix); this data is "
+                            "not images — use --student-protocol dntk")
         if not relabel:
             raise DNTKError("the wmdd student protocol relabels every batch; relabel=False is not part of it")
         cfg = wmdd_student_config(epochs, seed, len(distilled), eval_every, dataset)
     elif protocol == "dntk":
-        cfg = student_train_config(dataset, epochs, seed, len(distilled), eval_every)
+        cfg = student_train_config(dataset, epochs, seed, len(distilled), eval_every, images)
     else:
         raise DNTKError(f"unknown student protocol {protocol!r}; use one of {STUDENT_PROTOCOLS}")
     if relabel:
         labels = {"teacher": teacher.eval()}
     else:
         with torch.no_grad():
-            labels = {"soft_labels": teacher.eval()(distilled.images.to(device)).cpu()}
+            labels = {"soft_labels": samples.call(teacher.eval(), samples.to(distilled.tensors()[0], device)).cpu()}
     train(student, distilled, test_set, cfg, out_dir, device=device, progress=progress, **labels)
     student.eval()
     return student, evaluate(student, test_set, device=device)[0]
