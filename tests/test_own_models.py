@@ -73,6 +73,12 @@ def test_torchvision_model_end_to_end(rgb_folder, tmp_path, capsys):
     said = capsys.readouterr().out
     assert "per-logit gradients" in said and "ms per sample" in said   # the estimate before extraction
     assert (Path(res["teacher"]["source"]).parent.name).startswith("teacher-")   # keyed by the model
+    # the same model on other data (another image size) in the same OUT trains its own teacher
+    assert main(["run", "--dataset", "folder", "--data-root", str(rgb_folder), "--image-size", "40",
+                 "--model", "torchvision:shufflenet_v2_x0_5", "--epochs", "1", "--train-batch-size", "8", "--m", "12",
+                 "--k", "256", "--quiet", "--out", str(out)]) == 0
+    again = _results(out)
+    assert again["teacher"]["source"] != res["teacher"]["source"] and again["teacher"]["best_epoch"] == 1
 
 
 def test_timm_model_end_to_end(rgb_folder, tmp_path):
@@ -83,7 +89,11 @@ def test_timm_model_end_to_end(rgb_folder, tmp_path):
                  "--quiet", "--out", str(out)]) == 0
     res = _results(out)
     _check_counts(res, 9, 12, 3)
-    assert abs(sum(res["gradient_paths"].values()) - 1.0) < 1e-9
+    import timm
+
+    assert res["teacher"]["parameters"] == sum(p.numel() for p in timm.create_model("test_convnext", num_classes=3)
+                                               .parameters())
+    assert res["teacher"]["best_epoch"] == 1
 
 
 FACTORY = '''
@@ -209,8 +219,7 @@ def test_checkpoint_forms(tmp_path):
     }
     for name, obj in forms.items():
         torch.save(obj, tmp_path / name)
-    from safetensors.torch import save_file
-
+    save_file = pytest.importorskip("safetensors.torch").save_file
     save_file(sd, str(tmp_path / "w.safetensors"))
     for name in list(forms) + ["w.safetensors"]:
         m = load_checkpoint(fresh(), tmp_path / name)
@@ -219,11 +228,18 @@ def test_checkpoint_forms(tmp_path):
     (tmp_path / "folder").mkdir()
     save_file(sd, str(tmp_path / "folder" / "model.safetensors"))
     assert torch.equal(load_checkpoint(fresh(), tmp_path / "folder")[2].weight, sd["2.weight"])
-    # a model whose own keys carry 'model.': used as they are
+    # a model whose own keys carry 'model.': used as they are, and under DataParallel only 'module.' goes
     w = Wrapped()
     ref = {k: torch.randn_like(v) for k, v in w.state_dict().items()}
     torch.save(ref, tmp_path / "wrapped.pt")
     assert torch.equal(load_checkpoint(Wrapped(), tmp_path / "wrapped.pt").model.weight, ref["model.weight"])
+    torch.save({f"module.{k}": v for k, v in ref.items()}, tmp_path / "dp.pt")
+    assert torch.equal(load_checkpoint(Wrapped(), tmp_path / "dp.pt").model.weight, ref["model.weight"])
+    # stripping must never merge two keys into one
+    two = {**{f"model.{k}": v for k, v in sd.items()}, **{f"net.{k}": torch.zeros_like(v) for k, v in sd.items()}}
+    torch.save(two, tmp_path / "two.pt")
+    with pytest.raises(DNTKError, match="does not match"):
+        load_checkpoint(fresh(), tmp_path / "two.pt")
     # a mismatch names the keys and shapes
     bad = dict(sd)
     bad["2.weight"] = torch.zeros(7, 5)
@@ -320,6 +336,29 @@ def test_padded_tokens_are_cut_per_batch_and_exact():
     with pytest.raises(DNTKError, match="or on its padding"):
         dntk.gradient_features(Unmasked().double(), x, "identity", batch_size=2, progress=False)
 
+    # only sequence entries are cut: a float side input that happens to be [n, L] wide is taken whole
+    side = PaddedTokens({"input_ids": ids, "attention_mask": mask, "scores": torch.randn(6, 9)})
+    assert take(side, [0, 1])["scores"].shape == (2, 9) and take(side, [0, 1])["input_ids"].shape == (2, 3)
+
+
+def test_mixing_through_integer_inputs_is_refused():
+    """Integer inputs are not differentiated, so the weighted backward passes cannot see mixing through
+    them: every sample of the first batch is then run alone (not only the first four)."""
+    torch.manual_seed(0)
+
+    class Peek(nn.Module):   # samples 4.. read the next sample's first token
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(20, 4), nn.Linear(4, 2)
+
+        def forward(self, ids):
+            other = torch.roll(ids, -1, 0)
+            use = torch.where(torch.arange(ids.shape[0])[:, None] >= 4, other, ids)
+            return self.head(self.emb(use).sum(1))
+
+    ids = torch.randint(0, 20, (8, 3))
+    with pytest.raises(DNTKError, match="depends on the rest of its batch"):
+        dntk.gradient_features(Peek(), ids, "identity", batch_size=8, progress=False)
 
 # --- Hugging Face: a BERT from a config, a hf-disk dataset, the whole job ------------------------------------
 def _tiny_bert(folder, C=3, seed=0):
@@ -365,6 +404,22 @@ def test_hf_model_on_hf_disk_end_to_end(tmp_path):
     _check_counts(res, 12, 12, 3)
     assert res["teacher"]["best_epoch"] is None       # the folder's weights are the teacher, not retrained
     assert res["exact"]["kernel_relative_error"] < 1e-5   # identity features of BERT on padded token batches
+    # the stored training kernel against brute-force autograd on each chosen sequence cut to its own length
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "bert").eval()
+    train, _ = dntk.data.hf_disk(tmp_path / "data")
+    idx = dntk.data.balanced_indices(train.labels, 12, 3, seed=0)
+    X = take(train.inputs, idx)
+    lens = X["attention_mask"].sum(1)
+
+    def alone(i):
+        return bert(**{k: v[i:i + 1, :lens[i]] for k, v in X.items()}).logits
+
+    K = _brute(bert, alone, 12)
+    folder = next(out.glob("features-train-*"))
+    stored = dntk.store.FeatureStore(folder).read()
+    assert rel(stored.kernel(), K) < 1e-4               # float32 model: rounding only
+    assert torch.allclose(stored.logits, torch.cat([alone(i) for i in range(12)]).detach(), atol=1e-5)
     assert res["gradient_distillation"] is not None and (out / "figure2.png").exists()
     assert set(res["gradient_paths"]) >= {"factored", "closed"}
     # stage 1 on tokens: k-center on the teacher's features, kernel-greedy on its kernel; WMDD refused by name
@@ -382,6 +437,19 @@ def test_hf_model_on_hf_disk_end_to_end(tmp_path):
                  str(tmp_path / "data"), "--max-length", "4", "--m", "6", "--k", "64", "--quiet", "--out",
                  str(tmp_path / "short")]) == 0
     assert main(["run", "--dataset", "hf-disk", "--data-root", str(tmp_path / "data"), "--quiet"]) == 1
+
+
+def test_hf_folder_without_its_head_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, num_labels=3)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "encoder")   # an encoder: no classification head
+    with pytest.raises(DNTKError, match="lacks weights for classifier"):
+        build_model_spec(f"hf:{tmp_path / 'encoder'}", 3)
+    model = build_model_spec(f"hf:{tmp_path / 'encoder'}", 3, allow_new=True)   # --train-teacher always
+    assert model.classifier.out_features == 3
+    with pytest.raises(DNTKError, match="classifies 3 labels but the data has 4"):
+        build_model_spec(f"hf:{tmp_path / 'encoder'}", 4)
 
 
 def test_python_api_with_model_and_datasets(tmp_path):
@@ -440,3 +508,19 @@ def test_hundred_classes(tmp_path):
     figs = sorted(p.name for p in (tmp_path / "c100").glob("figure4-class*.png"))
     assert len(figs) == 20                            # one file per class only for the first 20
     assert (tmp_path / "c100" / "figure2.png").exists()
+
+
+def test_readme_table_is_rendered_from_the_benchmark_json():
+    """The README's own-models table is exactly what benchmarks/bench_own_models.py renders from its JSON."""
+    root = Path(__file__).resolve().parents[1]
+    data = root / "benchmarks" / "results" / "own_models.json"
+    if not data.exists():
+        pytest.skip("benchmarks/results/own_models.json has not been written")
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from bench_own_models import render
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    text = (root / "README.md").read_text()
+    a, b = "<!-- own-models-table -->", "<!-- /own-models-table -->"
+    assert text[text.index(a) + len(a):text.index(b)] == "\n" + render(json.loads(data.read_text())["rows"])

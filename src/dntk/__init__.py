@@ -2,8 +2,9 @@
 
 The public surface, in pipeline order (each a subpackage, loaded on first use)::
 
-    dntk.data          ImageSet, load_splits / load_configured, digits, image_folder
-    dntk.models        build_model, load_checkpoint, SmallCNN, resnet18
+    dntk.samples       the input forms: a tensor, a tuple or a dict of tensors, PaddedTokens (token ids)
+    dntk.data          ImageSet, SampleSet, as_sample_set (any torch Dataset), hf_disk, load_configured
+    dntk.models        build_model_spec (--model: torchvision:, timm:, hf:, factories), load_checkpoint
     dntk.training      train, evaluate, load_or_train_teacher, train_student
     dntk.distill       stage 1: distill_dataset (wmdd / random / kcenter), training_points, DistilledSet
     dntk.features      gradient_features → FeatureResult [C, n, k]; empirical_ntk (exact, float64)
@@ -14,7 +15,7 @@ The public surface, in pipeline order (each a subpackage, loaded on first use)::
     dntk.metrics       fidelity, accuracy, MSE, conditioning, kernel errors
     dntk.store         digests, atomic writes, cached results, FeatureStore
     dntk.config        RunConfig and the per-stage settings the CLI flags come from
-    dntk.pipeline      run(RunConfig) → RunResult (results.json)
+    dntk.pipeline      run(RunConfig, model=, train_set=, test_set=) → RunResult (results.json)
     dntk.report        figures and the console table
 
 Shortcuts: ``dntk.train``, ``dntk.gradient_features``, ``dntk.empirical_ntk``, ``dntk.FeatureResult``,
@@ -32,7 +33,7 @@ from .errors import DNTKError
 
 __version__ = "0.1.0"
 
-SUBPACKAGES = ("data", "models", "training", "distill", "features", "projection", "kernels", "spectral", "gradients",
+SUBPACKAGES = ("samples", "data", "models", "training", "distill", "features", "projection", "kernels", "spectral", "gradients",
                "metrics", "store", "config", "pipeline", "report", "resources", "errors")
 _SHORTCUTS = {"train": "training", "gradient_features": "features", "empirical_ntk": "features", "FeatureResult": "features",
               "run": "pipeline", "RunResult": "pipeline", "RunConfig": "config"}

@@ -24,24 +24,39 @@ from .errors import DNTKError
 
 
 class PaddedTokens(dict):
-    """A dict of token tensors ``[n, L, ...]`` padded at the end: ``mask_key`` (default
-    ``attention_mask``, int or bool ``[n, L]``, 1 on real tokens) says which positions are real. Taking
-    samples (:func:`take`) keeps only the first L_b positions of every entry with a length axis, where L_b
-    is the position after the last real token of any taken sample — "pad to the longest sequence of the
-    batch". Entries without a length axis (dim 1) are taken as they are."""
+    """A dict of token tensors ``[n, L, ...]`` padded at the end: ``mask_key`` (``attention_mask``, int or
+    bool ``[n, L]``, 1 on real tokens) says which positions are real. Taking samples (:func:`take`) keeps
+    only the first L_b positions of the *sequence entries* — ``seq_keys`` (default: ``input_ids``,
+    ``attention_mask``, ``token_type_ids``, ``position_ids``, ``special_tokens_mask``), which must have the
+    length axis 1 — where L_b is the position after the last real token of any taken sample: "pad to
+    the longest sequence of the batch". Every other entry is taken as it is, whatever its shape."""
 
     mask_key = "attention_mask"
+    SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "special_tokens_mask")
 
-    def trimmed(self) -> "PaddedTokens":
+    def __init__(self, data=(), seq_keys=None):
+        super().__init__(data)
+        self.seq_keys = tuple(seq_keys) if seq_keys is not None else tuple(k for k in self.SEQUENCE_KEYS if k in self)
         mask = self.get(self.mask_key)
         if mask is None or mask.dim() != 2:
-            return self
+            raise DNTKError(f"PaddedTokens needs {self.mask_key!r} [n, L] (1 on real tokens) to know the padding")
+        L = mask.shape[1]
+        bad = [k for k in self.seq_keys if k not in self or self[k].dim() < 2 or self[k].shape[1] != L]
+        if bad:
+            raise DNTKError(f"PaddedTokens: sequence entries {bad} are missing or lack the length axis 1 of "
+                            f"{self.mask_key} ({L})")
+
+    def like(self, data) -> "PaddedTokens":
+        return PaddedTokens(data, self.seq_keys)
+
+    def trimmed(self) -> "PaddedTokens":
+        mask = self[self.mask_key]
         L = mask.shape[1]
         used = torch.nonzero(mask.bool().any(0)).flatten()
         keep = int(used.max()) + 1 if used.numel() else 1
         if keep == L:
             return self
-        return PaddedTokens({k: (v[:, :keep] if v.dim() >= 2 and v.shape[1] == L else v) for k, v in self.items()})
+        return self.like({k: (v[:, :keep] if k in self.seq_keys else v) for k, v in self.items()})
 
 
 def is_batch(x) -> bool:
@@ -97,7 +112,7 @@ def map_leaves(fn, x):
     if isinstance(x, tuple):
         return tuple(fn(v) for v in x)
     if isinstance(x, PaddedTokens):
-        return PaddedTokens({k: fn(v) for k, v in x.items()})
+        return x.like({k: fn(v) for k, v in x.items()})
     if isinstance(x, dict):
         return {k: fn(v) for k, v in x.items()}
     _check(x)
@@ -137,11 +152,11 @@ def cat(parts: list):
     out = {}
     for k in keys:
         ts = [p[k] for p in parts]
-        if isinstance(first, PaddedTokens) and ts[0].dim() >= 2 and len({t.shape[1] for t in ts}) > 1:
+        if isinstance(first, PaddedTokens) and k in first.seq_keys and len({t.shape[1] for t in ts}) > 1:
             L = max(t.shape[1] for t in ts)
             ts = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1])) for t in ts]
         out[k] = torch.cat(ts)
-    return PaddedTokens(out) if isinstance(first, PaddedTokens) else out
+    return first.like(out) if isinstance(first, PaddedTokens) else out
 
 
 def call(model, x):
@@ -194,7 +209,7 @@ def to_plain(x):
     if isinstance(x, torch.Tensor):
         kind = "tensor"
     value = dict(x) if isinstance(x, dict) else (list(x) if isinstance(x, tuple) else x)
-    return {"kind": kind, "value": value}
+    return {"kind": kind, "value": value, "seq_keys": list(x.seq_keys) if isinstance(x, PaddedTokens) else None}
 
 
 def from_plain(blob):
@@ -207,5 +222,5 @@ def from_plain(blob):
     if kind == "tuple":
         return tuple(value)
     if kind == "padded":
-        return PaddedTokens(value)
+        return PaddedTokens(value, blob.get("seq_keys"))
     return dict(value)

@@ -30,7 +30,8 @@ from .errors import DNTKError, require_int
 
 
 def digest(*parts) -> str:
-    """16-hex-digit SHA-1 of tensors (their bytes) and JSON-able values (sorted keys), in order."""
+    """16-hex-digit SHA-1 of tensors (dtype, shape and bytes), containers of them and JSON-able values
+    (sorted keys), in order."""
     h = hashlib.sha1()
     for p in parts:
         _feed(h, p)
@@ -38,19 +39,18 @@ def digest(*parts) -> str:
 
 
 def _feed(h, p) -> None:
-    """Tensors by their bytes; tuples, lists and dicts holding tensors entry by entry, each tensor with
-    its dtype and shape (and the container's kind and keys, so {"a": x} and (x,) differ); other values
-    as sorted JSON."""
+    """Tensors by their dtype, shape and bytes (so a reshape, a bit-cast or a concatenation of two digested
+    tensors is another key); tuples, lists and dicts holding tensors entry by entry, with the
+    container's kind and keys (so {"a": x} and (x,) differ); other values as sorted JSON."""
     if isinstance(p, torch.Tensor):
         t = p.detach().cpu().contiguous()
+        h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
     elif isinstance(p, (tuple, list, dict)) and _holds_tensor(p):
         items = p.items() if isinstance(p, dict) else enumerate(p)
         h.update(f"{type(p).__name__}:{len(p)}:".encode())
         for k, v in items:
             h.update(json.dumps(k, default=str).encode())
-            if isinstance(v, torch.Tensor):
-                h.update(f"{v.dtype}:{tuple(v.shape)}:".encode())
             _feed(h, v)
     else:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())

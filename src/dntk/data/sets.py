@@ -154,7 +154,7 @@ def _stack(xs: list, pad_id: int):
     if "attention_mask" not in out:
         lens = torch.tensor([x[ragged[0]].shape[0] for x in xs])
         out["attention_mask"] = (torch.arange(L)[None, :] < lens[:, None]).long()
-    return samples.PaddedTokens(out)
+    return samples.PaddedTokens(out, seq_keys=list(dict.fromkeys(ragged + ["attention_mask"])))
 
 
 def _stack_one(ts, what):
@@ -225,7 +225,7 @@ def hf_disk(root, *, max_length: int | None = None, pad_id: int = 0, n_test: int
                                      for r in rows[c]])
         if "attention_mask" not in inputs:
             inputs["attention_mask"] = (torch.arange(L)[None, :] < lens.clamp(max=L)[:, None]).long()
-        x = inputs if max_length is not None else samples.PaddedTokens(inputs)
+        x = inputs if max_length is not None else samples.PaddedTokens(inputs, seq_keys=list(inputs))
         sset = SampleSet(x, torch.tensor(ds[label], dtype=torch.long), names, root.name,
                          {"split": split, "max_length": L, "truncated": int((lens > L).sum()), "pad_id": pad_id})
         out.append(sset)

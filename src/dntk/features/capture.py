@@ -744,7 +744,10 @@ class GradientCapture:
                         "more than one sample, so per-sample gradients of a batch are not the model's gradients on "
                         "single inputs; use batch_size=1, or remove the cross-sample operation (e.g. batch "
                         "statistics)") from None
-                self._check_alone(x, logits)
+                # entries that are not differentiated (integer token ids, masks) can mix samples unseen by the
+                # weighted backward passes: then every sample of the batch is run alone, not just the first few
+                data_only = any(not t.is_floating_point() for t in samples.leaves(x))
+                self._check_alone(x, logits, n=B if data_only else 4)
                 layouts = measured[: len(outs)]
                 if unique and all(isinstance(lay, Layout) for lay in layouts):
                     self._layouts[sig] = layouts  # unambiguous and structural: reused for the same call pattern
@@ -984,6 +987,15 @@ class GradientCapture:
 
     # -- generic torch.func backend ----------------------------------------------------------------
     def _run_func(self, x, classes, sink):
+        try:
+            return self._run_func_inner(x, classes, sink)
+        except RuntimeError as e:
+            raise DNTKError(f"backend='func' (whole-model vmap(jacrev)) cannot run this model on inputs "
+                            f"{samples.describe(x)} ({type(e).__name__}: {str(e)[:300]}); data-dependent control "
+                            "flow (Hugging Face padding logic, recurrent layers) defeats vmap — use the default "
+                            "backend") from e
+
+    def _run_func_inner(self, x, classes, sink):
         from torch.func import functional_call, jacrev, vmap
 
         model, table = self.model, self.table

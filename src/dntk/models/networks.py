@@ -115,8 +115,22 @@ def _unwrap(obj):
                     f"{', '.join(repr(k) for k in _WRAPPERS)}); save it with torch.save(model.state_dict(), path)")
 
 
-def _strip(state: dict) -> dict:
-    """Remove DataParallel / Lightning / compile prefixes (``module.``, ``model.``, ...) from every key."""
+def _strip_shared(state: dict) -> list[dict]:
+    """The state with one, two, ... leading ``module.`` / ``model.`` / ``_orig_mod.`` / ``net.`` removed while
+    every key shares it — each level a candidate (DataParallel around a model whose own keys start with
+    ``model.`` needs exactly one level)."""
+    levels = []
+    while state:
+        p = next((p for p in _PREFIXES if all(k.startswith(p) for k in state)), None)
+        if p is None:
+            break
+        state = {k[len(p):]: v for k, v in state.items()}
+        levels.append(state)
+    return levels
+
+
+def _strip(state: dict) -> dict | None:
+    """Remove those prefixes from every key that has them; None when two keys would become one."""
     out = {}
     for key, value in state.items():
         changed = True
@@ -125,6 +139,8 @@ def _strip(state: dict) -> dict:
             for p in _PREFIXES:
                 if key.startswith(p):
                     key, changed = key[len(p):], True
+        if key in out:
+            return None
         out[key] = value
     return out
 
@@ -142,7 +158,7 @@ def _wmdd_keys(state: dict) -> dict:
 def normalize_state_dict(state: dict) -> dict:
     """Strip DataParallel/compile prefixes and map WMDD-style ``downsample.conv/norm`` keys to
     torchvision's ``downsample.0/1``."""
-    return _wmdd_keys(_strip(state))
+    return _wmdd_keys(_strip(state) or (_strip_shared(state) or [state])[-1])
 
 
 def read_state_dict(path) -> dict:
@@ -190,8 +206,9 @@ def load_checkpoint(model: nn.Module, source) -> nn.Module:
     """Load a checkpoint (path, folder, state dict, module, or a dict wrapping one) into ``model``.
 
     The keys are used as they are when they match; otherwise with the ``module.`` / ``model.`` /
-    ``_orig_mod.`` prefixes stripped (DataParallel, Lightning, torch.compile) and WMDD-style
-    ``downsample.conv/norm`` keys mapped to torchvision's — whichever of these makes every key match.
+    ``_orig_mod.`` prefixes stripped (DataParallel, Lightning, torch.compile) — first only prefixes every
+    key shares, then from every key that has one, never merging two keys — and WMDD-style
+    ``downsample.conv/norm`` keys mapped to torchvision's: whichever of these makes every key match.
     Anything else raises a DNTKError listing missing keys, unexpected keys and shape mismatches.
     """
     if isinstance(source, (str, Path)):
@@ -199,7 +216,9 @@ def load_checkpoint(model: nn.Module, source) -> nn.Module:
     else:
         state = _unwrap(source)
     own = model.state_dict()
-    candidates = [state, _strip(state), _wmdd_keys(state), normalize_state_dict(state)]
+    each = _strip(state)
+    plain = [state] + _strip_shared(state) + ([each] if each is not None else [])
+    candidates = plain + [_wmdd_keys(c) for c in plain]
     for cand in candidates:
         if not any(_mismatch(own, cand)):
             model.load_state_dict(cand)

@@ -90,12 +90,15 @@ def require_extra(module: str, extra: str):
 
 
 def build_model_spec(spec: ModelSpec | str, num_classes: int, *, in_channels: int | None = 3, image_size: int = 224,
-                     stem: str = "auto", pretrained: bool = False, fresh: bool = False) -> nn.Module:
+                     stem: str = "auto", pretrained: bool = False, fresh: bool = False,
+                     allow_new: bool = False) -> nn.Module:
     """A classifier with ``num_classes`` outputs for ``--model`` spec.
 
     in_channels: the image channels (None for data that is not images: token ids, tuples, ...).
     fresh: for ``hf:`` a new random initialisation of the folder's architecture (a student) instead
-    of its weights."""
+    of its weights. allow_new: for ``hf:``, accept a folder that lacks some weights (e.g. the
+    classification head of a pretrained encoder) — they are initialised at random, for a model that is
+    trained next; otherwise that is an error."""
     spec = parse_model(spec) if isinstance(spec, str) else spec
     if pretrained and spec.kind not in ("torchvision", "timm"):
         raise DNTKError(f"--pretrained loads torchvision's or timm's own weights; --model {spec.text} has none "
@@ -112,7 +115,7 @@ def build_model_spec(spec: ModelSpec | str, num_classes: int, *, in_channels: in
     if spec.kind == "timm":
         return _timm(spec.target, num_classes, in_channels, pretrained)
     if spec.kind == "hf":
-        return _hf(spec.target, num_classes, fresh)
+        return _hf(spec.target, num_classes, fresh, allow_new)
     return _factory(spec.target, num_classes, in_channels, image_size)
 
 
@@ -235,18 +238,32 @@ def _hf_auto_class(config):
     return transformers.AutoModelForSequenceClassification
 
 
-def _hf(folder, C, fresh):
+def _hf(folder, C, fresh, allow_new=False):
     config = hf_config(folder)
     if config.num_labels != C:
         raise DNTKError(f"hf:{folder} classifies {config.num_labels} labels but the data has {C} classes; fine-tune "
                         "a model with num_labels equal to the data's classes, or check --data-root")
     auto = _hf_auto_class(config)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()   # a bar per load of a local folder is noise
     try:
         if fresh:   # seeded by the caller
             return auto.from_config(config)
-        return auto.from_pretrained(str(folder), local_files_only=True)
+        model, info = auto.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+        missing = list(info.get("missing_keys") or [])
+        if missing and not allow_new:
+            raise DNTKError(f"hf:{folder} lacks weights for {', '.join(sorted(missing)[:6])}"
+                            f"{' …' if len(missing) > 6 else ''}: {auto.__name__} would initialise them at random "
+                            "(a folder saved from a model without this classification head?). Save the fine-tuned "
+                            "classifier, or train it here with --train-teacher always")
+        return model
     except (OSError, ValueError) as e:
         raise DNTKError(f"hf:{folder}: cannot build {auto.__name__} from it ({e})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # --- user factories ------------------------------------------------------------------------------------

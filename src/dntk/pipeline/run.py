@@ -64,8 +64,12 @@ def run(config: RunConfig | None = None, *, model: torch.nn.Module | None = None
         raise DNTKError("--base-model student with a model object needs student=: a callable building a fresh network "
                         "(student(num_classes=C) -> nn.Module), since dntk cannot rebuild an object it did not make")
 
+    given_data = train_set is not None
     with st.time("data"), ranks.main_first():
         train_set, test_set = _data(cfg, train_set, test_set, model, out, progress)
+    if given_data:   # recorded as what it is: data objects, at their own image size (or none)
+        cfg.data.dataset, cfg.data.data_root = "python", None
+        cfg.data.image_size = train_set.image_shape[-1] if getattr(train_set, "image_shape", None) else None
     C = train_set.num_classes
     # checked before any training so a mistake costs nothing
     if cfg.distill.method == "none" and not cfg.distill.load and cfg.kernel.m > len(train_set):

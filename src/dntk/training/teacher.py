@@ -65,7 +65,7 @@ def build_network(cfg, dataset: str, image_size: int | None, like, *, fresh: boo
         return call_factory(factory, like.num_classes, in_channels, size, what="student=")
     return build_model_spec(cfg.model or default_model(dataset), like.num_classes, in_channels=in_channels,
                             image_size=size or 224, stem=cfg.stem, pretrained=getattr(cfg, "pretrained", False),
-                            fresh=fresh)
+                            fresh=fresh, allow_new=getattr(cfg, "train_teacher", "auto") == "always")
 
 
 @dataclass
@@ -79,9 +79,19 @@ class Teacher:
     checksum: str
 
 
-def teacher_folder(out_dir, cfg, model: nn.Module, weights_given: bool) -> Path:
+def data_fingerprint(data) -> str:
+    """A cheap content key of a training set: its size, labels, and 16 samples spread over it (their
+    inputs as the model sees them: size, dtype and values)."""
+    n = len(data)
+    pick = torch.linspace(0, n - 1, min(16, n)).round().long()
+    x, _ = data.tensors(pick)
+    return digest(n, data.labels, x)
+
+
+def teacher_folder(out_dir, cfg, model: nn.Module, weights_given: bool, data=None) -> Path:
     """Where the teacher is trained: ``OUT/teacher`` for a built-in architecture trained from scratch (as
-    before), else ``OUT/teacher-<key>`` keyed by the ``--model``, ``--pretrained`` and — when training
+    before), else ``OUT/teacher-<key>`` keyed by the ``--model``, ``--pretrained``, the training data
+    (:func:`data_fingerprint`: another image size or data set is another folder) and — when training
     starts from given weights — their checksum, so two models never share (or resume) one folder."""
     from ..models.registry import BUILTIN
 
@@ -89,7 +99,8 @@ def teacher_folder(out_dir, cfg, model: nn.Module, weights_given: bool) -> Path:
     if cfg.model in BUILTIN and not pretrained and not weights_given:
         return Path(out_dir) / "teacher"
     init = model_checksum(model) if weights_given or pretrained else None
-    return Path(out_dir) / f"teacher-{digest(cfg.model, pretrained, init)}"
+    fingerprint = data_fingerprint(data) if data is not None else None
+    return Path(out_dir) / f"teacher-{digest(cfg.model, pretrained, init, fingerprint)}"
 
 
 def load_or_train_teacher(cfg, dataset: str, image_size: int | None, train_set, val_set, out_dir, *, seed: int = 0,
@@ -111,7 +122,7 @@ def load_or_train_teacher(cfg, dataset: str, image_size: int | None, train_set, 
                                                       and parse_model(cfg.model).carries_weights)
     mode = getattr(cfg, "train_teacher", "auto")
     if mode == "always" or (mode == "auto" and not weights_given):
-        folder = teacher_folder(out_dir, cfg, model, weights_given)
+        folder = teacher_folder(out_dir, cfg, model, weights_given, train_set)
         images = getattr(train_set, "image_shape", None) is not None
         trained = train(model, train_set, val_set, teacher_train_config(dataset, cfg, seed, images), folder,
                         device=device, progress=progress)
