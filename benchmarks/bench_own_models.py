@@ -56,7 +56,8 @@ def dntk_run(args: list[str], out: Path) -> dict:
 def row(res: dict, seconds: float, command: str, stdout: str = "") -> dict:
     km = res["kernel_model"]
     estimate = next((line for line in stdout.splitlines() if line.startswith("features:")), "")
-    return {"command": command, "model": res["teacher"]["model"], "parameters": res["teacher"]["parameters"],
+    rel = lambda text: text.replace(str(ROOT) + "/", "")   # noqa: E731 — paths inside the repository, relative
+    return {"command": rel(command), "model": rel(res["teacher"]["model"]), "parameters": res["teacher"]["parameters"],
             "teacher_accuracy": res["teacher"]["test_accuracy"], "trained_here": res["teacher"]["best_epoch"] is not None,
             "m": res["counts"]["m"], "n_test": res["counts"]["n_test"], "classes": res["counts"]["classes"],
             "per_logit_gradients": res["counts"]["per_sample_gradients"], "k": res["counts"]["k"],
@@ -198,8 +199,7 @@ def render(rows: dict) -> str:
              "s (run) | s (features) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        model = r["model"].replace(str(ROOT) + "/", "")
-        lines.append(f"| {name} | `{model}` | {r['parameters']:,} | {r['teacher_accuracy']:.4f}"
+        lines.append(f"| {name} | `{r['model']}` | {r['parameters']:,} | {r['teacher_accuracy']:.4f}"
                      f"{'' if r['trained_here'] else ' (given)'} | {r['classes']} | {r['per_logit_gradients']:,} | "
                      f"{r['fidelity']:.4f} | {r['accuracy']:.4f} | {r['fast_path_share']:.4f} | {r['seconds']:.0f} | "
                      f"{r['feature_seconds']:.0f} |")

@@ -269,13 +269,16 @@ def _data(cfg: RunConfig, train_set, test_set, model, out: Path, progress: bool)
         raise DNTKError("pass both train_set and test_set, or neither (then config.data says where the data is)")
     if train_set is None:
         return load_configured(cfg.data, cache_dir=out / "cache", progress=progress, pad_id=_pad_id(cfg, model))
-    train, test = as_sample_set(train_set), as_sample_set(test_set)
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)   # ragged token ids are padded with it
+    pad = int(pad) if pad is not None else 0
+    train, test = as_sample_set(train_set, pad_id=pad), as_sample_set(test_set, pad_id=pad)
     if list(train.classes) != list(test.classes):
         if hasattr(train_set, "classes") or hasattr(test_set, "classes"):
             raise DNTKError(f"train_set and test_set have different classes ({train.classes[:5]} vs {test.classes[:5]}); "
                             "both need the same class list in the same order")
         names = [str(c) for c in range(max(train.num_classes, test.num_classes))]
-        train, test = as_sample_set(train_set, classes=names), as_sample_set(test_set, classes=names)
+        train, test = as_sample_set(train_set, classes=names, pad_id=pad), as_sample_set(test_set, classes=names,
+                                                                                          pad_id=pad)
     if cfg.data.n_test is not None:
         test = test.subset(balanced_indices(test.labels, min(cfg.data.n_test, len(test)), test.num_classes))
     return train, test
