@@ -37,7 +37,7 @@ def test_one_target_direction_reproduces_the_all_m_model(ridge):
         assert torch.allclose(dg2.features[c][0], u @ F[c]) and torch.allclose(dg2.targets[c][0], u @ Y[:, c])
 
 
-def test_more_target_directions_are_orthonormal_and_hybrid_keeps_algorithm_1():
+def test_more_target_directions_are_orthonormal_and_hybrid_spans_algorithm_1():
     F, Y, _ = _data()
     dg = target_direction(F, Y, 5, ridge=1e-3)
     for U in dg.coefficients:
@@ -45,9 +45,14 @@ def test_more_target_directions_are_orthonormal_and_hybrid_keeps_algorithm_1():
     h = hybrid(F, Y, 4, ridge=1e-3, n_clusters=3)
     lg = distill_gradients("local-global", F, Y, budget=3, n_clusters=3)
     for c in range(3):
-        assert h.coefficients[c].shape == (40, 4)
-        assert torch.allclose(h.coefficients[c][:, 1:], lg.coefficients[c])
-        assert torch.allclose(h.coefficients[c][:, 0], target_direction(F, Y, 1, ridge=1e-3).coefficients[c][:, 0])
+        H = h.coefficients[c]
+        assert H.shape == (40, 4)
+        assert torch.allclose(H[:, 0], target_direction(F, Y, 1, ridge=1e-3).coefficients[c][:, 0])
+        # Algorithm 1's directions orthonormalised against the target direction: the same span
+        both = torch.cat([H[:, :1], lg.coefficients[c]], 1)
+        P = H @ H.T                                   # H orthonormal: the projector onto its span
+        assert torch.allclose(P @ both, both, atol=1e-10)
+        assert torch.linalg.matrix_rank(both) == 4
     with pytest.raises(Exception, match="needs --budget"):
         distill_gradients("hybrid", F, Y)
 

@@ -272,8 +272,21 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        {"run": _run, "train": _train, "distill": _distill, "ntk": _ntk, "store": _store,
-         "reproduce": _reproduce}[args.verb](args)
+        verb = {"run": _run, "train": _train, "distill": _distill, "ntk": _ntk, "store": _store,
+                "reproduce": _reproduce}[args.verb]
+        if args.verb in ("train", "distill", "ntk"):   # run and reproduce hold the lock themselves
+            import os
+
+            from .lock import hold
+
+            cfg = _config(args)   # nonsense is refused before OUT (and its lock file) is made
+            if args.verb == "distill" and cfg.distill.method == "none":
+                raise DNTKError("dntk distill needs a method: --distill wmdd, random, kcenter, kernel-greedy or "
+                                "kernel-herding")
+            with hold(args.out, rank=int(os.environ.get("RANK", "0"))):
+                verb(args)
+        else:
+            verb(args)
     except DNTKError as e:
         print(f"dntk: error: {e}", file=sys.stderr)
         return 1

@@ -10,29 +10,77 @@ import torch
 from .errors import DNTKError
 
 
-def _pair(a: torch.Tensor, b: torch.Tensor, what: str):
+def _tensor(x, what: str, name: str) -> torch.Tensor:
+    """A tensor from a tensor or numpy array (lists too); anything else is refused by name."""
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        import numpy as np
+
+        if isinstance(x, (np.ndarray, list, tuple)):
+            return torch.as_tensor(np.asarray(x))
+    except (TypeError, ValueError):
+        pass
+    raise DNTKError(f"{what}: {name} must be a tensor or numpy array, got {type(x).__name__}")
+
+
+def _scores(x, what: str, name: str) -> torch.Tensor:
+    t = _tensor(x, what, name)
+    if t.dim() != 2 or t.shape[0] == 0:
+        raise DNTKError(f"{what}: {name} must be [n ≥ 1, C] (one row of scores per input), got shape {tuple(t.shape)}")
+    return t.double()
+
+
+def _pair(a, b, what: str):
+    a, b = _tensor(a, what, "the first argument"), _tensor(b, what, "the second argument")
     if a.shape != b.shape:
         raise DNTKError(f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
     return a.double(), b.double()
 
 
-def fidelity(predictions: torch.Tensor, logits: torch.Tensor) -> float:
-    """Fraction of inputs where argmax of the kernel model equals the network's argmax."""
-    p, f = _pair(predictions, logits, "fidelity")
-    return float((p.argmax(1) == f.argmax(1)).double().mean())
+def _score_pair(a, b, what: str):
+    a, b = _scores(a, what, "predictions"), _scores(b, what, "the second argument")
+    if a.shape != b.shape:
+        raise DNTKError(f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+    return a, b
 
 
-def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of inputs whose argmax prediction equals the true label."""
-    if predictions.shape[0] != labels.shape[0]:
-        raise DNTKError(f"accuracy: {predictions.shape[0]} predictions but {labels.shape[0]} labels")
-    return float((predictions.argmax(1).cpu() == labels.cpu()).double().mean())
+def _argmax(p: torch.Tensor) -> torch.Tensor:
+    """Row argmax with rows holding a NaN mapped to −1, so that they count as misses (torch's argmax
+    of a NaN row is the NaN's position, which would count as a hit)."""
+    return torch.where(torch.isnan(p).any(1), torch.full_like(p[:, 0], -1).long(), p.argmax(1))
+
+
+def fidelity(predictions, logits) -> float:
+    """Fraction of inputs where argmax of the kernel model equals the network's argmax (predictions,
+    logits [n, C]); a row with a NaN is a miss."""
+    p, f = _score_pair(predictions, logits, "fidelity")
+    a, b = _argmax(p), _argmax(f)
+    return float(((a == b) & (a >= 0)).double().mean())
+
+
+def accuracy(predictions, labels) -> float:
+    """Fraction of inputs whose argmax prediction equals the true label. predictions [n, C]; labels
+    [n] or [n, 1] integer class indices (one-hot labels are refused: pass labels.argmax(1)); a row with
+    a NaN is a miss."""
+    p = _scores(predictions, "accuracy", "predictions")
+    y = _tensor(labels, "accuracy", "labels")
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() != 1:
+        raise DNTKError(f"accuracy: labels must be class indices [n] (or [n, 1]), got shape {tuple(y.shape)}"
+                        + ("; for one-hot labels pass labels.argmax(1)" if y.dim() == 2 else ""))
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise DNTKError(f"accuracy: labels must be integer class indices, got {y.dtype}")
+    if p.shape[0] != y.shape[0]:
+        raise DNTKError(f"accuracy: {p.shape[0]} predictions but {y.shape[0]} labels")
+    return float((_argmax(p).cpu() == y.cpu().long()).double().mean())
 
 
 def logit_mse(predictions: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean over inputs and classes of (f_K,c(x) − f_c(x))²; ``logits`` may be any targets [n, C]
     (e.g. one-hot labels)."""
-    p, f = _pair(predictions, logits, "mse")
+    p, f = _score_pair(predictions, logits, "mse")
     return float(((p - f) ** 2).mean())
 
 

@@ -81,6 +81,14 @@ def _decode(path: str, image_size: int, resize: int | None):
 
     try:
         with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                # 16-bit / 32-bit greyscale: PIL's convert("RGB") clips these to 255 (an all-white image);
+                # scale by the mode's range instead
+                import numpy as np
+
+                a = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+                im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
             im = im.convert("RGB")  # greyscale and CMYK photos exist in ImageNet-derived sets
             im = TF.resize(im, resize or image_size, antialias=True)
             im = TF.center_crop(im, image_size)
@@ -115,7 +123,7 @@ def image_folder(root, split: str = "train", image_size: int = 64, *, resize: in
     classes, samples = scan_folder(root, split)
     key = None
     if cache_dir is not None:
-        h = digest([image_size, resize, [(p, os.path.getsize(p), int(os.path.getmtime(p))) for p, _ in samples]])
+        h = digest([image_size, resize, [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, _ in samples]])
         key = Path(cache_dir) / f"{Path(root).name}-{split}-{image_size}px-{h}.pt"
         if key.exists():
             blob = load(key)

@@ -666,6 +666,17 @@ class GradientCapture:
     def run(self, x, classes: list[int] | None, sink) -> torch.Tensor:
         """Feed the gradients of batch x to ``sink``; return the logits [B, C] (detached). x: a tensor
         [B, ...], a tuple (positional) or a dict (keyword) of tensors [B, ...] (:mod:`dntk.samples`)."""
+        if torch.is_inference_mode_enabled():
+            # under torch.inference_mode() no autograd graph is recorded, so every gradient would silently be
+            # zero: leave it for the pass, with the inputs copied into ordinary tensors (exact, as outside)
+            with torch.inference_mode(False):
+                x = samples.map_leaves(torch.clone, x)
+                inference = [n for n, p in self.table.params.items() if p.is_inference()]
+                if inference:
+                    raise DNTKError(f"parameters {', '.join(inference[:5])} were created under torch.inference_mode(), "
+                                    "so autograd cannot differentiate them; build or load the model outside "
+                                    "inference_mode (torch.no_grad() is fine)")
+                return self.run(x, classes, sink)
         if self.backend == "ops":
             with torch.enable_grad():  # also when called under no_grad: the engine differentiates
                 return self._run_ops(x, classes, sink)

@@ -67,11 +67,19 @@ class FeatureResult:
         return class_kernels(f, g)
 
     def subset(self, index) -> "FeatureResult":
-        """The samples ``index`` (a slice, index tensor or list) of every array."""
+        """The samples ``index`` (a slice, an index tensor or list, or a boolean mask [n]) of every array."""
         if isinstance(index, slice):
             pick = index
         else:
-            pick = torch.as_tensor(index, dtype=torch.long)
+            pick = torch.as_tensor(index)
+            if pick.dtype == torch.bool:   # a mask: its True positions (not 0/1 indices)
+                if pick.shape != (len(self),):
+                    raise DNTKError(f"subset: a boolean mask needs one entry per sample ({len(self)}), got shape "
+                                    f"{tuple(pick.shape)}")
+                pick = torch.nonzero(pick).flatten()
+            elif pick.is_floating_point():
+                raise DNTKError("subset: indices must be integers (or a boolean mask), not floats")
+            pick = pick.long()
         return replace(self, features=self.features[:, pick], logits=self.logits[pick],
                        labels=None if self.labels is None else self.labels[pick])
 

@@ -120,7 +120,17 @@ class ReproduceConfig:
 
 def reproduce(rc: ReproduceConfig) -> dict:
     """Run every step (see the module docstring); returns the summary also written to
-    ``OUT/reproduce.json`` (and to the report folder), with ``report.md`` beside its figures."""
+    ``OUT/reproduce.json`` (and to the report folder), with ``report.md`` beside its figures. The
+    output folder's lock (:mod:`dntk.lock`) is held throughout."""
+    from ..lock import hold
+
+    rc.check()
+    rc.run_config()   # every override checked before OUT (and its lock file) is made
+    with hold(rc.out):
+        return _reproduce(rc)
+
+
+def _reproduce(rc: ReproduceConfig) -> dict:
     rc.check()
     out = Path(rc.out)
     out.mkdir(parents=True, exist_ok=True)

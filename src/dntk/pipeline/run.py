@@ -38,6 +38,20 @@ FEATURE_FORMAT = "feature-store-v3"   # part of every feature folder's key: the 
 
 def run(config: RunConfig | None = None, *, model: torch.nn.Module | None = None, train_set=None, test_set=None,
         student=None) -> RunResult:
+    """Run the main job with the output folder's lock held (:mod:`dntk.lock`: a second job on the same
+    ``out`` is refused at once); see :func:`_run` for the arguments."""
+    import os
+
+    from ..lock import hold
+
+    checked = (config if config is not None else RunConfig()).resolved(   # nonsense is refused before OUT is made
+        model_name=None if model is None else f"object:{type(model).__name__}")
+    with hold(checked.out, rank=int(os.environ.get("RANK", "0"))):
+        return _run(config, model=model, train_set=train_set, test_set=test_set, student=student)
+
+
+def _run(config: RunConfig | None = None, *, model: torch.nn.Module | None = None, train_set=None, test_set=None,
+         student=None) -> RunResult:
     """Run the main job; returns the RunResult also written to ``out/results.json``.
 
     model: a trained classifier object — the teacher, used as it is (not retrained unless

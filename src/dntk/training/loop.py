@@ -191,6 +191,11 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
         raise DNTKError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'adamw'")
     if config.epochs < 1:
         raise DNTKError(f"epochs must be ≥ 1, got {config.epochs}")
+    if config.batch_size < 2 and len(train_set) > 1 and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise DNTKError(f"batch size {config.batch_size} with BatchNorm layers: every batch of one sample would be "
+                        "skipped (batch statistics of one sample are undefined), so nothing would be trained; use "
+                        "--train-batch-size 2 or more")
     if soft_labels is not None and teacher is not None:
         raise DNTKError("give soft_labels (fixed per image) or teacher (relabels each augmented batch), not both")
     if soft_labels is not None and soft_labels.shape[0] != len(train_set):

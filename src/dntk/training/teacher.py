@@ -80,27 +80,47 @@ class Teacher:
 
 
 def data_fingerprint(data) -> str:
-    """A cheap content key of a training set: its size, labels, and 16 samples spread over it (their
-    inputs as the model sees them: size, dtype and values)."""
+    """A content key of a training set: its size, labels, 16 samples spread over it (their inputs as the
+    model sees them: size, dtype and values) and, for image folders, every file's path, size and
+    modification time in nanoseconds (a replaced or edited image changes it)."""
+    import os
+
     n = len(data)
     pick = torch.linspace(0, n - 1, min(16, n)).round().long()
     x, _ = data.tensors(pick)
-    return digest(n, data.labels, x)
+    files = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in getattr(data, "files", None) or []
+             if os.path.exists(f)]
+    return digest(n, data.labels, x, files)
 
 
 def teacher_folder(out_dir, cfg, model: nn.Module, weights_given: bool, data=None) -> Path:
-    """Where the teacher is trained: ``OUT/teacher`` for a built-in architecture trained from scratch (as
-    before), else ``OUT/teacher-<key>`` keyed by the ``--model``, ``--pretrained``, the training data
-    (:func:`data_fingerprint`: another image size or data set is another folder) and — when training
-    starts from given weights — their checksum, so two models never share (or resume) one folder."""
+    """Where the teacher is trained, keyed by the ``--model``, ``--stem``, ``--pretrained``, the training
+    data (:func:`data_fingerprint`: another image size, resize, data set or edited image is another key)
+    and — when training starts from given weights — their checksum, so a teacher is never reused for
+    other inputs: ``OUT/teacher`` for a built-in trained from scratch when that folder is new or holds
+    this key (``key.json``), else ``OUT/teacher-<key>``. (The training recipe is checked by the training
+    loop itself: another recipe retrains in the folder.)"""
     from ..models.registry import BUILTIN
 
+    import json
+
     pretrained = getattr(cfg, "pretrained", False)
-    if cfg.model in BUILTIN and not pretrained and not weights_given:
-        return Path(out_dir) / "teacher"
     init = model_checksum(model) if weights_given or pretrained else None
     fingerprint = data_fingerprint(data) if data is not None else None
-    return Path(out_dir) / f"teacher-{digest(cfg.model, pretrained, init, fingerprint)}"
+    key = digest(cfg.model, getattr(cfg, "stem", None), pretrained, init, fingerprint)
+    if cfg.model in BUILTIN and not pretrained and not weights_given:
+        # OUT/teacher as before — but only for the data and model it was trained on (its key.json): another
+        # image size, resize, data set or stem trains its own teacher-<key> instead of reusing this one
+        folder = Path(out_dir) / "teacher"
+        record = folder / "key.json"
+        if not folder.exists() or (record.exists() and json.loads(record.read_text()).get("key") == key):
+            folder.mkdir(parents=True, exist_ok=True)
+            if not record.exists():
+                from ..store import atomic_json
+
+                atomic_json({"key": key, "model": cfg.model, "stem": getattr(cfg, "stem", None)}, record)
+            return folder
+    return Path(out_dir) / f"teacher-{key}"
 
 
 def load_or_train_teacher(cfg, dataset: str, image_size: int | None, train_set, val_set, out_dir, *, seed: int = 0,
