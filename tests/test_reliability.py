@@ -214,3 +214,40 @@ def test_sixteen_bit_png_and_batch_size_one(tmp_path):
     expect = np.clip(a / 65535 * 255 + 0.5, 0, 255).astype(np.uint8)
     assert np.array_equal(img[0].numpy(), expect) and img.float().mean() < 200
     assert main(["run", "--train-batch-size", "1", "--epochs", "1", "--quiet", "--out", str(tmp_path / "o")]) == 1
+
+
+def test_lock_refuses_a_second_thread_and_keys_ignore_path_spelling(tmp_path, monkeypatch):
+    import threading
+
+    from dntk.lock import hold
+    from dntk.training.teacher import data_fingerprint
+
+    seen = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    def first():
+        with hold(tmp_path / "o"):
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(10)
+    try:
+        with pytest.raises(DNTKError, match="another thread of this process"):
+            with hold(tmp_path / "o"):
+                seen.append("entered")
+    finally:
+        release.set()
+        t.join()
+    assert seen == []
+    with hold(tmp_path / "o"):   # free again once the first thread left
+        pass
+    # the same folder spelled relative or absolute is the same data: the same teacher key
+    data = _folder(tmp_path / "data")
+    absolute = dntk.data.image_folder(data, "train", 16)
+    monkeypatch.chdir(tmp_path)
+    relative = dntk.data.image_folder("data", "train", 16)
+    assert relative.files[0] != absolute.files[0]
+    assert data_fingerprint(relative) == data_fingerprint(absolute)

@@ -4,14 +4,16 @@
 writes the holder's PID and command line into it. A second job on the same folder is refused at once,
 naming that PID and command. The kernel drops the lock when its process dies, so the lock of a killed
 job is taken over by the next one — no stale lock to delete by hand. The lock is re-entrant within a
-process (``dntk reproduce`` runs ``dntk run`` twice in its folder), and under torchrun only rank 0 takes
-it: the ranks of one job are one writer (each writes its own shards).
+thread (``dntk reproduce`` runs ``dntk run`` twice in its folder) — another thread of the same process is
+refused like another process — and under torchrun only rank 0 takes it: the ranks of one job are one
+writer (each writes its own shards).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from .errors import DNTKError
 
 LOCK_NAME = ".dntk.lock"
 _held: dict[str, list] = {}   # resolved folder → [file object, depth]
+_threads: dict[str, threading.RLock] = {}   # resolved folder → the lock of the thread holding it
+_guard = threading.Lock()
 
 
 @contextmanager
@@ -27,18 +31,31 @@ def hold(folder, *, rank: int = 0):
     if rank != 0 or os.name != "posix":
         yield
         return
-    import fcntl
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
-    if key in _held:
-        _held[key][1] += 1
-        try:
+    with _guard:
+        thread_lock = _threads.setdefault(key, threading.RLock())
+    if not thread_lock.acquire(blocking=False):
+        raise DNTKError(f"{folder} is in use by another thread of this process; one job per --out at a time")
+    try:
+        if key in _held:   # re-entered by the thread that holds it
+            _held[key][1] += 1
+            try:
+                yield
+            finally:
+                _held[key][1] -= 1
+            return
+        with _flock(folder, key):
             yield
-        finally:
-            _held[key][1] -= 1
-        return
+    finally:
+        thread_lock.release()
+
+
+@contextmanager
+def _flock(folder: Path, key: str):
+    import fcntl
+
     path = folder / LOCK_NAME
     f = open(path, "a+")
     try:

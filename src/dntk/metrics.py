@@ -74,6 +74,9 @@ def accuracy(predictions, labels) -> float:
         raise DNTKError(f"accuracy: labels must be integer class indices, got {y.dtype}")
     if p.shape[0] != y.shape[0]:
         raise DNTKError(f"accuracy: {p.shape[0]} predictions but {y.shape[0]} labels")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= p.shape[1]):
+        raise DNTKError(f"accuracy: labels must lie in 0..{p.shape[1] - 1} for {p.shape[1]} classes, found "
+                        f"{int(y.min())}..{int(y.max())}")
     return float((_argmax(p).cpu() == y.cpu().long()).double().mean())
 
 

@@ -125,8 +125,10 @@ def reproduce(rc: ReproduceConfig) -> dict:
     from ..lock import hold
 
     rc.check()
+    import os
+
     rc.run_config()   # every override checked before OUT (and its lock file) is made
-    with hold(rc.out):
+    with hold(rc.out, rank=int(os.environ.get("RANK", "0"))):
         return _reproduce(rc)
 
 

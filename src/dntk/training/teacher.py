@@ -88,8 +88,12 @@ def data_fingerprint(data) -> str:
     n = len(data)
     pick = torch.linspace(0, n - 1, min(16, n)).round().long()
     x, _ = data.tensors(pick)
-    files = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in getattr(data, "files", None) or []
-             if os.path.exists(f)]
+    paths = [f for f in getattr(data, "files", None) or [] if os.path.exists(f)]
+    root = os.path.commonpath([os.path.abspath(f) for f in paths]) if len(paths) > 1 else ""
+    # paths relative to the data's own root: the same folder named another way (relative, absolute, from
+    # another working directory) is the same data
+    files = [(os.path.relpath(os.path.abspath(f), root) if root else os.path.basename(f), os.stat(f).st_size,
+              os.stat(f).st_mtime_ns) for f in paths]
     return digest(n, data.labels, x, files)
 
 
@@ -113,6 +117,11 @@ def teacher_folder(out_dir, cfg, model: nn.Module, weights_given: bool, data=Non
         # image size, resize, data set or stem trains its own teacher-<key> instead of reusing this one
         folder = Path(out_dir) / "teacher"
         record = folder / "key.json"
+        if folder.exists() and not record.exists():
+            import warnings
+
+            warnings.warn(f"{folder} has no key.json (written by an older dntk), so what it was trained on is unknown; "
+                          f"training teacher-{key} beside it instead of reusing it", RuntimeWarning, stacklevel=3)
         if not folder.exists() or (record.exists() and json.loads(record.read_text()).get("key") == key):
             folder.mkdir(parents=True, exist_ok=True)
             if not record.exists():
