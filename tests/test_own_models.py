@@ -55,7 +55,7 @@ def _check_counts(res, m, n_test, C):
     assert res["counts"]["m"] == m and res["counts"]["n_test"] == n_test and res["counts"]["classes"] == C
     assert res["counts"]["per_sample_gradients"] == (m + n_test) * C
     km = res["kernel_model"]
-    assert 0.0 <= km["fidelity"] <= 1.0 and 0.0 <= km["accuracy"] <= 1.0 and np.isfinite(km["mse"])
+    assert np.isfinite(km["mse"]) and np.isfinite(km["condition_number"])
 
 
 # --- the --model forms, end to end --------------------------------------------------------------------------
@@ -475,7 +475,11 @@ def test_python_api_with_model_and_datasets(tmp_path):
     cfg = dntk.RunConfig.from_options(m=9, k=64, out=str(tmp_path / "api"), progress=False)
     res = dntk.run(cfg, model=bert, train_set=train, test_set=test)
     assert res.counts["per_sample_gradients"] == (9 + 9) * 3 and res.teacher["model"] == "object:BertForSequenceClassification"
-    assert 0 <= res.kernel_model["fidelity"] <= 1
+    # the padded batches give the teacher accuracy of running every sequence alone
+    with torch.no_grad():
+        alone = [int(bert(**{k: v[None] for k, v in test[i][0].items()}).logits.argmax()) == test[i][1]
+                 for i in range(len(test))]
+    assert res.teacher["test_accuracy"] == pytest.approx(sum(alone) / len(alone), abs=1e-6)
     # a student needs a factory for a model object
     cfg2 = dntk.RunConfig.from_options(m=9, k=64, out=str(tmp_path / "api2"), distill="random", ipc=2,
                                        base_model="student", student_epochs=1)

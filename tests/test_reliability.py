@@ -199,6 +199,11 @@ def test_a_teacher_is_never_reused_for_other_data(tmp_path):
     assert main(base + ["--image-size", "16"]) == 0
     third = json.loads((out / "results.json").read_text())["teacher"]
     assert third["source"] not in (first["source"], second["source"])
+    # a zero-byte key.json: what OUT/teacher holds is unknown, so it is not reused (and no traceback)
+    (out / "teacher" / "key.json").write_text("")
+    with pytest.warns(RuntimeWarning, match="missing or unreadable"):
+        assert main(base + ["--image-size", "16"]) == 0
+    assert json.loads((out / "results.json").read_text())["teacher"]["source"] != first["source"]
 
 
 def test_sixteen_bit_png_and_batch_size_one(tmp_path):

@@ -131,10 +131,10 @@ def _teacher(cfg: RunConfig, train_set, val_set):
 
 def _data(cfg: RunConfig, split=None):
     from .data import load_configured
-    from .pipeline.run import _pad_id
+    from .models import pad_token_id
 
     return load_configured(cfg.data, cache_dir=Path(cfg.out) / "cache", progress=cfg.progress, split=split,
-                           pad_id=_pad_id(cfg, None))
+                           pad_id=pad_token_id(spec=cfg.teacher.model))
 
 
 def _train(args):

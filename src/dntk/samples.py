@@ -136,29 +136,6 @@ def to(x, device):
     return map_leaves(lambda t: t.to(device), x)
 
 
-def cat(parts: list):
-    """Sample batches of one structure concatenated along the sample axis. Padded token batches of
-    different lengths are padded to the longest with zeros (mask 0) first."""
-    if not parts:
-        raise DNTKError("nothing to concatenate")
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts)
-    if isinstance(first, tuple):
-        return tuple(torch.cat([p[i] for p in parts]) for i in range(len(first)))
-    keys = list(first)
-    if any(list(p) != keys for p in parts):
-        raise DNTKError("cannot concatenate dict inputs with different keys")
-    out = {}
-    for k in keys:
-        ts = [p[k] for p in parts]
-        if isinstance(first, PaddedTokens) and k in first.seq_keys and len({t.shape[1] for t in ts}) > 1:
-            L = max(t.shape[1] for t in ts)
-            ts = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1])) for t in ts]
-        out[k] = torch.cat(ts)
-    return first.like(out) if isinstance(first, PaddedTokens) else out
-
-
 def call(model, x):
     """``model(x)``, ``model(*x)`` or ``model(**x)`` by the form of x; returns :func:`logits_of` the output."""
     if isinstance(x, torch.Tensor):

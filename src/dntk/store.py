@@ -260,7 +260,8 @@ class FeatureStore:
         return rec is not None and self._arrays_ok(i, rec) and self._sums_ok(i, rec)
 
     def missing(self, n: int | None = None) -> list[int]:
-        """Indices of the shards without a completion record."""
+        """Indices of the shards that are not complete (no record of this extraction, or arrays torn or
+        differing from their recorded checksums)."""
         count = len(self.ranges(n)) if n is not None else len(self.manifest["shards"])
         return [i for i in range(count) if not self.complete(i)]
 
@@ -277,6 +278,8 @@ class FeatureStore:
                 np.save(f, array)
             sums[what] = _sha1_file(tmp)  # the bytes this process wrote, before anyone can replace them
             tmp.replace(path)
+            st = path.stat()   # this version is known good: not hashed again when the run reads it back
+            self._verified.add((str(path), st.st_size, st.st_mtime_ns, sums[what]))
             arrays[what] = [list(array.shape), str(array.dtype)]
         atomic_json({"index": i, "start": start, "stop": stop, "identity": digest(self.manifest["identity"]),
                      "rank": rank, "sha1": sums, "arrays": arrays, "classes": list(result.classes),

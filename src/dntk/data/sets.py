@@ -77,18 +77,6 @@ class SampleSet(Dataset):
         return samples.describe(self.inputs)
 
 
-def is_image_data(data) -> bool:
-    """Image data: an ImageSet (uint8 pixels with their normalisation), which WMDD and the image grids need."""
-    from .images import ImageSet
-
-    return isinstance(data, ImageSet)
-
-
-def image_shape_of(data):
-    """The [c, h, w] of image-tensor data, else None."""
-    return getattr(data, "image_shape", None)
-
-
 def as_sample_set(data, *, classes=None, name: str | None = None, pad_id: int = 0):
     """Any of: an ImageSet or SampleSet (returned as it is), or a torch Dataset yielding ``(x, y)`` (x a
     tensor, a tuple/list or a dict of tensors) or dicts with a ``label``/``labels`` entry — materialised

@@ -195,11 +195,12 @@ def _hf_cache_dir() -> Path:
     return home / "hub"
 
 
-def _timm_cache_candidates(cfg):
+def _timm_cache_candidates(cfg) -> list[Path]:
+    """Where timm's weights for a pretrained cfg may lie locally (glob patterns: any HF snapshot)."""
     out = []
     hub_id = getattr(cfg, "hf_hub_id", None)
     if hub_id:
-        repo = _hf_cache_dir() / ("models--" + hub_id.split("/")[0] + "--" + "--".join(hub_id.split("/")[1:]))
+        repo = _hf_cache_dir() / ("models--" + hub_id.replace("/", "--"))
         out += [repo / "snapshots" / "*" / f for f in ("model.safetensors", "pytorch_model.bin")]
     if getattr(cfg, "file", None):
         out.append(Path(cfg.file))
@@ -208,14 +209,11 @@ def _timm_cache_candidates(cfg):
     return out
 
 
-def _timm_cached_file(cfg):
-    for cand in _timm_cache_candidates(cfg):
-        if "*" in str(cand):
-            found = sorted(cand.parent.parent.glob(f"*/{cand.name}")) if cand.parent.parent.exists() else []
-            if found:
-                return found[-1]
-        elif cand.exists():
-            return cand
+def _timm_cached_file(cfg) -> Path | None:
+    for pattern in _timm_cache_candidates(cfg):
+        found = sorted(Path(pattern.anchor).glob(str(pattern.relative_to(pattern.anchor))))
+        if found:
+            return found[-1]
     return None
 
 
@@ -227,6 +225,16 @@ def hf_config(folder):
     if not (folder / "config.json").exists():
         raise DNTKError(f"hf:{folder}: no config.json there; point at a folder written by model.save_pretrained(DIR)")
     return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+
+
+def pad_token_id(model=None, spec: str | None = None) -> int:
+    """The pad token to pad ragged token ids with: ``model.config.pad_token_id`` of a (Hugging Face) model
+    object, else that of the ``hf:`` folder ``spec`` names, else 0."""
+    config = getattr(model, "config", None)
+    if config is None and spec and spec.startswith("hf:"):
+        config = hf_config(spec[3:])
+    pad = getattr(config, "pad_token_id", None) if config is not None else None
+    return int(pad) if pad is not None else 0
 
 
 def _hf_auto_class(config):

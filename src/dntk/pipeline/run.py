@@ -47,12 +47,12 @@ def run(config: RunConfig | None = None, *, model: torch.nn.Module | None = None
     checked = (config if config is not None else RunConfig()).resolved(   # nonsense is refused before OUT is made
         model_name=None if model is None else f"object:{type(model).__name__}")
     with hold(checked.out, rank=int(os.environ.get("RANK", "0"))):
-        return _run(config, model=model, train_set=train_set, test_set=test_set, student=student)
+        return _run(checked, model=model, train_set=train_set, test_set=test_set, student=student)
 
 
-def _run(config: RunConfig | None = None, *, model: torch.nn.Module | None = None, train_set=None, test_set=None,
+def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None, test_set=None,
          student=None) -> RunResult:
-    """Run the main job; returns the RunResult also written to ``out/results.json``.
+    """Run the main job on a resolved config; returns the RunResult also written to ``out/results.json``.
 
     model: a trained classifier object — the teacher, used as it is (not retrained unless
         ``train_teacher="always"``); its logits are ``model(x)``, ``model(*x)`` or ``model(**x)`` (or
@@ -64,8 +64,6 @@ def _run(config: RunConfig | None = None, *, model: torch.nn.Module | None = Non
     student: with ``base_model="student"`` and a model object, a callable ``student(num_classes=C)``
         building the fresh student network (a ``--model`` spec builds it from the same factory).
     """
-    cfg = (config if config is not None else RunConfig()).resolved(
-        model_name=None if model is None else f"object:{type(model).__name__}")
     ranks = from_environment(cfg.device)  # one process, or this process's rank under torchrun
     cfg.device = ranks.device(cfg.device)
     out = Path(cfg.out)
@@ -275,39 +273,26 @@ def _targets_maker(targets: str, C: int):
 
 def _data(cfg: RunConfig, train_set, test_set, model, out: Path, progress: bool):
     """(train, test): the given data sets (as SampleSets unless already Image/SampleSets; the test set cut
-    to --n-test even over classes), or the configured ones. hf-disk data is padded with the model's pad
-    token (its config's pad_token_id), else 0."""
-    from ..data import as_sample_set, balanced_indices
+    to --n-test even over classes), or the configured ones. Ragged token ids are padded with the model's
+    pad token (:func:`dntk.models.pad_token_id`)."""
+    from ..data import SampleSet, as_sample_set, balanced_indices
+    from ..models import pad_token_id
 
     if (train_set is None) != (test_set is None):
         raise DNTKError("pass both train_set and test_set, or neither (then config.data says where the data is)")
+    pad = pad_token_id(model, cfg.teacher.model)   # ragged token ids are padded with the model's pad token
     if train_set is None:
-        return load_configured(cfg.data, cache_dir=out / "cache", progress=progress, pad_id=_pad_id(cfg, model))
-    pad = getattr(getattr(model, "config", None), "pad_token_id", None)   # ragged token ids are padded with it
-    pad = int(pad) if pad is not None else 0
+        return load_configured(cfg.data, cache_dir=out / "cache", progress=progress, pad_id=pad)
     train, test = as_sample_set(train_set, pad_id=pad), as_sample_set(test_set, pad_id=pad)
     if list(train.classes) != list(test.classes):
         if hasattr(train_set, "classes") or hasattr(test_set, "classes"):
             raise DNTKError(f"train_set and test_set have different classes ({train.classes[:5]} vs {test.classes[:5]}); "
                             "both need the same class list in the same order")
-        names = [str(c) for c in range(max(train.num_classes, test.num_classes))]
-        train, test = as_sample_set(train_set, classes=names, pad_id=pad), as_sample_set(test_set, classes=names,
-                                                                                          pad_id=pad)
+        names = [str(c) for c in range(max(train.num_classes, test.num_classes))]   # labels 0..C-1 of both sets
+        train, test = (SampleSet(d.inputs, d.labels, names, d.name, d.info) for d in (train, test))
     if cfg.data.n_test is not None:
         test = test.subset(balanced_indices(test.labels, min(cfg.data.n_test, len(test)), test.num_classes))
     return train, test
-
-
-def _pad_id(cfg: RunConfig, model) -> int:
-    if cfg.data.dataset != "hf-disk":
-        return 0
-    config = getattr(model, "config", None)
-    if config is None and cfg.teacher.model and cfg.teacher.model.startswith("hf:"):
-        from ..models import hf_config
-
-        config = hf_config(cfg.teacher.model[3:])
-    pad = getattr(config, "pad_token_id", None) if config is not None else None
-    return int(pad) if pad is not None else 0
 
 
 def _announce(log, model, X_train, X_test, store, projector, C: int, cfg: RunConfig, stream: bool, P: int) -> None:

@@ -11,6 +11,9 @@ Recipes (:class:`~dntk.training.TrainConfig`):
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch.nn as nn
 from ..errors import DNTKError
 from .. import samples
 from ..models import build_model_spec, call_factory, load_checkpoint
-from ..store import digest, model_checksum
+from ..store import atomic_json, digest, model_checksum
 from .loop import TrainConfig, TrainResult, evaluate, train
 
 
@@ -83,8 +86,6 @@ def data_fingerprint(data) -> str:
     """A content key of a training set: its size, labels, 16 samples spread over it (their inputs as the
     model sees them: size, dtype and values) and, for image folders, every file's path, size and
     modification time in nanoseconds (a replaced or edited image changes it)."""
-    import os
-
     n = len(data)
     pick = torch.linspace(0, n - 1, min(16, n)).round().long()
     x, _ = data.tensors(pick)
@@ -106,8 +107,6 @@ def teacher_folder(out_dir, cfg, model: nn.Module, weights_given: bool, data=Non
     loop itself: another recipe retrains in the folder.)"""
     from ..models.registry import BUILTIN
 
-    import json
-
     pretrained = getattr(cfg, "pretrained", False)
     init = model_checksum(model) if weights_given or pretrained else None
     fingerprint = data_fingerprint(data) if data is not None else None
@@ -117,17 +116,16 @@ def teacher_folder(out_dir, cfg, model: nn.Module, weights_given: bool, data=Non
         # image size, resize, data set or stem trains its own teacher-<key> instead of reusing this one
         folder = Path(out_dir) / "teacher"
         record = folder / "key.json"
-        if folder.exists() and not record.exists():
-            import warnings
-
-            warnings.warn(f"{folder} has no key.json (written by an older dntk), so what it was trained on is unknown; "
-                          f"training teacher-{key} beside it instead of reusing it", RuntimeWarning, stacklevel=3)
-        if not folder.exists() or (record.exists() and json.loads(record.read_text()).get("key") == key):
-            folder.mkdir(parents=True, exist_ok=True)
-            if not record.exists():
-                from ..store import atomic_json
-
-                atomic_json({"key": key, "model": cfg.model, "stem": getattr(cfg, "stem", None)}, record)
+        if not folder.exists():
+            atomic_json({"key": key, "model": cfg.model, "stem": getattr(cfg, "stem", None)}, record)
+            return folder
+        try:
+            held = json.loads(record.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):   # missing (an older dntk), torn or zero-byte
+            held = None
+            warnings.warn(f"{record} is missing or unreadable, so what {folder} was trained on is unknown; training "
+                          f"teacher-{key} beside it instead of reusing it", RuntimeWarning, stacklevel=3)
+        if held == key:
             return folder
     return Path(out_dir) / f"teacher-{key}"
 
@@ -147,8 +145,7 @@ def load_or_train_teacher(cfg, dataset: str, image_size: int | None, train_set, 
         model = build_network(cfg, dataset, image_size, train_set)
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
-    weights_given = given or bool(cfg.checkpoint) or (not given and cfg.model is not None
-                                                      and parse_model(cfg.model).carries_weights)
+    weights_given = given or bool(cfg.checkpoint) or (cfg.model is not None and parse_model(cfg.model).carries_weights)
     mode = getattr(cfg, "train_teacher", "auto")
     if mode == "always" or (mode == "auto" and not weights_given):
         folder = teacher_folder(out_dir, cfg, model, weights_given, train_set)
