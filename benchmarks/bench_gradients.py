@@ -52,7 +52,7 @@ def teacher_and_data(root=ROOT):
     """(teacher in eval mode, train split, val split); the teacher is trained once into root/teacher
     (`dntk train` with the same settings writes the same checkpoint) and reused after."""
     tr, te = load_configured(DATA, cache_dir=root / "cache", progress=True)
-    teacher = load_or_train_teacher(TEACHER, DATA.dataset, DATA.image_size, tr, te, root, progress=True)
+    teacher = load_or_train_teacher(TEACHER, DATA.dataset, DATA.image_size, tr, root, progress=True)
     return teacher.model, tr, te
 
 

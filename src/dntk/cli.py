@@ -119,13 +119,13 @@ def _run(args):
     run(_config(args))
 
 
-def _teacher(cfg: RunConfig, train_set, val_set):
+def _teacher(cfg: RunConfig, train_set):
     from .training import load_or_train_teacher
 
     if getattr(train_set, "image_shape", None) is None and cfg.distill.method == "wmdd":
         raise DNTKError("WMDD synthesises pixels; this data is not images — use --distill random, kcenter, "
                         "kernel-greedy or kernel-herding")
-    return load_or_train_teacher(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set, val_set, cfg.out,
+    return load_or_train_teacher(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set, cfg.out,
                                  seed=cfg.seed, device=cfg.device, progress=cfg.progress)
 
 
@@ -143,10 +143,15 @@ def _train(args):
         raise DNTKError("dntk train with --train-teacher never has nothing to do")
     if cfg.teacher.train_teacher == "auto":
         cfg.teacher.train_teacher = "always"   # the verb trains: an hf: folder is fine-tuned from its weights
-    teacher = _teacher(cfg, *_data(cfg))
+    from .training import evaluate
+
+    train_set, test_set = _data(cfg)
+    teacher = _teacher(cfg, train_set)
     res = teacher.trained
-    print(json.dumps({"best_val_accuracy": res.best_accuracy, "best_epoch": res.best_epoch, "seconds": res.seconds,
-                      "checkpoint": teacher.source}, indent=1))
+    print(json.dumps({"test_accuracy": evaluate(teacher.model, test_set, device=cfg.device)[0],
+                      "best_val_accuracy": res.best_accuracy, "best_epoch": res.best_epoch,
+                      "validation": teacher.validation, "seconds": res.seconds, "checkpoint": teacher.source},
+                     indent=1))
 
 
 def _distill(args):
@@ -158,7 +163,7 @@ def _distill(args):
     if d.method == "none":
         raise DNTKError("dntk distill needs a method: --distill wmdd, random, kcenter, kernel-greedy or kernel-herding")
     train_set, val_set = _data(cfg)
-    teacher = _teacher(cfg, train_set, val_set)
+    teacher = _teacher(cfg, train_set)
     out = distilled_folder(cfg.out, d.method, d.ipc, cfg.seed)
     ds = distill_dataset(d.method, teacher.model, train_set, d.ipc, out, seed=cfg.seed, device=cfg.device,
                          progress=cfg.progress, teacher_checksum=teacher.checksum,
@@ -212,8 +217,14 @@ def _overrides(pairs: list[str]) -> dict:
             raise DNTKError(f"--set {pair!r}: write NAME=VALUE, e.g. --set n_test=500")
         name, text = pair.split("=", 1)
         name = name.strip().replace("-", "_")
+        from .pipeline.reproduce import OWN_OPTIONS
+
+        if name in OWN_OPTIONS:
+            raise DNTKError(f"--set {pair!r}: {name} is a flag of dntk reproduce itself; pass "
+                            f"--{name.replace('_', '-')} {text}")
         if name not in where:
-            raise DNTKError(f"--set: unknown option {name!r}; valid names: {', '.join(sorted(where))}")
+            raise DNTKError(f"--set: unknown option {name!r}; valid names: "
+                            f"{', '.join(sorted(set(where) - OWN_OPTIONS))}")
         section, fname = where[name]
         f = next(f for f in _fields(SECTIONS[section] if section else RunConfig) if f.name == fname)
         kind = f.metadata["kind"]

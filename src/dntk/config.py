@@ -165,6 +165,9 @@ class TeacherConfig:
     lr: float | None = option(None, "teacher learning rate", kind="float", minimum=0.0, above=True,
                               none_means="0.05 for sgd, 2e-3 for adamw")
     train_batch_size: int = option(128, "teacher training batch size", kind="int", minimum=1)
+    val_fraction: float = option(0.1, "share of each class of the training data held out (seeded) to choose the "
+                                 "teacher's best epoch — never the test split; 0: keep the last epoch, no selection",
+                                 kind="float", minimum=0.0, maximum=0.5)
     base_model: str = option("teacher", "the network whose NTK is analysed: the teacher, or a student trained on the "
                              "distilled set with the teacher's soft labels", choices=("teacher", "student"))
     student_epochs: int = option(60, "epochs of the --base-model student", kind="int", minimum=1)
@@ -277,6 +280,9 @@ class RunConfig:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     gradients: GradientConfig = field(default_factory=GradientConfig)
     device: str = option("cpu", "cpu, cuda, cuda:1, ...")
+    threads: int | None = option(None, "CPU threads torch uses (torch.set_num_threads); teacher training, and so "
+                                 "every number after it, differs between thread counts", kind="int", minimum=1,
+                                 none_means="torch's default: OMP_NUM_THREADS or the machine's cores")
     seed: int = option(0, "seed of the data subset, teacher, projector and stage 1/3 methods", kind="int",
                        minimum=0)
     out: str = option("dntk-out", "output folder; rerunning resumes from what is there")
@@ -310,8 +316,11 @@ class RunConfig:
         name recorded for a model object passed to :func:`dntk.run` (then ``teacher.model`` is not a spec)."""
         from .training.teacher import default_epochs, default_image_size, default_model
 
+        from .resources import check_device
+
         c = copy.deepcopy(self)
         c.check_numbers()
+        check_device(c.device)
         if c.data.dataset == "hf-disk" and c.data.image_size is not None:
             raise DNTKError("--image-size applies to images; hf-disk holds token ids (use --max-length)")
         if model_name is not None:

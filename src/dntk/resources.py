@@ -172,3 +172,57 @@ def contraction_rate(C: int, n: int, *, width: int = 1 << 14, device="cpu", reps
     for _ in range(reps):
         once()
     return 2.0 * C * n * n * width * reps / (time.perf_counter() - t)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine cannot run on, before any work: an unknown name (``foo``), CUDA without
+    a CUDA GPU, a CUDA index past the GPUs present, MPS where it is unavailable."""
+    import torch
+
+    from .errors import DNTKError
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DNTKError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:1, ...") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DNTKError(f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                            f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise DNTKError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif d.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DNTKError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif d.type != "cpu":
+        raise DNTKError(f"--device {device}: dntk runs on cpu, cuda or mps, not {d.type}")
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply ``--threads`` (torch.set_num_threads) when given; returns the intra-op thread count in force."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+def environment(device) -> dict:
+    """What a result's numbers depend on beyond the config (recorded in results.json): CPU threads
+    (intra- and inter-op), the device and its name, the versions of dntk, torch (and its CUDA), numpy and
+    Python, and the platform. Teacher training is not bit-identical across thread counts (the README's
+    reproducibility section says what is)."""
+    import platform
+
+    import numpy
+    import torch
+
+    from . import __version__
+
+    d = torch.device(device)
+    name = torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or platform.machine()
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "device": str(device), "device_name": name, "dntk": __version__, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "numpy": numpy.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}

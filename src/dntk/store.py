@@ -3,9 +3,11 @@ through this module (figures and small logs such as a training history are writt
 
 - :func:`digest` / :func:`model_checksum`: content keys (SHA-1, 16 hex digits) of tensors and
   JSON-able values; a cached result is keyed by everything it depends on.
-- :func:`atomic_save` / :func:`atomic_json`: write to ``<path>.tmp`` and rename, so an interrupted
-  write never leaves a half file under the real name.
-- :func:`cached`: load ``path`` if present, else compute, save atomically and return.
+- :func:`atomic_save` / :func:`atomic_json` / :func:`atomic_write_text`: write to a temporary file, fsync it,
+  rename it over the real name and fsync the folder, so an interrupted write (or a power loss) never leaves a
+  half file under the real name; :func:`load_or_none` / :func:`read_json` read such files back, treating a
+  torn or empty one as missing (with a warning) instead of raising.
+- :func:`cached`: load ``path`` if present and readable, else compute, save atomically and return.
 - :class:`FeatureStore`: features in fixed-size shards of memory-mapped ``.npy`` arrays with a JSON
   manifest and per-shard completion records (SHA-1 checksums); written by one or several processes,
   resumed at the missing shards, verified by ``dntk store verify``, read by class or index range.
@@ -73,14 +75,43 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_save(obj, path) -> Path:
-    """torch.save ``obj`` to ``path`` atomically (parent folders created)."""
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (POSIX: fsync the directory; elsewhere a no-op)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic(path, write: Callable) -> Path:
+    """Write ``path`` through ``write(binary file)`` atomically and durably: into a temporary file beside it,
+    flushed and fsync'ed, renamed over ``path``, then the folder fsync'ed — after a crash or power loss the
+    file is either the old one or the whole new one, never torn or empty. Parent folders are created; an
+    unwritable folder is a DNTKError naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise DNTKError(f"{path} is a folder; dntk needs to write a file there — move the folder away")
+        tmp = _tmp(path)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:
+        raise DNTKError(f"cannot write {path}: {e.strerror or e}; choose an output folder you can write "
+                        "(--out)") from None
+    _fsync_folder(path.parent)
     return path
+
+
+def atomic_save(obj, path) -> Path:
+    """torch.save ``obj`` to ``path`` atomically and durably (:func:`_atomic`)."""
+    return _atomic(path, lambda f: torch.save(obj, f))
 
 
 def _json_default(value):
@@ -90,23 +121,14 @@ def _json_default(value):
 
 
 def atomic_json(obj, path, indent: int = 2) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (paths become strings, numeric scalars floats)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, indent=indent, default=_json_default))
-    tmp.replace(path)
-    return path
+    """Write ``obj`` as JSON to ``path`` atomically and durably (paths become strings, numeric scalars floats)."""
+    text = json.dumps(obj, indent=indent, default=_json_default)
+    return _atomic(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_text(text: str, path) -> Path:
-    """Write ``text`` to ``path`` atomically (parent folders created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    """Write ``text`` to ``path`` atomically and durably (parent folders created)."""
+    return _atomic(path, lambda f: f.write(text.encode()))
 
 
 def load(path, *, trusted: bool = True):
@@ -114,11 +136,44 @@ def load(path, *, trusted: bool = True):
     return torch.load(path, map_location="cpu", weights_only=not trusted)
 
 
-def cached(path, compute: Callable[[], object]):
-    """The object saved at ``path``, or ``compute()`` saved there atomically first."""
+def _unreadable(path: Path, error: Exception, what: str) -> None:
+    warnings.warn(f"{path} is unreadable ({'empty' if path.stat().st_size == 0 else type(error).__name__}: an "
+                  f"interrupted write or a damaged disk?); {what}", RuntimeWarning, stacklevel=3)
+
+
+def load_or_none(path, *, trusted: bool = True, what: str = "treating it as missing"):
+    """The object dntk saved at ``path`` (:func:`load`); None when the file is missing, or — with a
+    RuntimeWarning naming it — empty or torn (never a raw EOFError / unpickling error)."""
     path = Path(path)
-    if path.exists():
-        return load(path)
+    if not path.is_file():
+        return None
+    try:
+        return load(path, trusted=trusted)
+    except Exception as e:   # torch.load raises EOFError, RuntimeError, UnpicklingError, zipfile errors, ...
+        _unreadable(path, e, what)
+        return None
+
+
+def read_json(path, *, what: str = "treating it as missing"):
+    """The JSON value dntk wrote at ``path``; None when missing, or — with a RuntimeWarning naming it —
+    empty or torn."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        _unreadable(path, e, what)
+        return None
+
+
+def cached(path, compute: Callable[[], object]):
+    """The object saved at ``path``, or ``compute()`` saved there atomically first. A torn or empty file
+    there is recomputed (with a warning), never a traceback."""
+    path = Path(path)
+    value = load_or_none(path, what="recomputing it")
+    if value is not None:
+        return value
     value = compute()
     atomic_save(value, path)
     return value

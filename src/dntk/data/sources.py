@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DNTKError
-from ..store import atomic_save, digest, load
+from ..store import atomic_save, digest, load, load_or_none
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImageSet, balanced_indices
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -72,6 +72,14 @@ def scan_folder(root, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     if not samples:
         raise DNTKError(f"{d} has class folders ({', '.join(classes[:5])}…) but no image files "
                         f"({', '.join(IMAGE_EXTENSIONS)}); check --data-root")
+    have = {label for _, label in samples}
+    empty = [d / classes[c] for c in range(len(classes)) if c not in have]
+    if empty:
+        raise DNTKError(f"class folder{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty[:5]))} "
+                        f"{'hold' if len(empty) > 1 else 'holds'} no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                        "add images or remove the folder — every class needs samples in every split")
+    if len(classes) < 2:
+        raise DNTKError(f"{d} has one class folder ({classes[0]}); a classifier's kernel needs at least two classes")
     return classes, samples
 
 
@@ -125,8 +133,8 @@ def image_folder(root, split: str = "train", image_size: int = 64, *, resize: in
     if cache_dir is not None:
         h = digest([image_size, resize, [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, _ in samples]])
         key = Path(cache_dir) / f"{Path(root).name}-{split}-{image_size}px-{h}.pt"
-        if key.exists():
-            blob = load(key)
+        blob = load_or_none(key, what="decoding the images again")
+        if blob is not None:
             return ImageSet(blob["images"], blob["labels"], blob["classes"], tuple(mean), tuple(std),
                             name=Path(root).name, files=[p for p, _ in samples])
     workers = min(2, os.cpu_count() or 1) if workers is None else workers

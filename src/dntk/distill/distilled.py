@@ -132,6 +132,10 @@ def load_distilled(path) -> DistilledSet:
     f = path / "distilled.pt" if path.is_dir() else path
     if not f.exists():
         raise DNTKError(f"no distilled set at {f}; run `dntk distill` first or point at its output folder")
-    blob = load(f, trusted=False)  # a user-supplied file: tensors, lists and strings only
+    try:
+        blob = load(f, trusted=False)  # a user-supplied file: tensors, lists and strings only
+    except Exception as e:   # torn, empty or not a torch file: EOFError, RuntimeError, UnpicklingError, ...
+        raise DNTKError(f"{f} is not a readable distilled set ({type(e).__name__}: {e}); distil it again "
+                        "(`dntk distill`) or point at another folder") from None
     return DistilledSet(samples.from_plain(blob["images"]), blob["labels"], blob["classes"], tuple(blob["mean"]), tuple(blob["std"]),
                         blob["dataset"], blob["method"])

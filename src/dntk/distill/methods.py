@@ -11,6 +11,7 @@ import torch
 from .. import samples
 from ..data import balanced_indices
 from ..errors import DNTKError
+from ..store import read_json
 from .coresets import select_real
 from .distilled import DistilledSet, load_distilled
 from .kernel_select import CRITERIA, select_kernel_aware
@@ -105,7 +106,7 @@ def training_points(cfg, m: int, train_set, *, teacher=None, teacher_checksum: s
     distilled.check_compatible(train_set)
     X, y = distilled.tensors(balanced_indices(distilled.labels, len(distilled), C))
     manifest_path = (folder if folder.is_dir() else folder.parent) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    manifest = read_json(manifest_path)
     return TrainingPoints(X, y, distilled, manifest)
 
 

@@ -50,7 +50,7 @@ from ..data.images import ImageSet
 from ..errors import DNTKError
 from ..models import forward_with_penultimate, penultimate
 from ..resources import peak_rss_mb, reset_peak_rss
-from ..store import atomic_save, load
+from ..store import atomic_save, load, load_or_none, read_json
 from .distilled import DistilledSet, check_ipc, save_distilled
 
 
@@ -289,8 +289,8 @@ def write_class_blob(out_dir, c: int, images: torch.Tensor, record: dict, cfg: W
 
 def _valid_blob(out_dir, c, cfg, teacher_checksum):
     path = class_blob_path(out_dir, c)
-    blob = load(path) if path.exists() else None
-    if blob is None or blob.get("config") != json.dumps(asdict(cfg), sort_keys=True) \
+    blob = load_or_none(path, what="optimising this class again")   # a torn class file is redone, not a traceback
+    if not isinstance(blob, dict) or blob.get("config") != json.dumps(asdict(cfg), sort_keys=True) \
             or blob.get("teacher") != teacher_checksum:
         return None
     return blob
@@ -305,7 +305,9 @@ def _finished(out_dir: Path, cfg, teacher_checksum: str):
     manifest = out_dir / "manifest.json"
     if not (out_dir / "distilled.pt").exists() or not manifest.exists():
         return None
-    rec = json.loads(manifest.read_text())
+    rec = read_json(manifest, what="assembling the set again from its classes")
+    if not isinstance(rec, dict) or load_or_none(out_dir / "distilled.pt", what="assembling it again") is None:
+        return None
     if rec.get("settings") != json.loads(json.dumps(asdict(cfg))) or rec.get("teacher_checksum") != teacher_checksum:
         return None
     return load_distilled(out_dir)

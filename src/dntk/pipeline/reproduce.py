@@ -71,6 +71,9 @@ EXTRA = {"paper160": {"theory_images": 4000, "exact_train": 100, "exact_test": 2
 COMPRESSIONS = FIG3_COMPRESSIONS   # Algorithm 1's m/s (Figure 3 always evaluates them)
 
 
+OWN_OPTIONS = {"dataset", "data_root", "out", "device", "seed", "progress"}   # ReproduceConfig's fields, not --set
+
+
 @dataclass
 class ReproduceConfig:
     """setting: a key of SETTINGS; overrides: flat RunConfig options replacing the setting's (e.g.
@@ -96,6 +99,11 @@ class ReproduceConfig:
     def check(self) -> None:
         if self.setting not in SETTINGS:
             raise DNTKError(f"unknown setting {self.setting!r}; use one of {', '.join(SETTINGS)}")
+        own = sorted(set(self.overrides) & OWN_OPTIONS)
+        if own:
+            raise DNTKError(f"{', '.join(own)} {'are settings' if len(own) > 1 else 'is a setting'} of dntk reproduce "
+                            f"itself, not an override: pass {' '.join('--' + o.replace('_', '-') for o in own)} "
+                            f"(Python: ReproduceConfig({', '.join(o + '=...' for o in own)}))")
         for name in ("theory_images", "exact_train", "exact_test"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -128,6 +136,9 @@ def reproduce(rc: ReproduceConfig) -> dict:
     import os
 
     rc.run_config()   # every override checked before OUT (and its lock file) is made
+    from .run import check_out
+
+    check_out(rc.out)
     with hold(rc.out, rank=int(os.environ.get("RANK", "0"))):
         return _reproduce(rc)
 
@@ -158,7 +169,7 @@ def _reproduce(rc: ReproduceConfig) -> dict:
 
     # shared context: data, teacher, projector, training points (all cached by the runs)
     train_set, test_set = load_configured(cfg.data, cache_dir=out / "cache", progress=False)
-    teacher = load_or_train_teacher(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set, test_set, out,
+    teacher = load_or_train_teacher(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set, out,
                                     seed=cfg.seed, device=cfg.device, progress=False)
     model = teacher.model.to(cfg.device).eval()
     k = cfg.features.resolved_k(model)

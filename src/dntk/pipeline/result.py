@@ -16,7 +16,8 @@ class RunResult:
     config: the resolved :class:`dntk.config.RunConfig` by section (data, teacher, features, distill,
         kernel, gradients, device, seed, out, progress).
     teacher: {model, parameters P, test_accuracy, checksum, source (checkpoint path), best_epoch (None
-        when loaded), train_seconds (wall seconds of its training summed over epochs, also when it was
+        when loaded), validation (None when loaded: else fraction, n_train, n_val, seed, selection, epoch,
+        val_accuracy — the held-out part of the training data that chose the epoch), train_seconds (wall seconds of its training summed over epochs, also when it was
         trained by an earlier invocation; None when loaded from --checkpoint or trained by an older dntk)}.
     base_model: the network whose NTK is analysed: {name ("teacher" | "student"), test_accuracy, checksum,
         train_seconds (the student's, as for the teacher; None for the teacher)}.
@@ -42,6 +43,10 @@ class RunResult:
     timings_s: wall-clock seconds per stage; peak_memory_mb: the process's peak RSS; stage_memory_mb:
         {"rss": {stage: peak RSS during it}, "gpu": {stage: peak CUDA memory allocated}} (Linux; see
         :class:`dntk.resources.StageTimer`).
+    environment: what the numbers depend on beyond the config (:func:`dntk.resources.environment`): threads,
+        interop_threads, device, device_name, dntk, torch, cuda, numpy, python and platform versions,
+        world_size (torchrun processes) and data {train, test}: content keys of the two splits
+        (:func:`dntk.training.teacher.data_fingerprint`).
     """
 
     config: dict
@@ -60,6 +65,7 @@ class RunResult:
     timings_s: dict | None = None
     peak_memory_mb: float | None = None
     stage_memory_mb: dict | None = None
+    environment: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +75,11 @@ class RunResult:
 
     @classmethod
     def load(cls, path) -> "RunResult":
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            from ..errors import DNTKError
+
+            raise DNTKError(f"cannot read {path} as a dntk results.json ({e}); rerun the job that wrote it") from None
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})

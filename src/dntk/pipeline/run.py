@@ -44,10 +44,38 @@ def run(config: RunConfig | None = None, *, model: torch.nn.Module | None = None
 
     from ..lock import hold
 
+    from ..resources import set_threads
+
     checked = (config if config is not None else RunConfig()).resolved(   # nonsense is refused before OUT is made
         model_name=None if model is None else f"object:{type(model).__name__}")
-    with hold(checked.out, rank=int(os.environ.get("RANK", "0"))):
-        return _run(checked, model=model, train_set=train_set, test_set=test_set, student=student)
+    check_out(checked.out)
+    threads = torch.get_num_threads()
+    try:
+        set_threads(checked.threads)
+        with hold(checked.out, rank=int(os.environ.get("RANK", "0"))):
+            return _run(checked, model=model, train_set=train_set, test_set=test_set, student=student)
+    finally:
+        torch.set_num_threads(threads)   # --threads holds for the run, not for the caller's process after it
+
+
+def check_out(out) -> None:
+    """Refuse an output folder dntk cannot use, before any work: a file, a path under a file, a folder it
+    cannot create or write in, or one whose results.json is a folder."""
+    import os
+    import tempfile
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DNTKError(f"--out {out} is a file; name a folder (it is created when missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".dntk-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DNTKError(f"--out {out} cannot be written ({e.strerror or e}); choose a folder you can write") from None
+    if (out / "results.json").is_dir():
+        raise DNTKError(f"{out / 'results.json'} is a folder; dntk writes its results there — move it away")
 
 
 def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None, test_set=None,
@@ -64,6 +92,9 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
     student: with ``base_model="student"`` and a model object, a callable ``student(num_classes=C)``
         building the fresh student network (a ``--model`` spec builds it from the same factory).
     """
+    from ..resources import environment
+    from ..training.teacher import data_fingerprint
+
     ranks = from_environment(cfg.device)  # one process, or this process's rank under torchrun
     cfg.device = ranks.device(cfg.device)
     out = Path(cfg.out)
@@ -83,23 +114,26 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
         cfg.data.dataset, cfg.data.data_root = "python", None
         cfg.data.image_size = train_set.image_shape[-1] if getattr(train_set, "image_shape", None) else None
     C = train_set.num_classes
+    _check_data(train_set, test_set)
     # checked before any training so a mistake costs nothing
     if cfg.distill.method == "none" and not cfg.distill.load and cfg.kernel.m > len(train_set):
         raise DNTKError(f"--m {cfg.kernel.m} is larger than the training set ({len(train_set)} images); "
                         f"choose m ≤ {len(train_set)}")
     if cfg.distill.method != "none" and not cfg.distill.load:
+        from ..distill import check_ipc
+
+        check_ipc(train_set, cfg.distill.ipc)   # every method starts from ipc real images per class
         _check_budget(cfg, cfg.distill.ipc * C, f"--ipc {cfg.distill.ipc} × {C} classes")
     log(f"data: {getattr(train_set, 'name', cfg.data.dataset)}, {len(train_set)} train / {len(test_set)} test "
         f"samples, inputs {describe(train_set.tensors(torch.arange(1))[0]).replace('[1,', '[n,')}, {C} classes")
 
     with st.time("teacher"):
         with ranks.main_first():
-            teacher = load_or_train_teacher(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set, test_set,
-                                            out, seed=cfg.seed, device=cfg.device, progress=progress, model=model)
+            teacher = load_or_train_teacher(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set,
+                                            out, seed=cfg.seed, device=cfg.device, progress=progress, model=model,
+                                            check=lambda net: _check_k(cfg, net))
         test_acc, _ = evaluate(teacher.model, test_set, device=cfg.device)
-    P = sum(p.numel() for p in teacher.model.parameters() if p.requires_grad)
-    if cfg.features.k is not None and cfg.features.projector != "identity" and cfg.features.k > P:
-        raise DNTKError(f"--k {cfg.features.k} is larger than the model's P = {P:,} parameters; choose k < {P}")
+    P = _check_k(cfg, teacher.model)
     log(f"teacher: {cfg.teacher.model}, P={P:,}, test accuracy {test_acc:.4f}"
         + ("" if teacher.trained else f" (weights: {teacher.source}, not trained here)"))
 
@@ -189,6 +223,7 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
         config=cfg.to_dict(),
         teacher={"model": cfg.teacher.model, "parameters": P, "test_accuracy": test_acc, "checksum": teacher.checksum,
                  "source": teacher.source, "best_epoch": teacher.trained.best_epoch if teacher.trained else None,
+                 "validation": teacher.validation,
                  "train_seconds": training_seconds(Path(teacher.source).parent) if teacher.trained else None},
         base_model={"name": cfg.teacher.base_model, "test_accuracy": base_acc, "checksum": base_checksum,
                     "train_seconds": training_seconds(student_dir) if student_dir is not None else None},
@@ -245,6 +280,8 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
         report.figure1(_figure1_curves(curves, cfg, projector, points), out / "figure1.png", teacher_accuracy=base_acc,
                        title=f"{cfg.data.dataset} · {cfg.teacher.model} · per-class KRR (ridge {cfg.kernel.ridge:g}, "
                              f"trace-normalised)")
+    result.environment = {**environment(cfg.device), "world_size": ranks.world,
+                          "data": {"train": data_fingerprint(train_set), "test": data_fingerprint(test_set)}}
     result.timings_s = dict(st.timings)
     result.peak_memory_mb = process_peak_rss_mb()
     result.stage_memory_mb = {"rss": dict(st.peak_rss_mb), "gpu": dict(st.peak_gpu_mb)}
@@ -252,6 +289,29 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
     log(report.format_results(result))
     log(f"wrote {out / 'results.json'} and {out / 'figure1.png'}")
     return result
+
+
+def _check_k(cfg: RunConfig, model: torch.nn.Module) -> int:
+    """P, the model's trainable parameters; refuses --k > P (checked on the built network, before training)."""
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.features.k is not None and cfg.features.projector != "identity" and cfg.features.k > P:
+        raise DNTKError(f"--k {cfg.features.k} is larger than the model's P = {P:,} parameters; choose k < {P}")
+    return P
+
+
+def _check_data(train_set, test_set) -> None:
+    """Every class has training samples, and there are at least two (checked before the teacher trains)."""
+    C = train_set.num_classes
+    counts = torch.bincount(train_set.labels, minlength=C)
+    if C < 2:
+        raise DNTKError(f"the training data has {C} class ({list(train_set.classes)}); a classifier's kernel needs "
+                        "at least two")
+    empty = [str(train_set.classes[c]) for c in range(C) if counts[c] == 0]
+    if empty:
+        raise DNTKError(f"class{'es' if len(empty) > 1 else ''} {', '.join(empty[:5])} "
+                        f"{'have' if len(empty) > 1 else 'has'} no training samples; add some or drop the class")
+    if len(test_set) == 0:
+        raise DNTKError("the test split is empty; the kernel model is measured on it — add test samples")
 
 
 def _check_budget(cfg: RunConfig, m: int, what: str) -> None:

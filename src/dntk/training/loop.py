@@ -2,7 +2,10 @@
 evaluation every epoch, the best checkpoint kept, and resume after interruption.
 
 Files in ``out_dir``: ``last.pt`` (everything needed to resume, written atomically every epoch),
-``best.pt`` (the best-validation-accuracy weights), ``history.json`` (per-epoch loss, accuracy and wall seconds).
+``best.pt`` (the best-validation-accuracy weights, or with ``select="last"`` / no validation set the final
+epoch's), ``history.json`` (per-epoch loss, accuracy and wall seconds). Every file is written atomically
+(:func:`dntk.store.atomic_save`); a torn or zero-byte ``last.pt`` is treated as missing (training restarts,
+with a warning), a torn ``best.pt`` of a finished run as an unfinished run.
 A finished run found in ``out_dir`` with the same configuration is returned without retraining.
 """
 
@@ -22,7 +25,7 @@ from tqdm.auto import tqdm
 from .. import samples
 from ..data.images import ImageSet
 from ..errors import DNTKError
-from ..store import atomic_save
+from ..store import atomic_json, atomic_save, load_or_none, read_json
 
 
 @dataclass
@@ -40,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     soft_label_temperature: float = 4.0   # used when soft labels (a teacher) are given
     eval_every: int = 1                   # evaluate every N epochs (and always after the last)
+    select: str = "best"                  # "best": the best validation epoch's weights | "last": the final epoch's
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -50,8 +54,8 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     model: nn.Module
-    best_accuracy: float
-    best_epoch: int
+    best_accuracy: float | None    # the validation accuracy of the kept epoch (None: no validation set)
+    best_epoch: int                # the kept epoch (1-based)
     history: list = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
@@ -176,10 +180,13 @@ def evaluate(model: nn.Module, data, batch_size: int = 256, device="cpu") -> tup
     return float((logits.argmax(1) == data.labels).float().mean()), logits
 
 
-def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: TrainConfig, out_dir, *,
+def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, config: TrainConfig, out_dir, *,
           soft_labels: torch.Tensor | None = None, teacher: nn.Module | None = None, device="cpu",
           progress: bool = True, resume: bool = True, max_seconds: float | None = None) -> TrainResult:
-    """Train ``model`` on ``train_set``, evaluating on ``val_set`` every epoch.
+    """Train ``model`` on ``train_set``, evaluating on ``val_set`` every ``eval_every`` epochs; the weights
+    returned (and in ``best.pt``) are the best validation epoch's (``config.select="best"``) or the final
+    epoch's (``select="last"``, and always when ``val_set`` is None: nothing is selected). The validation
+    set chooses the epoch, so an accuracy reported on it is optimistic: report on data it never saw.
 
     soft_labels: optional teacher logits [n_train, C]; then the loss is the temperature-scaled KL
     divergence to softmax(soft_labels / T) instead of cross-entropy — one fixed target per image.
@@ -191,6 +198,10 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
         raise DNTKError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'adamw'")
     if config.epochs < 1:
         raise DNTKError(f"epochs must be ≥ 1, got {config.epochs}")
+    if config.select not in ("best", "last"):
+        raise DNTKError(f"unknown select {config.select!r}; use 'best' (the best validation epoch) or 'last'")
+    if config.select == "best" and val_set is None:
+        raise DNTKError("select='best' chooses the epoch on a validation set; give val_set, or use select='last'")
     if config.batch_size < 2 and len(train_set) > 1 and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise DNTKError(f"batch size {config.batch_size} with BatchNorm layers: every batch of one sample would be "
@@ -231,8 +242,11 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
     gen = torch.Generator().manual_seed(config.seed)
     start_epoch, history, best = 0, [], (-1.0, -1)
     last = out_dir / "last.pt"
-    if resume and last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=False)
+    state = load_or_none(last, trusted=True, what="training restarts from epoch 0") if resume else None
+    if state is not None and config.select == "best" and list(state.get("best", (-1, -1)))[1] > 0 and \
+            load_or_none(out_dir / "best.pt", trusted=False, what="training restarts from epoch 0") is None:
+        state = None   # the best weights are lost or torn: the selection cannot be resumed
+    if state is not None:
         if same_config(state.get("config"), config, relabel_teacher=teacher is not None):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -285,35 +299,42 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: Trai
             sched.step()
             total += loss.item() * idx.numel()
             seen += idx.numel()
-        due = (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs
+        due = val_set is not None and ((epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs)
         acc = evaluate(model, val_set, device=device)[0] if due else None
         history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_accuracy": acc,
                         "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t_epoch})
-        if acc is not None and acc > best[0]:
+        if config.select == "best" and acc is not None and acc > best[0]:
             best = (acc, epoch + 1)
+            atomic_save({"model": model.state_dict(), "val_accuracy": acc, "epoch": epoch + 1}, out_dir / "best.pt")
+        elif config.select == "last" and epoch + 1 == config.epochs:
+            best = (acc if acc is not None else -1.0, epoch + 1)
             atomic_save({"model": model.state_dict(), "val_accuracy": acc, "epoch": epoch + 1}, out_dir / "best.pt")
         atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "generator": gen.get_state(), "epoch": epoch + 1, "history": history, "best": list(best),
                       "config": cfg_json}, last)
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        atomic_json(history, out_dir / "history.json", indent=1)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_acc="-" if acc is None else f"{acc:.3f}")
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds and epoch + 1 < config.epochs:
             break
     bar.close()
-    if (out_dir / "best.pt").exists():
-        model.load_state_dict(torch.load(out_dir / "best.pt", map_location="cpu")["model"])
-    return TrainResult(model, best[0], best[1], history, time.perf_counter() - t0, resumed_from)
+    if history and read_json(out_dir / "history.json", what="writing it again from last.pt") != history:
+        atomic_json(history, out_dir / "history.json", indent=1)   # a torn or lost history.json is healed
+    finished = bool(history) and history[-1]["epoch"] == config.epochs
+    kept = load_or_none(out_dir / "best.pt", trusted=False, what="writing it again from last.pt")
+    if kept is None and finished and config.select == "last":   # the final weights are the model's (from last.pt)
+        atomic_save({"model": model.state_dict(), "val_accuracy": None, "epoch": config.epochs}, out_dir / "best.pt")
+    elif kept is not None:
+        model.load_state_dict(kept["model"])
+    accuracy = best[0] if best[0] >= 0 else None
+    return TrainResult(model, accuracy, best[1], history, time.perf_counter() - t0, resumed_from)
 
 
 
 def training_seconds(out_dir) -> float | None:
     """Wall seconds the training in ``out_dir`` took, summed over its epochs (history.json), across
     resumptions; None when there is no history or an epoch was recorded without its time (older runs)."""
-    path = Path(out_dir) / "history.json"
-    if not path.exists():
-        return None
-    history = json.loads(path.read_text())
-    if not history or any("seconds" not in h for h in history):
+    history = read_json(Path(out_dir) / "history.json")
+    if not isinstance(history, list) or not history or any("seconds" not in h for h in history):
         return None
     return float(sum(h["seconds"] for h in history))

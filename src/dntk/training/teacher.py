@@ -47,10 +47,34 @@ def augmentation(dataset: str) -> str:
 
 def teacher_train_config(dataset: str, cfg, seed: int = 0, images: bool = True) -> TrainConfig:
     """The teacher recipe for ``dataset`` with the settings of a :class:`dntk.config.TeacherConfig`;
-    data that is not images (``images=False``: token ids, tuples, ...) is not augmented."""
+    data that is not images (``images=False``: token ids, tuples, ...) is not augmented. The best
+    validation epoch is kept, or the last one when ``cfg.val_fraction`` is 0."""
     return TrainConfig(epochs=cfg.epochs if cfg.epochs is not None else default_epochs(dataset),
                        optimizer=cfg.optimizer, lr=cfg.lr, seed=seed, batch_size=cfg.train_batch_size,
-                       augment=augmentation(dataset) if images else "none")
+                       augment=augmentation(dataset) if images else "none",
+                       select="best" if getattr(cfg, "val_fraction", 0.1) > 0 else "last")
+
+
+def validation_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices) of a training set with ``labels`` [n]: round(fraction · n_c) of
+    each class c — at least 1 and at most n_c − 1, none of a class with one sample — drawn by a generator
+    seeded with ``seed``, both sorted. fraction 0: everything trains, nothing validates."""
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction <= 0.5):
+        raise DNTKError(f"the validation fraction must be a number in [0, 0.5], got {fraction!r}")
+    labels = torch.as_tensor(labels).long().flatten()
+    if fraction == 0:
+        return torch.arange(labels.numel()), torch.zeros(0, dtype=torch.long)
+    gen = torch.Generator().manual_seed(int(seed))
+    val = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        n_c = idx.numel()
+        take = 0 if n_c < 2 else min(max(1, round(fraction * n_c)), n_c - 1)
+        val.append(idx[torch.randperm(n_c, generator=gen)[:take]])
+    val = torch.cat(val).sort().values
+    keep = torch.ones(labels.numel(), dtype=torch.bool)
+    keep[val] = False
+    return torch.nonzero(keep).flatten(), val
 
 
 def build_network(cfg, dataset: str, image_size: int | None, like, *, fresh: bool = False,
@@ -80,6 +104,7 @@ class Teacher:
     source: str
     trained: TrainResult | None
     checksum: str
+    validation: dict | None = None   # how the kept epoch was chosen: fraction, n_train, n_val, seed, selection
 
 
 def data_fingerprint(data) -> str:
@@ -130,13 +155,19 @@ def teacher_folder(out_dir, cfg, model: nn.Module, weights_given: bool, data=Non
     return Path(out_dir) / f"teacher-{key}"
 
 
-def load_or_train_teacher(cfg, dataset: str, image_size: int | None, train_set, val_set, out_dir, *, seed: int = 0,
-                          device="cpu", progress: bool = True, model: nn.Module | None = None) -> Teacher:
+def load_or_train_teacher(cfg, dataset: str, image_size: int | None, train_set, out_dir, *, seed: int = 0,
+                          device="cpu", progress: bool = True, model: nn.Module | None = None,
+                          check=None) -> Teacher:
     """The teacher of a :class:`dntk.config.TeacherConfig`: ``model`` when given (a model object, used
     as it is), else the ``--model`` built (an ``hf:`` folder with its weights) and loaded from
-    ``cfg.checkpoint``; trained on train_set (validated on val_set) and cached in :func:`teacher_folder`
-    when ``cfg.train_teacher`` says so — ``auto``: only when no weights were given — a finished run
-    there with the same recipe is reused, an interrupted one resumed."""
+    ``cfg.checkpoint``; trained and cached in :func:`teacher_folder` when ``cfg.train_teacher`` says so —
+    ``auto``: only when no weights were given — a finished run there with the same recipe is reused, an
+    interrupted one resumed.
+
+    Training holds out ``cfg.val_fraction`` of each class of ``train_set`` (:func:`validation_split`, seeded
+    by ``seed``) and keeps the epoch best on that held-out part; the test split is never seen, so the
+    accuracy a caller reports on it is honest. ``Teacher.validation`` says what was held out.
+    check: a callable given the built network before any training (e.g. to refuse ``--k`` > P at once)."""
     from ..models.registry import parse_model
 
     torch.manual_seed(seed)  # the initial weights: the same teacher from every verb for the same --seed
@@ -146,18 +177,29 @@ def load_or_train_teacher(cfg, dataset: str, image_size: int | None, train_set, 
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
     weights_given = given or bool(cfg.checkpoint) or (cfg.model is not None and parse_model(cfg.model).carries_weights)
+    if check is not None:
+        check(model)
     mode = getattr(cfg, "train_teacher", "auto")
     if mode == "always" or (mode == "auto" and not weights_given):
-        folder = teacher_folder(out_dir, cfg, model, weights_given, train_set)
+        fraction = getattr(cfg, "val_fraction", 0.1)
+        fit, held = validation_split(train_set.labels, fraction, seed)
+        fit_set = train_set.subset(fit) if held.numel() else train_set
+        val_set = train_set.subset(held) if held.numel() else None
+        folder = teacher_folder(out_dir, cfg, model, weights_given, fit_set)
         images = getattr(train_set, "image_shape", None) is not None
-        trained = train(model, train_set, val_set, teacher_train_config(dataset, cfg, seed, images), folder,
-                        device=device, progress=progress)
+        recipe = teacher_train_config(dataset, cfg, seed, images)
+        if val_set is None:
+            recipe.select = "last"
+        trained = train(model, fit_set, val_set, recipe, folder, device=device, progress=progress)
         source = str(folder / "best.pt")
+        validation = {"fraction": fraction, "n_train": len(fit), "n_val": int(held.numel()), "seed": seed,
+                      "selection": "best validation accuracy" if val_set is not None else "last epoch",
+                      "epoch": trained.best_epoch, "val_accuracy": trained.best_accuracy}
     else:
-        trained = None
+        trained, validation = None, None
         source = str(cfg.checkpoint) if cfg.checkpoint else ("model object" if given else cfg.model)
     model.to(device).eval()
-    return Teacher(model, source, trained, model_checksum(model))
+    return Teacher(model, source, trained, model_checksum(model), validation)
 
 
 def student_train_config(dataset: str, epochs: int, seed: int, n: int, eval_every: int = 1,
@@ -184,7 +226,9 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, test_set, o
                   progress: bool = True, protocol: str = "dntk") -> tuple[nn.Module, float]:
     """Train ``student`` (a fresh network) on the images of ``distilled`` (a DistilledSet or ImageSet)
     with the teacher's soft labels — relabelled on every augmented batch, or (relabel=False) fixed
-    per image — and return (student in eval mode, its test accuracy). Cached and resumable in out_dir.
+    per image — and return (student in eval mode, its test accuracy). The final epoch is kept (no epoch is
+    chosen on the test split); ``eval_every`` is accepted for older callers and has no effect. Cached and
+    resumable in out_dir.
     protocol: ``dntk`` (:func:`student_train_config`: AdamW 2e-3, one-cycle, pad-crop-flip, T = 4) or
     ``wmdd`` (:func:`wmdd_student_config`; relabel must be True, as in WMDD)."""
     torch.manual_seed(seed)
@@ -205,6 +249,7 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, test_set, o
     else:
         with torch.no_grad():
             labels = {"soft_labels": samples.call(teacher.eval(), samples.to(distilled.tensors()[0], device)).cpu()}
-    train(student, distilled, test_set, cfg, out_dir, device=device, progress=progress, **labels)
+    cfg.select = "last"   # the final epoch, evaluated once: no epoch is chosen on the test split
+    train(student, distilled, None, cfg, out_dir, device=device, progress=progress, **labels)
     student.eval()
     return student, evaluate(student, test_set, device=device)[0]
