@@ -138,6 +138,7 @@ def unpack(args):
     from bench_gradients import ROOT, teacher_and_data
 
     from dntk.distill import wmdd
+    from dntk.distill.wmdd import data_key
     from dntk.store import model_checksum
 
     teacher, tr, _ = teacher_and_data()
@@ -159,7 +160,8 @@ def unpack(args):
                 rows = r["init_global"][c * cfg.ipc:(c + 1) * cfg.ipc].tolist()
                 rec = {**blob["records"][c], "init_indices": [members[c].index(g) for g in rows],
                        "seconds": blob["seconds"] / C, "device": device, "peak_gpu_mb": blob["peak_gpu_mb"]}
-                write_class_blob(out, c, blob["images"][c * cfg.ipc:(c + 1) * cfg.ipc].float(), rec, cfg, ck)
+                write_class_blob(out, c, blob["images"][c * cfg.ipc:(c + 1) * cfg.ipc].float(), rec, cfg, ck,
+                                 data_key(tr))
             ds = wmdd(teacher, tr, cfg, out, progress=False, teacher_checksum=ck)   # assembles, computes nothing
             print(f"{out.name}: {len(ds)} images, {blob['seconds']:.0f} s on {device}")
 

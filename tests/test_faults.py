@@ -153,6 +153,7 @@ def test_mistakes_are_refused_before_any_training(tmp_path, capsys):
     _refused(capsys, [*RUN, "--out", str(tmp_path / "a-file" / "sub")], "cannot be written")
     (tmp_path / "o" / "results.json").mkdir(parents=True)
     _refused(capsys, [*RUN, "--out", str(tmp_path / "o")], "results.json is a folder")
+    _refused(capsys, [*RUN, "--image-size", "16", "--out", str(tmp_path / "d")], "the digits are 8 × 8 pixels")
     _refused(capsys, [*RUN, "--device", "foo", "--out", str(tmp_path / "d")], "--device 'foo' is not a device name")
     if not torch.cuda.is_available():
         _refused(capsys, [*RUN, "--device", "cuda", "--out", str(tmp_path / "d")], "no usable CUDA GPU")
@@ -189,3 +190,55 @@ def test_reproduce_refuses_its_own_flags_as_overrides(tmp_path, capsys, sample_r
     with pytest.raises(DNTKError, match=r"seed is a setting of dntk reproduce itself, not an override: pass --seed"):
         ReproduceConfig(data_root=str(sample_root), overrides={"seed": 1}).check()
     assert not (tmp_path / "r").exists()
+
+
+# --- mechanism 1: stage results keyed by what they depend on ---------------------------------------------
+def test_wmdd_classes_are_never_reused_for_other_real_images(tmp_path):
+    """A WMDD folder was reused whenever the settings and the teacher matched, whatever the real images it
+    starts from (a --checkpoint teacher with another data set): now keyed by the images' content too."""
+    from dntk.distill.wmdd import WMDDConfig, data_key, wmdd
+    from dntk.store import model_checksum
+
+    from conftest import randomize_bn, small_cnn_bn
+
+    torch.manual_seed(0)
+    teacher = randomize_bn(small_cnn_bn(C=3))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (12, 3, 8, 8), dtype=torch.uint8, generator=g)
+    data = dntk.data.ImageSet(images, torch.arange(3).repeat_interleave(4), ["a", "b", "c"])
+    cfg = WMDDConfig(ipc=2, iterations=3, barycenter_iterations=5)
+    ck = model_checksum(teacher)
+    first = wmdd(teacher, data, cfg, tmp_path / "w", progress=False, teacher_checksum=ck)
+    stamp = [p.stat().st_mtime_ns for p in sorted((tmp_path / "w" / "classes").iterdir())]
+    again = wmdd(teacher, data, cfg, tmp_path / "w", progress=False, teacher_checksum=ck)     # reused
+    assert torch.equal(again.images, first.images)
+    assert stamp == [p.stat().st_mtime_ns for p in sorted((tmp_path / "w" / "classes").iterdir())]
+    edited = images.clone()
+    edited[0] = 255 - edited[0]                         # one real image of class a changed
+    other = wmdd(teacher, dntk.data.ImageSet(edited, data.labels, data.classes), cfg, tmp_path / "w",
+                 progress=False, teacher_checksum=ck)
+    assert stamp != [p.stat().st_mtime_ns for p in sorted((tmp_path / "w" / "classes").iterdir())]   # recomputed
+    assert json.loads((tmp_path / "w" / "manifest.json").read_text())["data"] == data_key(
+        dntk.data.ImageSet(edited, data.labels, data.classes))
+    assert len(other) == 6
+
+
+def test_a_garbage_or_edited_store_manifest_is_written_again(tmp_path):
+    """Case 6: a garbage manifest.json was a raw JSONDecodeError in `run`; an edited shard range was refused
+    with "rerun the extraction", which never fixed it."""
+    out = tmp_path / "o"
+    args = [*RUN, "--epochs", "1", "--feature-chunk", "16", "--out", str(out)]
+    assert main(args) == 0
+    first = _results(out)
+    (store,) = out.glob("features-train-*")
+    (store / "manifest.json").write_text("{ not json")
+    with pytest.warns(RuntimeWarning, match="manifest.json is unreadable"):
+        assert main(args) == 0
+    assert _results(out)["kernel_model"] == first["kernel_model"]
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["shards"][1] = [5, 9]
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(RuntimeWarning, match="shard ranges that do not follow"):
+        assert main(args) == 0
+    assert _results(out)["kernel_model"] == first["kernel_model"]
+    assert json.loads((store / "manifest.json").read_text())["shards"][1] == [16, 32]

@@ -248,8 +248,18 @@ class FeatureStore:
         path = self.folder / "manifest.json"
         wanted = {"format": STORE_FORMAT, "identity": identity, "n": n, "shard_size": self.shard,
                   "shards": self.ranges(n)}
-        if path.exists():
-            have = json.loads(path.read_text())
+        have = read_json(path, what="writing it again") if path.exists() else None
+        if have is not None and not isinstance(have, dict):
+            warnings.warn(f"{path} is not a feature-store manifest; writing it again", RuntimeWarning, stacklevel=3)
+            have = None
+        if have is not None and have.get("shards") != wanted["shards"] and all(
+                have.get(k) == wanted[k] for k in ("format", "identity", "n", "shard_size")):
+            # an edited or damaged range list: the ranges follow from n and the shard size, so write them again
+            # (completion records name their own range; a shard whose range differs is recomputed)
+            warnings.warn(f"{path} lists shard ranges that do not follow from n = {n} and shard size {self.shard}; "
+                          "writing them again", RuntimeWarning, stacklevel=3)
+            have = None
+        if have is not None:
             keys = ("format", "identity", "n", "shard_size")
             if {k: have.get(k) for k in keys} != {k: wanted[k] for k in keys}:
                 diff = [k for k in keys if have.get(k) != wanted[k]]

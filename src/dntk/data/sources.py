@@ -186,6 +186,11 @@ def load_split(name: str, split: str, *, root=None, image_size: int | None = Non
     if name == "digits":
         if root is not None:
             raise DNTKError("the digits dataset is embedded in scikit-learn; drop --data-root or use --dataset folder")
+        if image_size not in (None, 8):
+            raise DNTKError(f"the digits are 8 × 8 pixels; --image-size {image_size} does not apply to them (drop it, or "
+                            "use --dataset folder for images of another size)")
+        if kw.get("resize") is not None:
+            raise DNTKError("the digits are 8 × 8 pixels and are not resized; drop --resize")
         return digits(split)
     if name in ("folder", "imagefolder"):
         if root is None:
@@ -225,6 +230,8 @@ def load_configured(cfg, *, cache_dir=None, progress: bool = True, split: str | 
     if getattr(cfg, "max_length", None) is not None:
         raise DNTKError("--max-length applies to token data (--dataset hf-disk); drop it for images")
     kw = {}
+    if cfg.dataset == "digits" and cfg.resize is not None:
+        kw["resize"] = cfg.resize   # refused by load_split: the digits are not resized
     if cfg.dataset != "digits":
         kw = {"download": cfg.download, "progress": progress}
         if cfg.resize is not None:

@@ -278,25 +278,34 @@ def class_blob_path(out_dir, c: int) -> Path:
     return Path(out_dir) / "classes" / f"class{c:04d}.pt"
 
 
-def write_class_blob(out_dir, c: int, images: torch.Tensor, record: dict, cfg: WMDDConfig, teacher_checksum: str):
-    """Atomically store one class's finished images [ipc, c, h, w] and record (the resume unit)."""
+def write_class_blob(out_dir, c: int, images: torch.Tensor, record: dict, cfg: WMDDConfig, teacher_checksum: str,
+                     data_key: str | None = None):
+    """Atomically store one class's finished images [ipc, c, h, w] and record (the resume unit), keyed by the
+    settings, the teacher's checksum and the real images' content key (:func:`data_key`)."""
     path = class_blob_path(out_dir, c)
     blob = {"images": images, "record": record, "config": json.dumps(asdict(cfg), sort_keys=True),
-            "teacher": teacher_checksum}
+            "teacher": teacher_checksum, "data": data_key}
     atomic_save(blob, path)
     return blob
 
 
-def _valid_blob(out_dir, c, cfg, teacher_checksum):
+def data_key(dataset) -> str:
+    """Content key of the real images WMDD starts from and matches: pixels, labels and class names."""
+    from ..store import digest
+
+    return digest(dataset.images, dataset.labels, list(dataset.classes))
+
+
+def _valid_blob(out_dir, c, cfg, teacher_checksum, data=None):
     path = class_blob_path(out_dir, c)
     blob = load_or_none(path, what="optimising this class again")   # a torn class file is redone, not a traceback
     if not isinstance(blob, dict) or blob.get("config") != json.dumps(asdict(cfg), sort_keys=True) \
-            or blob.get("teacher") != teacher_checksum:
+            or blob.get("teacher") != teacher_checksum or blob.get("data") != data:
         return None
     return blob
 
 
-def _finished(out_dir: Path, cfg, teacher_checksum: str):
+def _finished(out_dir: Path, cfg, teacher_checksum: str, data=None):
     """The assembled set in out_dir when its manifest records these settings and this teacher, else None."""
     import json
 
@@ -308,7 +317,8 @@ def _finished(out_dir: Path, cfg, teacher_checksum: str):
     rec = read_json(manifest, what="assembling the set again from its classes")
     if not isinstance(rec, dict) or load_or_none(out_dir / "distilled.pt", what="assembling it again") is None:
         return None
-    if rec.get("settings") != json.loads(json.dumps(asdict(cfg))) or rec.get("teacher_checksum") != teacher_checksum:
+    if rec.get("settings") != json.loads(json.dumps(asdict(cfg))) or rec.get("teacher_checksum") != teacher_checksum \
+            or rec.get("data") != data:
         return None
     return load_distilled(out_dir)
 
@@ -338,11 +348,12 @@ def wmdd(teacher: nn.Module, dataset: ImageSet, cfg: WMDDConfig, out_dir, *, pro
     reset_peak_rss()
     C = dataset.num_classes
     groups = [list(range(s, min(C, s + cfg.classes_per_step))) for s in range(0, C, cfg.classes_per_step)]
+    data = data_key(dataset)   # other real images (another size, an edited file) never reuse these classes
     blobs = {}
     computed = False
     try:
         for group in tqdm(groups, desc=f"WMDD ipc={cfg.ipc}", disable=not progress):
-            found = {c: _valid_blob(out_dir, c, cfg, teacher_checksum) for c in group}
+            found = {c: _valid_blob(out_dir, c, cfg, teacher_checksum, data) for c in group}
             if all(b is not None for b in found.values()):
                 blobs.update(found)
                 continue
@@ -360,11 +371,12 @@ def wmdd(teacher: nn.Module, dataset: ImageSet, cfg: WMDDConfig, out_dir, *, pro
             for i, c in enumerate(group):
                 rec = {**recs[i], "init_indices": targets[i]["init_indices"].tolist(), "seconds": seconds,
                        "device": str(device)}
-                blobs[c] = write_class_blob(out_dir, c, x[i * cfg.ipc:(i + 1) * cfg.ipc], rec, cfg, teacher_checksum)
+                blobs[c] = write_class_blob(out_dir, c, x[i * cfg.ipc:(i + 1) * cfg.ipc], rec, cfg, teacher_checksum,
+                                            data)
     finally:
         for p, flag in zip(teacher.parameters(), trainable):
             p.requires_grad_(flag)
-    done = _finished(out_dir, cfg, teacher_checksum) if not computed else None
+    done = _finished(out_dir, cfg, teacher_checksum, data) if not computed else None
     if done is not None:   # every class was already optimised and assembled: keep the files (and their record)
         return done
     images = torch.cat([blobs[c]["images"] for c in range(C)])
@@ -374,6 +386,6 @@ def wmdd(teacher: nn.Module, dataset: ImageSet, cfg: WMDDConfig, out_dir, *, pro
     manifest = {"method": "wmdd", "settings": asdict(cfg), "per_class": records,
                 "seconds": sum(float(blobs[c]["record"].get("seconds", 0.0)) for c in range(C)),
                 "devices": sorted({blobs[c]["record"].get("device", "cpu") for c in range(C)}),
-                "peak_memory_mb": peak_rss_mb(), "teacher_checksum": teacher_checksum}
+                "peak_memory_mb": peak_rss_mb(), "teacher_checksum": teacher_checksum, "data": data}
     save_distilled(ds, out_dir, manifest)
     return ds

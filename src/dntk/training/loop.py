@@ -4,8 +4,10 @@ evaluation every epoch, the best checkpoint kept, and resume after interruption.
 Files in ``out_dir``: ``last.pt`` (everything needed to resume, written atomically every epoch),
 ``best.pt`` (the best-validation-accuracy weights, or with ``select="last"`` / no validation set the final
 epoch's), ``history.json`` (per-epoch loss, accuracy and wall seconds). Every file is written atomically
-(:func:`dntk.store.atomic_save`); a torn or zero-byte ``last.pt`` is treated as missing (training restarts,
-with a warning), a torn ``best.pt`` of a finished run as an unfinished run.
+(:func:`dntk.store.atomic_save`, fsync'ed); a torn or zero-byte ``last.pt`` — or a torn ``best.pt`` while the
+best epoch is being selected — is treated as missing: training restarts from epoch 0, with a warning naming
+the file (the best weights cannot be recovered from ``last.pt``); a torn ``history.json`` is written again
+from ``last.pt``.
 A finished run found in ``out_dir`` with the same configuration is returned without retraining.
 """
 
