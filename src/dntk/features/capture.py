@@ -60,7 +60,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -1112,9 +1111,10 @@ def _batched_vjp(outputs, inputs, cotangents):
 
 def compiled_parts(model: nn.Module) -> list[str]:
     """Names of the model's (sub)modules that are compiled, scripted or traced — torch.jit.ScriptModule
-    (scripted or traced), torch.compile's OptimizedModule, torch.fx.GraphModule — whose calls the
-    op-level recorder cannot see; [] for a plain eager model."""
-    kinds = [torch.jit.ScriptModule, torch.fx.GraphModule]
+    (torch.jit.script or torch.jit.trace) and torch.compile's OptimizedModule — whose calls the op-level
+    recorder cannot see; [] for a plain eager model. (A torch.fx.GraphModule is not among them: its
+    generated forward is eager Python whose calls the recorder sees, and the engine handles it exactly.)"""
+    kinds = [torch.jit.ScriptModule]
     try:
         from torch._dynamo.eval_frame import OptimizedModule
 
