@@ -339,6 +339,8 @@ def test_numpy_inputs_are_accepted_and_equal_the_tensor_results():
     assert local_global(F_.numpy(), Y.numpy(), budget=2, n_clusters=2).sizes == [2, 2]
     assert torch.equal(dntk.kernels.one_hot(np.array([0, 2]), 3), torch.tensor([[1.0, 0, 0], [0, 0, 1]],
                                                                                  dtype=torch.float64))
+    rows = dntk.kernels.compare_with_exact(Y.numpy(), Y, None, {"copy": {"pred": Y.numpy()}})
+    assert rows[1]["agreement_with_exact"] == 1.0 and rows[1]["relative_mse_to_exact"] == 0.0
     m, x = _linear(), torch.randn(4, 3, 2, 2, dtype=torch.float32)
     assert torch.equal(dntk.empirical_ntk(m, x.numpy()), dntk.empirical_ntk(m, x))
 
@@ -369,6 +371,11 @@ def _raw_error_cases():
         "gradient_features(meta model)": (lambda: dntk.gradient_features(meta, torch.randn(2, 12), "identity",
                                                                          progress=False), "meta device"),
         "empirical_ntk(meta model)": (lambda: dntk.empirical_ntk(meta, torch.randn(2, 12)), "meta device"),
+        "krr_curve(m_values=[0])": (lambda: dntk.kernels.krr_curve(Y, Y, None, ridge=1e-3, m_values=[0],
+                                                                    kernels=(K, K)), "an m value must be an integer ≥ 1"),
+        "posterior_variance(ridge=-1)": (lambda: dntk.gradients.posterior_variance(F_[0], F_[0], -1.0), "ridge must be"),
+        "gp_prior_targets(seed=1.7)": (lambda: dntk.gradients.gp_prior_targets(F_, F_, seed=1.7), "seed must be"),
+        "principal_angles(r=0)": (lambda: dntk.gradients.principal_angles(F_, select(F_, Y, 2), r=0), "r must be"),
         "accuracy(1-D predictions)": (lambda: metrics.accuracy(torch.randn(5), torch.zeros(5, dtype=torch.long)),
                                       "not their argmax"),
     }
