@@ -743,7 +743,7 @@ class GradientCapture:
                             "through .item(), .tolist() or int(), before reaching the parameters); per-sample "
                             "gradients cannot be attributed — keep the computation in torch tensor operations")
         if B == 1 and self._passes == 1:
-            self._check_alone(x, logits, n=1)   # a random forward drawing from its own generator differs on a rerun
+            self._check_repeatable(x, logits)   # a random forward drawing from its own generator differs on a rerun
         if not logits.requires_grad or not outs:
             return logits.detach()  # no trainable parameter reaches the logits: every gradient is zero
 
@@ -807,6 +807,16 @@ class GradientCapture:
                 sink.block(ci, name, blk)
         self._aliases = {}
         return logits.detach()
+
+    def _check_repeatable(self, x, logits):
+        """The same batch run again (no grad) gives the same logits, or the forward is random (it draws from
+        a generator of its own, which the global-RNG check cannot see)."""
+        with torch.no_grad(), analysis_mode(self.model):
+            again = check_logits(samples.call(self.model, samples.map_leaves(torch.clone, x)), samples.count(x))
+        ref = logits.detach()
+        tol = (1e-9 if ref.dtype == torch.float64 else 1e-4) * (float(ref.abs().max()) + 1.0)
+        if bool(torch.isfinite(ref).all()) and float((again - ref).abs().max()) > tol:
+            raise DNTKError(random_forward_message("the same input run twice gave different logits"))
 
     def _check_alone(self, x, logits, n: int = 4):
         """The logits of a few samples computed alone must equal their logits in the batch (catches
