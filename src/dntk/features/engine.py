@@ -27,15 +27,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def as_inputs(x):
-    """A numpy array (or a tuple/dict of them) as the same sample batch of tensors (no copy); anything
-    else unchanged."""
+    """A numpy array (or a tuple/dict holding numpy arrays) as the same sample batch of tensors (no copy);
+    anything else — tensors, PaddedTokens, Datasets — returned unchanged (the same object)."""
     if isinstance(x, np.ndarray):
         return V.tensor(x, "inputs", dtype=None, finite=False, nonempty=False)
-    if isinstance(x, tuple) and x and all(isinstance(v, (np.ndarray, torch.Tensor)) for v in x):
+    values = x if isinstance(x, tuple) else x.values() if isinstance(x, dict) else ()
+    if not any(isinstance(v, np.ndarray) for v in values):
+        return x
+    if isinstance(x, tuple):
         return tuple(as_inputs(v) for v in x)
-    if isinstance(x, dict) and x and all(isinstance(v, (np.ndarray, torch.Tensor)) for v in x.values()):
-        return {k: as_inputs(v) for k, v in x.items()}
-    return x
+    return type(x)({k: as_inputs(v) for k, v in x.items()})
 
 
 def refuse_nonfinite(bad: torch.Tensor, start: int) -> None:
