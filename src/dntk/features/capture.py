@@ -642,6 +642,9 @@ class GradientCapture:
     """
 
     def __init__(self, model: nn.Module, backend: str = "auto"):
+        from ..validate import real_model
+
+        real_model(model)
         self.model = model
         self.table = parameter_table(model)
         if backend == "hooks":  # the historical name of the default engine
@@ -701,16 +704,22 @@ class GradientCapture:
                 return leaf
 
             xin = samples.map_leaves(tag, x)
+            rng = _rng_states(x)
             try:
                 with rec:
                     out = samples.call(model, xin)
             except DNTKError:
                 raise
             except Exception as e:
+                compiled = compiled_parts(model)
+                hint = (f"; {compiled[0]} is compiled, scripted or traced code, which cannot be recorded call by call — "
+                        "pass the plain eager module, or use backend='func'" if compiled else
+                        "; check that the inputs have the shape and dtype the model expects (run "
+                        "model(inputs[:2]) to see the same error outside dntk)")
                 raise DNTKError(f"the model's forward pass failed under dntk's call recorder ({type(e).__name__}: {e}) "
-                                f"on inputs {samples.describe(x)}; if the model runs on these inputs outside dntk, it may "
-                                "be compiled or scripted code (torch.compile, TorchScript), which cannot be traced call "
-                                "by call — pass the plain eager module, or use backend='func'") from e
+                                f"on inputs {samples.describe(x)}{hint}") from e
+            if _rng_states(x) != rng:
+                raise DNTKError(random_forward_message("it drew random numbers from torch's generator during the pass"))
             logits = check_logits(out, B)
         classes = _resolve_classes(classes, logits.shape[1])
         uses = rec.uses
@@ -733,6 +742,8 @@ class GradientCapture:
             raise DNTKError("the logits do not depend on the input as far as dntk can trace (the data left torch, e.g. "
                             "through .item(), .tolist() or int(), before reaching the parameters); per-sample "
                             "gradients cannot be attributed — keep the computation in torch tensor operations")
+        if B == 1 and self._passes == 1:
+            self._check_repeatable(x, logits)   # a random forward drawing from its own generator differs on a rerun
         if not logits.requires_grad or not outs:
             return logits.detach()  # no trainable parameter reaches the logits: every gradient is zero
 
@@ -797,6 +808,16 @@ class GradientCapture:
         self._aliases = {}
         return logits.detach()
 
+    def _check_repeatable(self, x, logits):
+        """The same batch run again (no grad) gives the same logits, or the forward is random (it draws from
+        a generator of its own, which the global-RNG check cannot see)."""
+        with torch.no_grad(), analysis_mode(self.model):
+            again = check_logits(samples.call(self.model, samples.map_leaves(torch.clone, x)), samples.count(x))
+        ref = logits.detach()
+        tol = (1e-9 if ref.dtype == torch.float64 else 1e-4) * (float(ref.abs().max()) + 1.0)
+        if bool(torch.isfinite(ref).all()) and float((again - ref).abs().max()) > tol:
+            raise DNTKError(random_forward_message("the same input run twice gave different logits"))
+
     def _check_alone(self, x, logits, n: int = 4):
         """The logits of a few samples computed alone must equal their logits in the batch (catches
         models whose outputs mix samples through values the gradient test cannot see)."""
@@ -809,6 +830,9 @@ class GradientCapture:
                 if not torch.isfinite(ref).all():
                     continue
                 if alone.shape != ref.shape or float((alone - ref).abs().max()) > tol:
+                    again = samples.call(self.model, samples.map_leaves(torch.clone, samples.take(x, slice(i, i + 1))))
+                    if again.shape == alone.shape and float((again - alone).abs().max()) > tol:
+                        raise DNTKError(random_forward_message(f"sample {i} run alone twice gave different logits"))
                     padded = (" or on its padding (its tokens are cut to its own length when it is run alone: mask the "
                               "padding in the model, or pad every sequence to one length with --max-length)"
                               if isinstance(x, samples.PaddedTokens) else "")
@@ -1001,6 +1025,8 @@ class GradientCapture:
         try:
             return self._run_func_inner(x, classes, sink)
         except RuntimeError as e:
+            if "randomness" in str(e):
+                raise DNTKError(random_forward_message("vmap refused its random operation")) from e
             raise DNTKError(f"backend='func' (whole-model vmap(jacrev)) cannot run this model on inputs "
                             f"{samples.describe(x)} ({type(e).__name__}: {str(e)[:300]}); data-dependent control "
                             "flow (Hugging Face padding logic, recurrent layers) defeats vmap — use the default "
@@ -1014,7 +1040,10 @@ class GradientCapture:
         x = dict(x) if isinstance(x, dict) else x   # a plain pytree for vmap
         with analysis_mode(model):
             with torch.no_grad():
+                rng = _rng_states(x)
                 logits = check_logits(samples.call(model, x), B)
+                if _rng_states(x) != rng:
+                    raise DNTKError(random_forward_message("it drew random numbers from torch's generator during the pass"))
             classes_r = _resolve_classes(classes, logits.shape[1])
             params = {n: p.detach() for n, p in table.params.items()}
             idx = torch.tensor(classes_r, device=logits.device)
@@ -1090,12 +1119,53 @@ def _batched_vjp(outputs, inputs, cotangents):
         return out
 
 
+def compiled_parts(model: nn.Module) -> list[str]:
+    """Names of the model's (sub)modules that are compiled, scripted or traced — torch.jit.ScriptModule
+    (torch.jit.script or torch.jit.trace) and torch.compile's OptimizedModule — whose calls the op-level
+    recorder cannot see; [] for a plain eager model. (A torch.fx.GraphModule is not among them: its
+    generated forward is eager Python whose calls the recorder sees, and the engine handles it exactly.)"""
+    kinds = [torch.jit.ScriptModule]
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        kinds.append(OptimizedModule)
+    except Exception:   # pragma: no cover - torch builds without dynamo
+        pass
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, tuple(kinds)):
+            found.append(f"{'the model' if not name else name} ({type(m).__name__})")
+    return found
+
+
+def _rng_states(x) -> list:
+    """The global torch generators a forward on x could draw from: the CPU one and that of every CUDA
+    device holding an input (a forward that advances one of them sampled random numbers)."""
+    states = [torch.random.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices = sorted({t.device.index or 0 for t in samples.leaves(x) if t.device.type == "cuda"})
+        states += [torch.cuda.get_rng_state(d) for d in devices]
+    return [bytes(s.numpy().tobytes()) for s in states]
+
+
+def random_forward_message(evidence: str) -> str:
+    return (f"the forward is random ({evidence}): dropout in training mode (e.g. F.dropout(x, training=True) — dntk "
+            "puts the model in eval mode, which functional calls ignore) or random sampling (torch.randn_like, "
+            "torch.rand, torch.bernoulli, ...); its per-sample gradients would be those of one random draw — call "
+            "model.eval() and pass training=self.training to functional dropout, or remove the random sampling")
+
+
 def _resolve_classes(classes, C: int) -> list[int]:
+    from .. import validate as V
+
     if classes is None:
         return list(range(C))
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__iter__"):
+        raise DNTKError(f"classes must be None or a list of logit indices 0..{C - 1}, got {classes!r}")
     out = []
     for c in classes:
-        c = int(c)
+        c = V.count(c.item() if isinstance(c, torch.Tensor) and c.dim() == 0 else c, "a class index",
+                    f"pass logit indices 0..{C - 1}", minimum=0)
         if not 0 <= c < C:
             raise DNTKError(f"class index {c} is out of range for a model with C={C} outputs; use 0..{C - 1}")
         out.append(c)

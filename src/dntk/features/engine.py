@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import samples
+from .. import validate as V
+from ..validate import real_model
 from ..errors import DNTKError, require_int
 from ..projection import DEFAULT, Projector
 from ..projection import make as make_projector
@@ -21,6 +24,27 @@ def model_device(model: nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
+
+
+def as_inputs(x):
+    """A numpy array (or a tuple/dict holding numpy arrays) as the same sample batch of tensors (no copy);
+    anything else — tensors, PaddedTokens, Datasets — returned unchanged (the same object)."""
+    if isinstance(x, np.ndarray):
+        return V.tensor(x, "inputs", dtype=None, finite=False, nonempty=False)
+    values = x if isinstance(x, tuple) else x.values() if isinstance(x, dict) else ()
+    if not any(isinstance(v, np.ndarray) for v in values):
+        return x
+    if isinstance(x, tuple):
+        return tuple(as_inputs(v) for v in x)
+    return type(x)({k: as_inputs(v) for k, v in x.items()})
+
+
+def refuse_nonfinite(bad: torch.Tensor, start: int) -> None:
+    """A DNTKError naming the samples (global indices: start + position) flagged in ``bad`` [B], if any."""
+    if bool(bad.any()):
+        idx = (torch.nonzero(bad).flatten() + start).tolist()
+        raise DNTKError(f"non-finite gradients or logits for sample indices {idx[:20]}{' ...' if len(idx) > 20 else ''}; "
+                        "check those inputs for NaN/inf and the model for overflow (e.g. run in float64)")
 
 
 def default_batch_size(num_params: int, projector: Projector) -> int:
@@ -60,6 +84,8 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
     patches), plus the largest per-sample weight-gradient block [B, P_layer] for projectors that
     materialise it, plus the output [C', n, k] — never P·k.
     """
+    real_model(model, where="gradient_features")
+    inputs = as_inputs(inputs)
     if isinstance(projector, str):
         projector = make_projector(projector, k=k, seed=seed)
     strict = device is None
@@ -83,11 +109,7 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
         logits = capture.run(x, classes, sink)
         n_cls = len(classes) if classes is not None else logits.shape[1]
         out = sink.stacked(n_cls, logits.dtype)  # [C', B, k]
-        bad = ~torch.isfinite(out).all(dim=2).all(dim=0) | ~torch.isfinite(logits).all(dim=1)
-        if bool(bad.any()):
-            idx = (torch.nonzero(bad).flatten() + start).tolist()
-            raise DNTKError(f"non-finite gradients or logits for sample indices {idx[:20]}{' ...' if len(idx) > 20 else ''}; "
-                            "check those inputs for NaN/inf and the model for overflow (e.g. run in float64)")
+        refuse_nonfinite(~torch.isfinite(out).all(dim=2).all(dim=0) | ~torch.isfinite(logits).all(dim=1), start)
         feats.append(out.float().cpu())
         logits_all.append(logits.float().cpu())
         if y is not None:

@@ -13,7 +13,8 @@ import torch.nn as nn
 from .. import samples
 from ..errors import DNTKError, require_int
 from .capture import GradientCapture
-from .engine import model_device
+from ..validate import real_model
+from .engine import as_inputs, model_device, refuse_nonfinite
 
 BLOCKS = ("per_class", "full", "trace")
 
@@ -38,10 +39,16 @@ class _ExactSink:
         self._add(c, name, torch.bmm(g, a.transpose(1, 2)).reshape(g.shape[0], -1))
 
 
-def _gradients(capture, x, classes):
-    """All per-sample gradient blocks of batch x: {name: [C', B, numel]}."""
+def _gradients(capture, x, classes, start: int = 0):
+    """All per-sample gradient blocks of batch x: {name: [C', B, numel]}; a sample (global index start +
+    position) with a non-finite logit or gradient is refused, as in gradient_features."""
     sink = _ExactSink()
-    capture.run(x, classes, sink)
+    logits = capture.run(x, classes, sink)
+    bad = ~torch.isfinite(logits).all(dim=1)
+    for d in sink.grads.values():
+        for b in d.values():
+            bad = bad | ~torch.isfinite(b).all(dim=1)
+    refuse_nonfinite(bad, start)
     cs = sorted(sink.grads)
     names = [s.name for s in capture.specs]
     out = {}
@@ -157,6 +164,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
     if spill_dir is not None and not Path(spill_dir).is_dir():
         raise DNTKError(f"spill_dir {str(spill_dir)!r} is not an existing folder; create it or pass None for the "
                         f"system's temporary directory")
+    real_model(model, where="empirical_ntk")
+    x1, x2 = as_inputs(x1), as_inputs(x2)
     device = model_device(model)
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
@@ -206,10 +215,10 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
     try:
         for s2 in starts2:  # every x2 block's gradients exactly once
             xb = samples.take(x2, slice(s2, s2 + batch_size))
-            store.put(s2, _gradients(capture, xb, classes), samples.count(xb) * per_input)
+            store.put(s2, _gradients(capture, xb, classes, s2), samples.count(xb) * per_input)
         for s1 in starts1:
             g1 = store.get(s1) if symmetric else _gradients(capture, samples.take(x1, slice(s1, s1 + batch_size)),
-                                                            classes)
+                                                            classes, s1)
             for s2 in starts2:
                 if symmetric and s2 < s1:
                     continue
@@ -341,6 +350,8 @@ def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_byt
 
     require_int(memory_budget_bytes, "memory_budget_bytes", 1, "pass the bytes of gradients to hold at once")
     require_int(batch_size, "batch_size", 1, "pass a positive number of inputs per gradient pass")
+    real_model(model, where="sliced_class_kernels")
+    x = as_inputs(x)
     device = model_device(model)
     _check_inputs(x, "x", device)
     capture = GradientCapture(model, backend=backend)
@@ -366,7 +377,12 @@ def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_byt
         for s in range(0, n, batch_size):
             sink = _SliceSink(plan, widths)
             xb = samples.take(x, slice(s, s + batch_size))
-            capture.run(xb, None, sink)
+            logits = capture.run(xb, None, sink)
+            bad = ~torch.isfinite(logits).all(dim=1)
+            for d in sink.grads.values():
+                for b in d.values():
+                    bad = bad | ~torch.isfinite(b).all(dim=1)
+            refuse_nonfinite(bad, s)
             col = 0
             for name, (lo, hi) in plan.items():
                 for c in range(C):

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from .. import validate as V
 from ..errors import DNTKError
 from ..kernels import fit_evaluate, one_hot
 from .kernel_metrics import (AllM, gp_prior_targets, heldout_target_metrics, nystrom_kernel_error,
@@ -33,12 +34,19 @@ def distill_gradients(method: str, F: torch.Tensor, Y: torch.Tensor, *, budget: 
     F [C, m, k] features, Y [m, C] targets → :class:`~dntk.gradients.DistilledGradients`.
     ``local-global`` is Algorithm 1 (budget mode when ``budget`` is given); the selection baselines
     need ``budget`` (s gradients per class); ``target-direction`` (default s = 1) and ``hybrid`` (the target
-    direction plus Algorithm 1's s − 1) use ``ridge``, the absolute ridge of the model fitted on them."""
+    direction plus Algorithm 1's s − 1) use ``ridge``, the absolute ridge of the model fitted on them, and
+    ``leverage`` uses it for its scores. ``budget`` is None or an integer ≥ 1 (0, negative, float or bool
+    budgets are refused, never replaced by a default); ``seed`` an integer ≥ 0; ``ridge`` ≥ 0."""
+    if budget is not None:
+        budget = V.count(budget, "budget", "pass the number of synthetic gradients per class kernel (an integer ≥ 1), "
+                         "or None", where="distill_gradients")
+    seed = V.seed(seed, where="distill_gradients")
+    ridge = V.nonnegative(ridge, "ridge", "pass the absolute ridge λ ≥ 0 of the kernel model", where="distill_gradients")
     if method == "local-global":
         return local_global(F, Y, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters, mode=mode, budget=budget,
                             coverage_mode=coverage_mode, gap=gap, seed=seed)
     if method == "target-direction":
-        return target_direction(F, Y, budget or 1, ridge=ridge)
+        return target_direction(F, Y, 1 if budget is None else budget, ridge=ridge)
     if method == "hybrid":
         if budget is None:
             raise DNTKError("--gradient-distill hybrid needs --budget s (the target direction + s − 1 of Algorithm 1)")
@@ -47,7 +55,7 @@ def distill_gradients(method: str, F: torch.Tensor, Y: torch.Tensor, *, budget: 
     if method in SELECTION_METHODS:
         if budget is None:
             raise DNTKError(f"--gradient-distill {method} needs --budget s (gradients per class kernel)")
-        return select(F, Y, budget, method, seed=seed)
+        return select(F, Y, budget, method, seed=seed, ridge=ridge)
     raise DNTKError(f"unknown gradient distillation {method!r}; valid names: none, {', '.join(GRADIENT_METHODS)}")
 
 

@@ -25,15 +25,17 @@ from __future__ import annotations
 import torch
 
 from .. import metrics
+from .. import validate as V
 from ..errors import DNTKError
 from ..kernels import PerClassKRR
 from ..spectral.theory import row_basis as _row_basis
 
 
 def _classes(F_train, synthetic, F_test):
-    F = F_train.features if hasattr(F_train, "features") else F_train
-    X = F_test.features if hasattr(F_test, "features") else F_test
+    F = V.tensor(F_train.features if hasattr(F_train, "features") else F_train, "F_train", ndim=3)
+    X = V.tensor(F_test.features if hasattr(F_test, "features") else F_test, "F_test", ndim=3)
     S = synthetic.features if hasattr(synthetic, "features") else synthetic
+    S = [V.tensor(s, f"synthetic features[{c}]", ndim=2, nonempty=False) for c, s in enumerate(S)]
     if len(S) != F.shape[0] or X.shape[0] != F.shape[0]:
         raise DNTKError(f"{len(S)} synthetic classes, {F.shape[0]} training and {X.shape[0]} test classes: they must agree")
     return F.double(), [s.double() for s in S], X.double()
@@ -95,7 +97,11 @@ def nystrom_kernel_error(F_train, synthetic, F_test, *, reference: AllM | None =
 
 def posterior_variance(F_train: torch.Tensor, F_test: torch.Tensor, ridge: float) -> torch.Tensor:
     """σ²(x) = φᵀφ − φᵀΦᵀ(ΦΦᵀ + λI)⁻¹Φφ for one class: F_train [m, k], F_test [n, k] → [n]."""
-    Phi, X = F_train.double(), F_test.double()
+    Phi = V.tensor(F_train, "F_train", ndim=2, where="posterior_variance").double()
+    X = V.tensor(F_test, "F_test", ndim=2, where="posterior_variance").double()
+    ridge = V.nonnegative(ridge, "ridge", "pass the absolute ridge λ ≥ 0", where="posterior_variance")
+    if Phi.shape[1] != X.shape[1]:
+        raise DNTKError(f"posterior_variance: F_train has k={Phi.shape[1]} features but F_test k={X.shape[1]}")
     m = Phi.shape[0]
     kx = X @ Phi.T                                                            # [n, m]
     sol = torch.linalg.solve(Phi @ Phi.T + ridge * torch.eye(m, dtype=Phi.dtype), kx.T)   # [m, n]
@@ -116,6 +122,7 @@ def posterior_variance_error(F_train, synthetic, F_test, *, ridge: float, refere
 def principal_angles(F_train, synthetic, r: int = 10, *, reference: AllM | None = None) -> dict:
     """Angles between the top-r right singular subspaces of Φ_c and S_c (r capped at each class's s):
     {"r", "mean_cos2", "max_angle_deg"} averaged over classes."""
+    r = V.count(r, "r", "pass the number of leading singular directions to compare (≥ 1)", where="principal_angles")
     F, S, _ = _classes(F_train, synthetic, F_train)
     ref = _reference(F, F, 0.0, reference)
     cos2, worst, used = [], [], []
@@ -123,22 +130,27 @@ def principal_angles(F_train, synthetic, r: int = 10, *, reference: AllM | None 
         rc = min(r, S[c].shape[0], F[c].shape[0])
         if rc == 0:
             continue
-        V = ref.right_vectors(c)[:rc].T
+        Vr = ref.right_vectors(c)[:rc].T
         W = torch.linalg.svd(S[c], full_matrices=False)[2][:rc].T
-        cos = torch.linalg.svdvals(V.T @ W).clamp(0, 1)
+        cos = torch.linalg.svdvals(Vr.T @ W).clamp(0, 1)
         cos2.append(float((cos ** 2).mean()))
         worst.append(float(torch.rad2deg(torch.arccos(cos.min()))))
         used.append(rc)
-    return {"r": min(used) if used else 0, "mean_cos2": sum(cos2) / len(cos2), "max_angle_deg": max(worst)}
+    if not used:
+        raise DNTKError("principal_angles: the synthetic set holds no gradient in any class (s = 0), so it spans no "
+                        "subspace; distill with a budget ≥ 1")
+    return {"r": min(used), "mean_cos2": sum(cos2) / len(cos2), "max_angle_deg": max(worst)}
 
 
 def gp_prior_targets(F_train, F_test, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A random function from each class kernel's GP prior: f_c(x) = φ_c(x)ᵀ g_c with g_c ~ N(0, I_k)
     (so Cov f_c = K_c), seeded. Returns its values on the training points [m, C] and on the test points
     [n, C]."""
-    F = (F_train.features if hasattr(F_train, "features") else F_train).double()
-    X = (F_test.features if hasattr(F_test, "features") else F_test).double()
-    gen = torch.Generator().manual_seed(seed)
+    F = V.tensor(F_train.features if hasattr(F_train, "features") else F_train, "F_train", ndim=3,
+                 where="gp_prior_targets").double()
+    X = V.tensor(F_test.features if hasattr(F_test, "features") else F_test, "F_test", ndim=3,
+                 where="gp_prior_targets").double()
+    gen = torch.Generator().manual_seed(V.seed(seed, where="gp_prior_targets"))
     g = torch.randn(F.shape[0], F.shape[2], generator=gen, dtype=torch.float64)
     return torch.einsum("cmk,ck->mc", F, g), torch.einsum("cnk,ck->nc", X, g)
 
@@ -154,7 +166,10 @@ def heldout_target_metrics(synthetic, F_train, F_test, y_train: torch.Tensor, y_
     F = (F_train.features if hasattr(F_train, "features") else F_train).double()
     X = F_test.features if hasattr(F_test, "features") else F_test
     U = synthetic.coefficients
-    y = y_train.double()
+    y = V.tensor(y_train, "y_train", ndim=2, where="heldout_target_metrics").double()
+    y_test = V.predictions(y_test, "y_test", C=y.shape[1], finite=True, lists=False, where="heldout_target_metrics")
+    if y.shape != (F.shape[1], F.shape[0]):
+        raise DNTKError(f"heldout_target_metrics: y_train must be [m={F.shape[1]}, C={F.shape[0]}], got {tuple(y.shape)}")
     feats = [U[c].T @ F[c] for c in range(F.shape[0])]
     targs = [U[c].T @ y[:, c] for c in range(F.shape[0])]
     pred_s = PerClassKRR(ridge=ridge, normalize=None).fit(feats, targs).predict(X)

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from .. import validate as V
 from ..errors import DNTKError
 from ..features.result import class_kernels
 from ..spectral import check_tau, coverage, eigh_desc, local_global_structure, truncation_rank
@@ -53,15 +55,31 @@ class DistilledGradients:
         return [f.shape[0] for f in self.features]
 
 
-def _check_inputs(features, targets):
-    if not isinstance(features, torch.Tensor) or features.dim() != 3:
-        raise DNTKError(f"features must be a tensor [C, m, k], got {getattr(features, 'shape', type(features))}")
-    C, m, _ = features.shape
-    if targets.shape != (m, C):
-        raise DNTKError(f"targets must be [m={m}, C={C}], got {tuple(targets.shape)}")
-    if not bool(torch.isfinite(features).all()):
-        raise DNTKError("features contain NaN or inf; recompute them (gradient_features names the bad samples)")
-    return features.detach().double().cpu(), targets.detach().double().cpu()
+def _check_inputs(features, targets, where: str = "gradient distillation"):
+    """features [C, m, k] and targets [m, C] (tensors or numpy arrays, finite) → float64 CPU copies."""
+    if hasattr(features, "features") and not isinstance(features, (torch.Tensor, np.ndarray)):
+        features = features.features   # a FeatureResult
+    F = V.tensor(features, "features", ndim=3, where=where)
+    C, m, _ = F.shape
+    Y = V.tensor(targets, "targets", ndim=2, finite=False, nonempty=False, where=where)
+    if tuple(Y.shape) != (m, C):
+        raise DNTKError(f"{where}: targets must be [m={m}, C={C}] (one row per training point), got {tuple(Y.shape)}")
+    bad = torch.nonzero(~torch.isfinite(Y).all(1)).flatten().tolist()
+    if bad:
+        raise DNTKError(f"{where}: targets contain NaN or inf in rows {bad[:10]}{' …' if len(bad) > 10 else ''}; check the "
+                        "teacher logits (or labels) those training points got")
+    return F.detach().double().cpu(), Y.detach().double().cpu()
+
+
+def _budget(budget, m: int, where: str, *, optional: bool = True):
+    """None (when ``optional``) or an integer budget 1 ≤ s ≤ m."""
+    if budget is None and optional:
+        return None
+    s = V.count(budget, "budget s", "pass the number of synthetic gradients per class kernel (an integer ≥ 1)"
+                + (", or None" if optional else ""), where=where)
+    if s > m:
+        raise DNTKError(f"budget s={s} is larger than the m={m} training gradients; choose s ≤ {m}")
+    return s
 
 
 def _qr_keep(cands: torch.Tensor, tol: float) -> torch.Tensor:
@@ -80,7 +98,11 @@ def synthesize(K: torch.Tensor, *, tau_v: float, tau_g: float, n_clusters: int, 
                gap: str = "full", budget: int | None = None, qr_tol: float = 1e-6, clustering: str = "spectral",
                seed: int = 0) -> tuple[torch.Tensor, dict]:
     """Coefficient vectors U_syn [m, s] (unit columns) for one kernel K [m, m], and a record."""
+    K = V.kernel(K, "K", classes=False, where="synthesize")
     m = K.shape[0]
+    budget = _budget(budget, m, "synthesize")
+    n_clusters = V.count(n_clusters, "n_clusters", "pass the number of clusters H (an integer ≥ 1)", where="synthesize")
+    seed = V.seed(seed, where="synthesize")
     st = local_global_structure(K, n_clusters, tau_v, clustering=clustering, seed=seed)
     U, lam = st.global_vectors, st.global_values
     cols, energy, kinds = [], [], []
@@ -116,8 +138,6 @@ def synthesize(K: torch.Tensor, *, tau_v: float, tau_g: float, n_clusters: int, 
     keep = _qr_keep(cand, qr_tol)
     chosen = [order[i] for i in keep.tolist()]
     if budget is not None:
-        if budget > m:
-            raise DNTKError(f"budget s={budget} is larger than the m={m} training gradients; choose s ≤ {m}")
         chosen = chosen[:budget]
         extra = st.r_g
         while len(chosen) < budget and extra < m:
@@ -151,8 +171,12 @@ def local_global(features: torch.Tensor, targets: torch.Tensor, *, tau_v: float 
     check_tau(tau_g, "tau_g")
     if mode not in MODES:
         raise DNTKError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    F, Y = _check_inputs(features, targets)
+    F, Y = _check_inputs(features, targets, "local_global")
     C, m, _ = F.shape
+    budget = _budget(budget, m, "local_global")
+    seed = V.seed(seed, where="local_global")
+    n_clusters = V.count(n_clusters, "n_clusters", "pass the number of clusters H (an integer ≥ 1)", where="local_global")
+    qr_tol = V.nonnegative(qr_tol, "qr_tol", "pass a relative tolerance such as 1e-6", where="local_global")
     if n_clusters > m:
         raise DNTKError(f"n_clusters={n_clusters} is more than the {m} points; use at most {m} clusters")
     kernels = class_kernels(F)
@@ -177,6 +201,6 @@ def local_global(features: torch.Tensor, targets: torch.Tensor, *, tau_v: float 
 
 def truncation_ranks(features: torch.Tensor, tau_v: float = 0.95) -> list[int]:
     """Global truncation rank of each class kernel Φ_c Φ_cᵀ."""
-    F = features.detach().double().cpu()
+    F = V.tensor(features, "features", ndim=3, where="truncation_ranks").detach().double().cpu()
     lam, _ = eigh_desc(class_kernels(F))
     return truncation_rank(lam, tau_v)

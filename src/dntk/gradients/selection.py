@@ -11,16 +11,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import validate as V
 from ..errors import DNTKError
 from ..kernels.normalisation import class_scale
-from .local_global import DistilledGradients, _check_inputs
+from .local_global import DistilledGradients, _budget, _check_inputs
 
 SELECTION_METHODS = ("random", "fps", "kmeans", "leverage")
 
 
 def ridge_leverage_scores(K: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
-    """diag(K̃ (K̃ + λI)⁻¹) with K̃ = K / mean(diag K). [m]"""
-    K = K.double()
+    """diag(K̃ (K̃ + λI)⁻¹) with K̃ = K / mean(diag K): K [m, m] → [m]; ridge λ ≥ 0."""
+    K = V.kernel(K, "K", classes=False, where="ridge_leverage_scores")
+    ridge = V.nonnegative(ridge, "ridge", "pass λ ≥ 0 (relative to the mean diagonal)", where="ridge_leverage_scores")
     Kt = K / class_scale(kernels=K, check=False)[0].clamp_min(1e-300)
     lam, vec = torch.linalg.eigh((Kt + Kt.T) / 2)
     lam = lam.clamp_min(0)
@@ -73,12 +75,12 @@ def select(features: torch.Tensor, targets: torch.Tensor, s: int, method: str = 
     them."""
     if method not in SELECTION_METHODS:
         raise DNTKError(f"unknown selection method {method!r}; valid names: {', '.join(SELECTION_METHODS)}")
-    F, Y = _check_inputs(features, targets)
+    F, Y = _check_inputs(features, targets, "select")
     C, m, _ = F.shape
-    if not isinstance(s, int) or s < 1:
-        raise DNTKError(f"budget s must be a positive integer, got {s!r}")
-    if s > m:
-        raise DNTKError(f"budget s={s} is larger than the m={m} training gradients; choose s ≤ {m}")
+    s = _budget(s, m, "select", optional=False)
+    seed = V.seed(seed, where="select")
+    ridge = V.nonnegative(ridge, "ridge", "pass the ridge λ ≥ 0 of the leverage scores (relative to the mean diagonal)",
+                          where="select")
     feats, targs, coefs, chosen = [], [], [], []
     for c in range(C):
         gen = np.random.default_rng([seed, c])

@@ -24,20 +24,27 @@ from __future__ import annotations
 
 import torch
 
+from .. import validate as V
 from ..errors import DNTKError
 from ..features.result import class_kernels
-from .local_global import DistilledGradients, _check_inputs, local_global
+from .local_global import DistilledGradients, _budget, _check_inputs, local_global
 
 
-def _alpha(K: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
-    m = K.shape[0]
-    return torch.linalg.solve(K + ridge * torch.eye(m, dtype=K.dtype), y)
+def _alpha(K: torch.Tensor, y: torch.Tensor, ridge: float, c: int = 0) -> torch.Tensor:
+    """(K + λI)⁻¹ y in float64 (a RuntimeWarning when the system is too ill-conditioned for float64)."""
+    from ..kernels.krr import solve_regularised
+
+    return solve_regularised(K, y, ridge, c)[0]
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
+def _unit(v: torch.Tensor, y: torch.Tensor | None = None, c: int = 0) -> torch.Tensor:
     n = float(v.norm())
     if not n > 0:
-        raise DNTKError("the regression's dual solution is zero (all targets zero?): no target direction exists")
+        if y is not None and not bool((y != 0).any()):
+            raise DNTKError(f"the targets of class {c} are all zero, so its regression is f = 0 and has no target "
+                            "direction; check the targets, or use a selection method (random, fps, ...) for that class")
+        raise DNTKError(f"the dual solution of class {c}'s regression is zero (its kernel is zero on the targets' "
+                        "directions): no target direction exists; check the features of that class")
     return v / n
 
 
@@ -84,14 +91,14 @@ def target_direction(features: torch.Tensor, targets: torch.Tensor, s: int = 1, 
 
     features [C, m, k] (already divided by √ν_c), targets [m, C], ridge: the absolute ridge of the
     kernel model that will be fitted on the synthetic set."""
-    F, Y = _check_inputs(features, targets)
+    F, Y = _check_inputs(features, targets, "target_direction")
     C, m, _ = F.shape
-    if not isinstance(s, int) or not 1 <= s <= m:
-        raise DNTKError(f"budget s must be an integer in [1, m={m}], got {s!r}")
+    s = _budget(s, m, "target_direction", optional=False)
+    ridge = V.nonnegative(ridge, "ridge", "pass the absolute ridge λ ≥ 0 of the kernel model", where="target_direction")
     K = class_kernels(F)
     feats, targs, coefs = [], [], []
     for c in range(C):
-        U = _krylov(K[c], _unit(_alpha(K[c], Y[:, c], ridge)), Y[:, c], s)
+        U = _krylov(K[c], _unit(_alpha(K[c], Y[:, c], ridge, c), Y[:, c], c), Y[:, c], s)
         coefs.append(U)
         feats.append(U.T @ F[c])
         targs.append(U.T @ Y[:, c])
@@ -104,15 +111,16 @@ def hybrid(features: torch.Tensor, targets: torch.Tensor, s: int, *, ridge: floa
     """The target direction plus Algorithm 1's s − 1 synthetic gradients (budget mode) per class,
     orthonormalised against it (:func:`_orthonormal_after`), so the all-m regression is reproduced
     exactly at every s; a direction dependent on the previous ones is dropped (s per class recorded)."""
-    F, Y = _check_inputs(features, targets)
+    F, Y = _check_inputs(features, targets, "hybrid")
     C, m, _ = F.shape
-    if not isinstance(s, int) or not 1 <= s <= m:
-        raise DNTKError(f"budget s must be an integer in [1, m={m}], got {s!r}")
+    s = _budget(s, m, "hybrid", optional=False)
+    ridge = V.nonnegative(ridge, "ridge", "pass the absolute ridge λ ≥ 0 of the kernel model", where="hybrid")
+    seed = V.seed(seed, where="hybrid")
     K = class_kernels(F)
     spectral = local_global(F, Y, budget=s - 1, seed=seed, **local_global_options) if s > 1 else None
     feats, targs, coefs = [], [], []
     for c in range(C):
-        u = _unit(_alpha(K[c], Y[:, c], ridge))
+        u = _unit(_alpha(K[c], Y[:, c], ridge, c), Y[:, c], c)
         U = u[:, None] if spectral is None else _orthonormal_after(u, spectral.coefficients[c])
         coefs.append(U)
         feats.append(U.T @ F[c])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 
 from .. import metrics
+from .. import validate as V
+from ..errors import DNTKError
 from .krr import PerClassKRR
 
 FIG5_RANKS = (1, 2, 3, 5, 8, 13, 20, 30, 50, 80, 130, 200, 300, 500, 1000)
@@ -38,6 +40,15 @@ def krr_curve(y_train, logits_test, labels_test, *, ridge: float, m_values, trai
     [n]; targets_test as in :func:`fit_evaluate`. Each row: m, the summary metrics, and the
     condition number / minimum eigenvalue of the trace-normalised training kernel. ``device``: where the
     solves run (:class:`PerClassKRR`)."""
+    m_all = (train.features.shape[1] if kernels is None else V.tensor(kernels[0], "kernels[0]", ndim=3,
+                                                                       where="krr_curve").shape[1]) \
+        if (train is not None or kernels is not None) else None
+    if m_all is None:
+        raise DNTKError("krr_curve: pass train= and test= FeatureResults or kernels=(K_train, K_test)")
+    m_values = [V.count(mm, "an m value", f"pass training-set sizes 1..{m_all}", where="krr_curve") for mm in m_values]
+    if any(mm > m_all for mm in m_values):
+        raise DNTKError(f"krr_curve: m_values {[mm for mm in m_values if mm > m_all]} exceed the {m_all} training points; "
+                        f"pass sizes 1..{m_all}")
     rows = []
     for mm in m_values:
         model = PerClassKRR(ridge=ridge, normalize="trace", device=device)
@@ -80,9 +91,10 @@ def compare_with_exact(pred_exact, logits_test, labels_test, approximations: dic
     rows = [{"name": "exact eNTK", **metrics.summarize(pred_exact, logits_test, labels_test, None),
              "agreement_with_exact": 1.0, "relative_mse_to_exact": 0.0, "kernel_relative_error": 0.0,
              "kernel_alignment": 1.0}]
-    ref = pred_exact.double()
+    ref = V.predictions(pred_exact, "pred_exact", where="compare_with_exact")
     for name, a in approximations.items():
-        pred = a["pred"].double()
+        pred = V.predictions(a["pred"], f"approximations[{name!r}]['pred']", n=ref.shape[0], C=ref.shape[1],
+                             where="compare_with_exact")
         row = {"name": name, **metrics.summarize(pred, logits_test, labels_test, None),
                "agreement_with_exact": float((pred.argmax(1) == ref.argmax(1)).double().mean()),
                "relative_mse_to_exact": float(((pred - ref) ** 2).sum() / (ref ** 2).sum())}

@@ -20,8 +20,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from .. import validate as V
 from ..errors import DNTKError
 from ..features.result import FeatureResult
 from .normalisation import class_scale
@@ -38,40 +40,126 @@ class _ClassFit:
 
 
 def _as_class_list(x, what: str, dims: int):
+    """C per-class tensors from a tensor/numpy array [C, ...] (``dims`` + 1 dimensions), a FeatureResult
+    or a list of C tensors/arrays (each finite)."""
     if isinstance(x, FeatureResult):
         x = x.features
-    if isinstance(x, torch.Tensor):
-        if x.dim() != dims + 1:
-            raise DNTKError(f"{what} must be [C, ...] with {dims + 1} dimensions, got shape {tuple(x.shape)}")
-        return [x[c] for c in range(x.shape[0])]
-    if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
-        return list(x)
-    raise DNTKError(f"{what} must be a tensor [C, ...] or a list of C tensors, got {type(x).__name__}")
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        x = V.tensor(x, what, ndim=dims + 1, finite=False, nonempty=False)
+        items = [x[c] for c in range(x.shape[0])]
+    elif isinstance(x, (list, tuple)) and x and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in x):
+        items = [V.tensor(t, f"{what}[{c}]", ndim=dims, finite=False, nonempty=False) for c, t in enumerate(x)]
+    else:
+        raise DNTKError(f"{what} must be a tensor or numpy array [C, ...] or a list of C tensors, got {type(x).__name__}")
+    if not items:
+        raise DNTKError(f"{what} holds no class (C = 0); pass at least one class's {what}")
+    return items
 
 
 def _targets_per_class(targets, C: int, sizes: list[int], device="cpu"):
-    if isinstance(targets, torch.Tensor) and targets.dim() == 2:
+    if isinstance(targets, (torch.Tensor, np.ndarray)) and np.ndim(targets) == 2:
+        targets = V.tensor(targets, "targets", ndim=2, finite=False, nonempty=False)
         if targets.shape[1] != C:
-            raise DNTKError(f"targets have {targets.shape[1]} columns but there are C={C} class kernels")
+            raise DNTKError(f"targets have {targets.shape[1]} columns but there are C={C} class kernels; pass targets [m, C]")
         ys = [targets[:, c] for c in range(C)]
     else:
-        ys = _as_class_list(targets, "targets", 0)
+        ys = _as_class_list(targets, "targets", 1)
     if len(ys) != C:
-        raise DNTKError(f"got {len(ys)} target vectors for C={C} classes")
+        raise DNTKError(f"got {len(ys)} target vectors for C={C} classes; pass targets [m, C] or C vectors [m_c]")
     for c, (y, m) in enumerate(zip(ys, sizes)):
         if y.shape[0] != m:
             raise DNTKError(f"class {c}: {m} training points but {y.shape[0]} targets")
+        _check_finite(y, f"targets of class {c}", "check the targets (teacher logits or labels) for missing values")
     return [y.detach().double().to(device) for y in ys]
 
 
-def _check_finite(t: torch.Tensor, what: str):
+def _check_finite(t: torch.Tensor, what: str, fix: str = "recompute the features (see gradient_features' sample check)"):
     if not bool(torch.isfinite(t).all()):
-        raise DNTKError(f"{what} contains NaN or inf; recompute the features (see gradient_features' sample check)")
+        bad = torch.nonzero(~torch.isfinite(t).reshape(t.shape[0], -1).all(1)).flatten().tolist() if t.dim() else [0]
+        raise DNTKError(f"{what} contains NaN or inf (rows {bad[:10]}{' …' if len(bad) > 10 else ''}); {fix}")
 
 
-def one_hot(labels: torch.Tensor, C: int) -> torch.Tensor:
-    """float64 [n, C] one-hot targets (the option to regress labels instead of teacher logits)."""
-    return torch.nn.functional.one_hot(labels.long(), C).double()
+UNIT_ROUNDOFF = 2.220446049250313e-16   # float64
+WARN_CONDITION = 1e-3 / UNIT_ROUNDOFF    # ≈ 4.5e12: beyond it fewer than 3 digits of a solution are guaranteed
+
+
+def _warn_condition(c, cond: float, ridge: float, how: str, stacklevel: int = 4) -> None:
+    """One RuntimeWarning when a solve's condition number makes its float64 result unreliable."""
+    if cond < WARN_CONDITION:
+        return
+    bound = "unbounded" if cond == float("inf") else f"≈ {min(cond * UNIT_ROUNDOFF, float('inf')):.2g}"
+    warnings.warn(f"class {c}: the regularised system (kernel + ridge={ridge:g}·I) has condition number "
+                  f"{'inf (singular)' if cond == float('inf') else f'≈ {cond:.3g}'} ({how}); its float64 solution's "
+                  f"relative error can reach {bound} (cond × 2.2e-16), i.e. it may be meaningless — increase the ridge "
+                  f"(e.g. to 1e-10 of the largest eigenvalue or more) or remove duplicate training points",
+                  RuntimeWarning, stacklevel=stacklevel)
+
+
+def _condition_estimate(M: torch.Tensor, L: torch.Tensor, iters: int = 30) -> float:
+    """A lower bound on cond₂(M) for a symmetric positive-definite M with Cholesky factor L (M = L Lᵀ):
+    the larger of (max L_ii / min L_ii)² and λ̂_max / λ̂_min from ``iters`` steps of power iteration on M
+    and of inverse iteration with L (cost 2·iters matrix–vector products and triangular solves, O(m²) each
+    next to the m³/3 of the factorisation). Exact to a few percent when the extreme eigenvalues are
+    separated; in float64 it cannot exceed ≈ 1/u ≈ 4.5e15 by much (the floor of any float64 estimate: an
+    eigenvalue below u·λ_max is round-off of the factorisation)."""
+    d = torch.diagonal(L).abs()
+    est = float((d.max() / d.min()) ** 2) if float(d.min()) > 0 else float("inf")
+    gen = torch.Generator().manual_seed(0)   # deterministic, and the global RNG is left alone
+    v = torch.randn(M.shape[0], 1, generator=gen, dtype=M.dtype).to(M.device)
+    w = v.clone()
+    hi = lo_inv = 0.0
+    for _ in range(iters):
+        v = M @ v
+        hi = float(v.norm())
+        v = v / max(hi, 1e-300)
+        w = torch.cholesky_solve(w, L)
+        lo_inv = float(w.norm())
+        w = w / max(lo_inv, 1e-300)
+    if hi > 0 and lo_inv > 0:
+        est = max(est, hi * lo_inv)
+    return est
+
+
+def solve_regularised(A: torch.Tensor, rhs: torch.Tensor, ridge: float, c=0):
+    """x = (A + λI)⁻¹ rhs for symmetric PSD A [n, n] and rhs [n], float64, by Cholesky.
+
+    Numerically honest: when the estimated condition number of A + λI (:func:`_condition_estimate`, a
+    lower bound, floored by float64 at ≈ 4.5e15) exceeds ≈ 4.5e12 — fewer than three digits of x are
+    then guaranteed — or the backward error ‖(A + λI)x − rhs‖ / (‖A + λI‖‖x‖ + ‖rhs‖) exceeds 1e-8, a
+    RuntimeWarning reports it. When Cholesky fails (not numerically positive definite), the solve uses
+    the eigendecomposition, drops directions with eigenvalue + λ ≤ 1e-12·max, and warns with the true
+    condition number. Returns (x [n], eig or None) with eig = (Λ descending, vectors, vectorsᵀ·rhs)."""
+    n = A.shape[0]
+    M = A + ridge * torch.eye(n, dtype=A.dtype, device=A.device)
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        x = torch.cholesky_solve(rhs[:, None], L)[:, 0]
+        cond = _condition_estimate(M, L)
+        scale = float(torch.linalg.matrix_norm(M, 2)) if n <= 64 else float(M.abs().sum(0).max())
+        back = float((M @ x - rhs).norm()) / max(scale * float(x.norm()) + float(rhs.norm()), 1e-300)
+        if back > 1e-8:
+            cond = max(cond, 1 / UNIT_ROUNDOFF)
+        _warn_condition(c, cond, ridge, f"estimated from below; backward error {back:.1e}")
+        return x, None
+    lam, vec = torch.linalg.eigh((A + A.T) / 2)
+    lam, vec = lam.flip(0), vec.flip(1)  # descending
+    eig = (lam, vec, vec.T @ rhs)
+    d = lam + ridge
+    lo, hi = float(d[-1]), float(d[0])
+    cond = hi / lo if lo > 0 else float("inf")
+    warnings.warn(f"class {c}: kernel + ridge is not numerically positive definite (Cholesky failed; eigenvalues + ridge "
+                  f"span {lo:.3g}..{hi:.3g}, condition number {'inf' if lo <= 0 else f'{cond:.3g}'}); solving by "
+                  "eigendecomposition and dropping directions with eigenvalue + ridge ≤ 1e-12·max. "
+                  "Increase the ridge to avoid this.", RuntimeWarning, stacklevel=3)
+    keep = d > 1e-12 * float(d.abs().max())
+    return vec[:, keep] @ (eig[2][keep] / d[keep]), eig
+
+
+def one_hot(labels, C: int) -> torch.Tensor:
+    """float64 [n, C] one-hot targets (the option to regress labels instead of teacher logits) of class
+    indices labels [n] or [n, 1] in 0..C−1 (tensor, numpy array or list)."""
+    C = V.count(C, "C", "pass the number of classes", where="one_hot")
+    return torch.nn.functional.one_hot(V.labels(labels, "labels", C=C, where="one_hot"), C).double()
 
 
 class PerClassKRR:
@@ -89,12 +177,13 @@ class PerClassKRR:
 
     def __init__(self, ridge: float = 1e-4, normalize: str | None = "trace", rank: int | None = None, form: str = "auto",
                  device=None):
-        if not ridge >= 0:
-            raise DNTKError(f"ridge must be ≥ 0, got {ridge}")
+        ridge = V.nonnegative(ridge, "ridge", "pass λ ≥ 0 (relative to the mean diagonal when normalize='trace')",
+                              where="PerClassKRR")
         if normalize not in ("trace", None):
             raise DNTKError(f"normalize must be 'trace' or None, got {normalize!r}")
-        if rank is not None and (not isinstance(rank, int) or rank < 1):
-            raise DNTKError(f"rank must be a positive integer or None, got {rank!r}")
+        if rank is not None:
+            rank = V.count(rank, "rank", "pass the number of eigen-directions to keep, or None for all",
+                           where="PerClassKRR")
         if form not in ("auto", "dual", "primal"):
             raise DNTKError(f"form must be 'auto', 'dual' or 'primal', got {form!r}")
         self.ridge, self.normalize, self.rank, self.form = ridge, normalize, rank, form
@@ -106,6 +195,9 @@ class PerClassKRR:
         (or one-hot labels, or a list of C vectors [m_c]). Returns self."""
         phis = [f.detach().double().to(self.device) for f in _as_class_list(features, "features", 2)]
         for c, f in enumerate(phis):
+            if f.shape[0] == 0 or f.shape[1] == 0:
+                raise DNTKError(f"features of class {c} are empty (shape {tuple(f.shape)}); pass at least one training "
+                                "point with k ≥ 1 features")
             _check_finite(f, f"features of class {c}")
         ys = _targets_per_class(targets, len(phis), [f.shape[0] for f in phis], self.device)
         self.fits_ = [self._fit_features(c, phi, y) for c, (phi, y) in enumerate(zip(phis, ys))]
@@ -116,8 +208,8 @@ class PerClassKRR:
         """Precomputed kernels: kernels [C, m, m] (e.g. ``dntk.empirical_ntk``), targets [m, C]."""
         Ks = [K.detach().double().to(self.device) for K in _as_class_list(kernels, "kernels", 2)]
         for c, K in enumerate(Ks):
-            if K.shape[0] != K.shape[1]:
-                raise DNTKError(f"training kernel of class {c} must be square, got {tuple(K.shape)}")
+            if K.shape[0] != K.shape[1] or K.shape[0] == 0:
+                raise DNTKError(f"training kernel of class {c} must be square and non-empty, got {tuple(K.shape)}")
             _check_finite(K, f"training kernel of class {c}")
         ys = _targets_per_class(targets, len(Ks), [K.shape[0] for K in Ks], self.device)
         self.fits_ = []
@@ -160,19 +252,11 @@ class PerClassKRR:
             eig = self._eig(A, rhs)
             lam, vec, proj = eig
             r = self.rank
+            lo, hi = float(lam[r - 1]) + self.ridge, float(lam[0]) + self.ridge
+            _warn_condition(c, hi / lo if lo > 0 else float("inf"), self.ridge, f"top {r} eigen-directions, exact",
+                            stacklevel=5)
             return vec[:, :r] @ (proj[:r] / (lam[:r] + self.ridge)), eig
-        M = A + self.ridge * torch.eye(n, dtype=A.dtype, device=A.device)
-        L, info = torch.linalg.cholesky_ex(M)
-        if int(info) == 0:
-            return torch.cholesky_solve(rhs[:, None], L)[:, 0], None
-        warnings.warn(f"class {c}: kernel + ridge is not numerically positive definite (Cholesky failed); "
-                      "solving by eigendecomposition and dropping directions with eigenvalue + ridge ≤ 1e-12·max. "
-                      "Increase the ridge to avoid this.", RuntimeWarning, stacklevel=3)
-        eig = self._eig(A, rhs)
-        lam, vec, proj = eig
-        d = lam + self.ridge
-        keep = d > 1e-12 * float(d.abs().max())
-        return vec[:, keep] @ (proj[keep] / d[keep]), eig
+        return solve_regularised(A, rhs, self.ridge, c)
 
     @staticmethod
     def _eig(A, rhs):
@@ -192,7 +276,8 @@ class PerClassKRR:
             if fit.form == "kernel":
                 raise DNTKError("this model was fitted on precomputed kernels; use predict_kernel(K_test [C, n, m])")
             phi = phi.detach().double().to(self.device)
-            if phi.shape[1] != fit.train.shape[1]:
+            _check_finite(phi, f"test features of class {c}")
+            if phi.dim() != 2 or phi.shape[1] != fit.train.shape[1]:
                 raise DNTKError(f"test features of class {c} have k={phi.shape[1]}, training features k={fit.train.shape[1]}")
             cols.append(phi @ fit.coef if fit.form == "primal" else (phi @ fit.train.T / fit.nu) @ fit.coef)
         return torch.stack(cols, 1).cpu()
@@ -202,6 +287,7 @@ class PerClassKRR:
         Ks, cols = self._per_class(kernels, "test kernels"), []
         for c, (fit, K) in enumerate(zip(self.fits_, Ks)):
             m = fit.train.shape[0]
+            _check_finite(K, f"test kernel of class {c}")
             if K.shape[1] != m:
                 raise DNTKError(f"test kernel of class {c} has {K.shape[1]} columns, expected m={m} training points")
             if fit.form == "primal":
@@ -231,6 +317,10 @@ class PerClassKRR:
     def train_kernel(self, c: int) -> torch.Tensor:
         """Class c's training kernel (unnormalised) float64 [m, m]."""
         self._check_fitted()
+        c = V.count(c, "c", f"pass a class position 0..{self.classes_ - 1}", minimum=0, where="train_kernel")
+        if c >= self.classes_:
+            raise DNTKError(f"train_kernel: c={c} is out of range for a model fitted on {self.classes_} classes; use "
+                            f"0..{self.classes_ - 1}")
         fit = self.fits_[c]
         return (fit.train if fit.form == "kernel" else fit.train @ fit.train.T).cpu()
 

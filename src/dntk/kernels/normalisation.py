@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import validate as V
 from ..errors import DNTKError
 
 
@@ -20,11 +21,11 @@ def class_scale(*, features: torch.Tensor | None = None, kernels: torch.Tensor |
     if (features is None) == (kernels is None):
         raise DNTKError("class_scale takes features [C, m, k] or kernels [C, m, m], exactly one of them")
     if features is not None:
-        f = features.detach().double()
+        f = V.tensor(features, "features", ndim=(2, 3), where="class_scale").detach().double()
         f = f[None] if f.dim() == 2 else f
         nu = (f * f).sum(2).mean(1)
     else:
-        K = kernels.detach().double()
+        K = V.kernel(kernels, "kernels", where="class_scale").detach()
         K = K[None] if K.dim() == 2 else K
         nu = torch.diagonal(K, dim1=-2, dim2=-1).mean(1)
     if check and not bool((nu > 0).all()):

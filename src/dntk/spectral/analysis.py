@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import validate as V
 from ..errors import DNTKError
 
 
@@ -22,22 +23,20 @@ def _sym(K: torch.Tensor) -> torch.Tensor:
     return (K + K.transpose(-1, -2)) / 2
 
 
-def check_kernel(K: torch.Tensor, what: str = "kernel") -> torch.Tensor:
-    if K.dim() not in (2, 3) or K.shape[-1] != K.shape[-2]:
-        raise DNTKError(f"{what} must be [m, m] or [C, m, m], got shape {tuple(K.shape)}")
-    if not bool(torch.isfinite(K).all()):
-        raise DNTKError(f"{what} contains NaN or inf; recompute the features")
-    return _sym(K)
+def check_kernel(K, what: str = "kernel") -> torch.Tensor:
+    """K [m, m] or [C, m, m] (tensor or numpy array; square, non-empty, finite) → symmetrised float64."""
+    return _sym(V.kernel(K, what))
 
 
-def eigh_desc(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues [..., m] descending, eigenvectors [..., m, m] as columns) of a symmetric kernel."""
-    lam, vec = torch.linalg.eigh(_sym(K))
+def eigh_desc(K) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues [..., m] descending, eigenvectors [..., m, m] as columns) of a symmetric kernel
+    K [m, m] or [C, m, m] (tensor or numpy array; square, non-empty, finite)."""
+    lam, vec = torch.linalg.eigh(_sym(V.kernel(K, "K", where="eigh_desc")))
     return lam.flip(-1), vec.flip(-1)
 
 
 def check_tau(tau: float, name: str):
-    if not (0 < tau <= 1):
+    if not isinstance(tau, (int, float, np.floating)) or isinstance(tau, bool) or not (0 < tau <= 1):
         raise DNTKError(f"{name}={tau} must lie in (0, 1]")
 
 
@@ -45,7 +44,7 @@ def truncation_rank(eigenvalues: torch.Tensor, tau_v: float = 0.95) -> int | lis
     """Smallest r whose top-r eigenvalues explain ≥ τ_v of the trace (negative round-off clipped).
     eigenvalues [m] → int, or [C, m] → list of C ints."""
     check_tau(tau_v, "tau_v")
-    lam = eigenvalues.double().clamp_min(0)
+    lam = V.tensor(eigenvalues, "eigenvalues", ndim=(1, 2), where="truncation_rank").double().clamp_min(0)
     if lam.dim() == 2:
         return [truncation_rank(l, tau_v) for l in lam]
     total = float(lam.sum())
@@ -57,14 +56,20 @@ def truncation_rank(eigenvalues: torch.Tensor, tau_v: float = 0.95) -> int | lis
 
 def data_redundancy(eigenvalues: torch.Tensor, eps: float = 0.05) -> dict:
     """Definition 3.1: per class, the ε-truncation rank r and κ = ⌊N / r⌋ ((κ, ε)-redundancy)."""
-    lam = eigenvalues if eigenvalues.dim() == 2 else eigenvalues[None]
+    lam = V.tensor(eigenvalues, "eigenvalues", ndim=(1, 2), where="data_redundancy")
+    lam = lam if lam.dim() == 2 else lam[None]
     ranks = truncation_rank(lam, 1 - eps)
     N = lam.shape[1]
     return {"eps": eps, "N": N, "ranks": ranks, "redundancy": [N // r if r else None for r in ranks]}
 
 
 def own_class_blocks(K: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    """The C own-class blocks K_c[I_c, I_c] (I_c = points labelled c) of per-class kernels [C, m, m]."""
+    """The C own-class blocks K_c[I_c, I_c] (I_c = points labelled c) of per-class kernels [C, m, m];
+    labels [m] (or [m, 1]) in 0..C−1."""
+    K = V.kernel(K, "K", where="own_class_blocks")
+    if K.dim() != 3:
+        raise DNTKError(f"own_class_blocks: K must be per-class kernels [C, m, m], got shape {tuple(K.shape)}")
+    labels = V.labels(labels, "labels", n=K.shape[1], C=K.shape[0], where="own_class_blocks")
     return [K[c][labels == c][:, labels == c] for c in range(K.shape[0])]
 
 
@@ -94,9 +99,10 @@ def cluster_kernel(K: torch.Tensor, n_clusters: int, *, method: str = "spectral"
     clipped at 0, diagonal zeroed. ``kmeans``: k-means on the rows of the top-H eigenvectors scaled
     by √λ. Both seeded. Empty clusters cannot occur; tiny ones are kept (their local rank is ≤ size).
     """
+    K = V.kernel(K, "K", classes=False, where="cluster_kernel")
     m = K.shape[0]
-    if not isinstance(n_clusters, int) or n_clusters < 1:
-        raise DNTKError(f"n_clusters must be a positive integer, got {n_clusters!r}")
+    n_clusters = V.count(n_clusters, "n_clusters", "pass the number of clusters H (an integer ≥ 1)")
+    seed = V.seed(seed, where="cluster_kernel")
     if n_clusters > m:
         raise DNTKError(f"n_clusters={n_clusters} is more than the {m} points; use at most {m} clusters")
     if n_clusters == 1:
