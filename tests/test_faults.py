@@ -153,7 +153,7 @@ def test_mistakes_are_refused_before_any_training(tmp_path, capsys):
     _refused(capsys, [*RUN, "--out", str(tmp_path / "a-file" / "sub")], "cannot be written")
     (tmp_path / "o" / "results.json").mkdir(parents=True)
     _refused(capsys, [*RUN, "--out", str(tmp_path / "o")], "results.json is a folder")
-    _refused(capsys, [*RUN, "--image-size", "16", "--out", str(tmp_path / "d")], "the digits are 8 × 8 pixels")
+    _refused(capsys, [*RUN, "--image-size", "16", "--out", str(tmp_path / "img")], "the digits are 8 × 8 pixels")
     _refused(capsys, [*RUN, "--device", "foo", "--out", str(tmp_path / "d")], "--device 'foo' is not a device name")
     if not torch.cuda.is_available():
         _refused(capsys, [*RUN, "--device", "cuda", "--out", str(tmp_path / "d")], "no usable CUDA GPU")
@@ -235,6 +235,11 @@ def test_a_garbage_or_edited_store_manifest_is_written_again(tmp_path):
     with pytest.warns(RuntimeWarning, match="manifest.json is unreadable"):
         assert main(args) == 0
     assert _results(out)["kernel_model"] == first["kernel_model"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # an intact manifest is not written again (no false alarm)
+        assert main(args) == 0
     manifest = json.loads((store / "manifest.json").read_text())
     manifest["shards"][1] = [5, 9]
     (store / "manifest.json").write_text(json.dumps(manifest))

@@ -253,7 +253,7 @@ class FeatureStore:
         if have is not None and not isinstance(have, dict):
             warnings.warn(f"{path} is not a feature-store manifest; writing it again", RuntimeWarning, stacklevel=3)
             have = None
-        if have is not None and have.get("shards") != wanted["shards"] and all(
+        if have is not None and have.get("shards") != [list(r) for r in wanted["shards"]] and all(
                 have.get(k) == wanted[k] for k in ("format", "identity", "n", "shard_size")):
             # an edited or damaged range list: the ranges follow from n and the shard size, so write them again
             # (completion records name their own range; a shard whose range differs is recomputed)
