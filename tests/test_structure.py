@@ -100,14 +100,15 @@ def test_feature_store_resumes_at_the_missing_shard_and_matches_one_extraction(t
 def test_an_interrupted_write_leaves_nothing_under_the_real_name(tmp_path, monkeypatch):
     real_save = torch.save
 
-    def dying_save(obj, path, *a, **kw):
-        Path(path).write_bytes(b"half a file")
+    def dying_save(obj, f, *a, **kw):
+        f.write(b"half a file")      # dntk saves into an open temporary file
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         store.cached(tmp_path / "v.pt", lambda: {"x": 1})
     assert not (tmp_path / "v.pt").exists()
+    assert list(tmp_path.iterdir()) == []          # nor a temporary file left behind
     monkeypatch.setattr(torch, "save", real_save)
     assert store.cached(tmp_path / "v.pt", lambda: {"x": 2}) == {"x": 2}  # recomputed, not the half file
 
@@ -234,12 +235,12 @@ def test_every_verb_builds_the_same_teacher_for_the_same_seed(tmp_path):
     from dntk.data import digits
     from dntk.training import load_or_train_teacher
 
-    tr, te = digits("train"), digits("val")
+    tr = digits("train")
     cfg = TeacherConfig(model="small_cnn", epochs=1)
-    a = load_or_train_teacher(cfg, "digits", 8, tr, te, tmp_path / "a", seed=4, progress=False)
+    a = load_or_train_teacher(cfg, "digits", 8, tr, tmp_path / "a", seed=4, progress=False)
     torch.rand(100)  # whatever the global RNG did before
-    b = load_or_train_teacher(cfg, "digits", 8, tr, te, tmp_path / "b", seed=4, progress=False)
-    c = load_or_train_teacher(cfg, "digits", 8, tr, te, tmp_path / "c", seed=5, progress=False)
+    b = load_or_train_teacher(cfg, "digits", 8, tr, tmp_path / "b", seed=4, progress=False)
+    c = load_or_train_teacher(cfg, "digits", 8, tr, tmp_path / "c", seed=5, progress=False)
     assert a.checksum == b.checksum != c.checksum
 
 

@@ -96,7 +96,8 @@ def test_distill_evaluate_records_the_wmdd_protocol_student(tmp_path, capsys):
     ev = json.loads((folder / "manifest.json").read_text())["evaluation"]
     hist = json.loads((folder / f"student-wmdd-e2-{ev['student']}" / "history.json").read_text())
     assert (ev["protocol"], ev["epochs"], len(hist)) == ("wmdd", 2, 2)
-    assert ev["accuracy"] == pytest.approx(hist[-1]["val_accuracy"])
+    # the student is evaluated once, after its last epoch: no epoch is looked at on the test split
+    assert [h["val_accuracy"] for h in hist] == [None, None] and 0 < ev["accuracy"] <= 1
     assert "student under WMDD's protocol" in capsys.readouterr().out
     assert hist[0]["val_accuracy"] is None       # evaluated once, after the last epoch
     # another teacher (more epochs) → another student, not the cached one

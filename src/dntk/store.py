@@ -98,11 +98,15 @@ def _atomic(path, write: Callable) -> Path:
         if path.is_dir():
             raise DNTKError(f"{path} is a folder; dntk needs to write a file there — move the folder away")
         tmp = _tmp(path)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except BaseException:   # interrupted or failed: no half file under either name
+            tmp.unlink(missing_ok=True)
+            raise
     except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:
         raise DNTKError(f"cannot write {path}: {e.strerror or e}; choose an output folder you can write "
                         "(--out)") from None
