@@ -39,16 +39,23 @@ class _ExactSink:
         self._add(c, name, torch.bmm(g, a.transpose(1, 2)).reshape(g.shape[0], -1))
 
 
-def _gradients(capture, x, classes, start: int = 0):
-    """All per-sample gradient blocks of batch x: {name: [C', B, numel]}; a sample (global index start +
-    position) with a non-finite logit or gradient is refused, as in gradient_features."""
-    sink = _ExactSink()
+def _run_finite(capture, x, classes, sink, start: int):
+    """Run the capture of batch x into sink (whose ``grads`` is {class: {name: [B, ...]}}) and return the
+    sink; a sample (global index start + position) with a non-finite logit or gradient is refused, as in
+    gradient_features."""
     logits = capture.run(x, classes, sink)
     bad = ~torch.isfinite(logits).all(dim=1)
     for d in sink.grads.values():
         for b in d.values():
             bad = bad | ~torch.isfinite(b).all(dim=1)
     refuse_nonfinite(bad, start)
+    return sink
+
+
+def _gradients(capture, x, classes, start: int = 0):
+    """All per-sample gradient blocks of batch x: {name: [C', B, numel]}; a sample (global index start +
+    position) with a non-finite logit or gradient is refused, as in gradient_features."""
+    sink = _run_finite(capture, x, classes, _ExactSink(), start)
     cs = sorted(sink.grads)
     names = [s.name for s in capture.specs]
     out = {}
@@ -375,14 +382,7 @@ def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_byt
         G = torch.zeros(C, n, width, dtype=dtype, device=device)
         t = time.perf_counter()
         for s in range(0, n, batch_size):
-            sink = _SliceSink(plan, widths)
-            xb = samples.take(x, slice(s, s + batch_size))
-            logits = capture.run(xb, None, sink)
-            bad = ~torch.isfinite(logits).all(dim=1)
-            for d in sink.grads.values():
-                for b in d.values():
-                    bad = bad | ~torch.isfinite(b).all(dim=1)
-            refuse_nonfinite(bad, s)
+            sink = _run_finite(capture, samples.take(x, slice(s, s + batch_size)), None, _SliceSink(plan, widths), s)
             col = 0
             for name, (lo, hi) in plan.items():
                 for c in range(C):
