@@ -165,6 +165,10 @@ class TeacherConfig:
     lr: float | None = option(None, "teacher learning rate", kind="float", minimum=0.0, above=True,
                               none_means="0.05 for sgd, 2e-3 for adamw")
     train_batch_size: int = option(128, "teacher training batch size", kind="int", minimum=1)
+    train_pipeline: str = option("auto", "how teacher and student batches are made: classic (per-image augmentation "
+                                 "on the CPU), device (images kept on the device, batched augmentation there, no host "
+                                 "syncs in the step loop, bf16 on CUDA); auto: device on CUDA, classic on the CPU",
+                                 choices=("auto", "classic", "device"))
     val_fraction: float = option(0.1, "share of each class of the training data held out (seeded) to choose the "
                                  "teacher's best epoch — never the test split; 0: keep the last epoch, no selection",
                                  kind="float", minimum=0.0, maximum=0.5)

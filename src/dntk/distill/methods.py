@@ -131,7 +131,7 @@ def evaluate_distilled(folder, teacher, cfg, test_set) -> dict:
     key = digest(ds.images, model_checksum(teacher))
     _, acc = train_student(student, teacher, ds, test_set, folder / f"student-wmdd-e{epochs}-{key}",
                            dataset=cfg.data.dataset, epochs=epochs, seed=cfg.seed, eval_every=epochs, device=cfg.device,
-                           progress=cfg.progress, protocol="wmdd")
+                           progress=cfg.progress, protocol="wmdd", pipeline=cfg.teacher.train_pipeline)
     record = {"protocol": "wmdd", "epochs": epochs, "accuracy": acc, "seed": cfg.seed, "student": key,
               "teacher_accuracy": evaluate(teacher, test_set, device=cfg.device)[0],
               "seconds": time.perf_counter() - t0}

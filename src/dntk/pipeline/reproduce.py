@@ -59,7 +59,10 @@ PAPER = {"truncation_ranks": (31, 41), "coverage_gap": (0.12, 0.15), "accuracy_1
          "base_model_gap": 0.10}
 
 SETTINGS = {
+    # paper160's teacher: batch 512 at lr 0.2 (0.05 per 128, the linear scaling rule) — a GPU-sized batch for
+    # the device pipeline (--train-pipeline auto picks it on CUDA); the rest of the recipe is the library's
     "paper160": {"image_size": 160, "resize": 176, "model": "resnet18", "stem": "imagenet", "epochs": 60,
+                 "train_batch_size": 512, "lr": 0.2,
                  "distill": "wmdd", "ipc": 50, "wmdd_iterations": 2000, "wmdd_lr": 0.25, "wmdd_bn_weight": 3.0,
                  "wmdd_classes_per_step": 10, "student_protocol": "wmdd", "student_epochs": 300, "n_test": None},
     "cpu64": {"image_size": 64, "resize": None, "model": "resnet18", "stem": "imagenet", "epochs": 14,

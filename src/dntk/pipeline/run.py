@@ -403,7 +403,7 @@ def _student(cfg: RunConfig, teacher, points: TrainingPoints, train_set, test_se
     folder = out / f"student-{key}"
     model, acc = train_student(student, teacher.model, ds, test_set, folder, dataset=cfg.data.dataset, epochs=epochs,
                                seed=cfg.seed, device=cfg.device, progress=progress, protocol=protocol,
-                               eval_every=epochs if protocol == "wmdd" else 1)
+                               eval_every=epochs if protocol == "wmdd" else 1, pipeline=cfg.teacher.train_pipeline)
     return model, acc, folder
 
 

@@ -1,5 +1,8 @@
 """Teacher (and student) training: SGD or AdamW with a cosine schedule, tensor-level augmentation,
-evaluation every epoch, the best checkpoint kept, and resume after interruption.
+evaluation every epoch, the best checkpoint kept, and resume after interruption. Two pipelines make the
+batches (``TrainConfig.pipeline``): ``classic``, per-image augmentation on the CPU (the CPU default, so
+CPU results stay as they were), and ``device`` (:mod:`dntk.training.device`: images resident on the
+device, batched augmentation, no host sync in the step loop, bf16 autocast on CUDA; the CUDA default).
 
 Files in ``out_dir``: ``last.pt`` (everything needed to resume, written atomically every epoch),
 ``best.pt`` (the best-validation-accuracy weights, or with ``select="last"`` / no validation set the final
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ from .. import samples
 from ..data.images import ImageSet
 from ..errors import DNTKError
 from ..store import atomic_json, atomic_save, load_or_none, read_json
+from .device import Resident, draw_batch, prepare, release, resolve_pipeline, step_loss
 
 
 @dataclass
@@ -46,6 +50,9 @@ class TrainConfig:
     soft_label_temperature: float = 4.0   # used when soft labels (a teacher) are given
     eval_every: int = 1                   # evaluate every N epochs (and always after the last)
     select: str = "best"                  # "best": the best validation epoch's weights | "last": the final epoch's
+    pipeline: str = "auto"                # "classic" (per-image CPU augmentation) | "device" (dntk.training.device:
+    #                                       images resident, batched augmentation, no host syncs, bf16 on CUDA) |
+    #                                       "auto": device on CUDA for image sets, classic elsewhere
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -75,7 +82,8 @@ def same_config(stored_json: str | None, config: TrainConfig, relabel_teacher: b
         return False
     stored = json.loads(stored_json)
     expected = json.loads(_config_json(config, relabel_teacher))
-    defaults = json.loads(_config_json(TrainConfig(), False))
+    defaults = json.loads(_config_json(TrainConfig(pipeline="classic"), False))   # runs before the device
+    #                                                                              pipeline were classic
     return all(stored.get(key, defaults[key]) == value for key, value in expected.items())
 
 
@@ -182,6 +190,81 @@ def evaluate(model: nn.Module, data, batch_size: int = 256, device="cpu") -> tup
     return float((logits.argmax(1) == data.labels).float().mean()), logits
 
 
+def _classic_epoch(model, opt, sched, train_set, perm, config, gen, device, images, teacher, soft_labels, epoch,
+                   lr) -> tuple[float, int]:
+    """One epoch of the classic pipeline: per-batch CPU augmentation (:func:`augment_batch`), a host copy
+    and a finite check per batch. Returns (summed loss, samples seen)."""
+    n = perm.numel()
+    total, seen = 0.0, 0
+    for s in range(0, n, config.batch_size):
+        idx = perm[s: s + config.batch_size]
+        if idx.numel() < 2 and n > 1:
+            continue  # BatchNorm needs two samples
+        x, y = train_set.tensors(idx)
+        if images:
+            x = augment_batch(x, config.augment, gen)
+        x = samples.to(x, device)
+        partner, lam = None, 1.0
+        if config.mix == "cutmix":
+            x, partner, lam = cutmix(x, gen)
+            partner = partner.to(device)
+        out = samples.call(model, x)
+        if soft_labels is not None or teacher is not None:
+            T = config.soft_label_temperature
+            if teacher is not None:    # the teacher labels the (mixed) crop the student sees
+                with torch.no_grad():
+                    prob = F.softmax(samples.call(teacher, x) / T, 1)
+            else:
+                prob = F.softmax(soft_labels[idx].to(device) / T, 1)
+                if partner is not None:
+                    prob = lam * prob + (1 - lam) * prob[partner]
+            loss = F.kl_div(F.log_softmax(out / T, 1), prob, reduction="batchmean") * T * T
+        else:
+            y = y.to(device)
+            loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+            if partner is not None:
+                loss = lam * loss + (1 - lam) * F.cross_entropy(out, y[partner],
+                                                                label_smoothing=config.label_smoothing)
+        if not torch.isfinite(loss):
+            raise DNTKError(f"training loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate "
+                            f"(now {lr}) or use --optimizer adamw")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item() * idx.numel()
+        seen += idx.numel()
+    return total, seen
+
+
+def _device_step(model, opt, resident, draws, config, teacher, soft_labels) -> torch.Tensor:
+    """Forward, loss and backward of one batch on the device (:mod:`dntk.training.device`); returns the
+    loss tensor (not read back)."""
+    loss = step_loss(model, resident, draws, config, teacher=teacher, soft_labels=soft_labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.detach()
+
+
+def _device_epoch(model, opt, sched, resident, perm, config, gen, dev, teacher, soft_labels) -> tuple[torch.Tensor, int]:
+    """One epoch of the device pipeline: the batch's draws from ``gen`` moved without a sync, the step on
+    the device, the loss summed there (the caller reads it once). Returns (summed loss, a 0-d tensor on the
+    device; samples seen)."""
+    n = perm.numel()
+    total, seen = torch.zeros((), device=dev), 0
+    for s in range(0, n, config.batch_size):
+        idx = perm[s: s + config.batch_size]
+        if idx.numel() < 2 and n > 1:
+            continue  # BatchNorm needs two samples
+        draws = draw_batch(idx, resident.shape, config.augment, config.mix, gen).to(dev)
+        loss = _device_step(model, opt, resident, draws, config, teacher, soft_labels)
+        opt.step()
+        sched.step()
+        total += loss * idx.numel()
+        seen += idx.numel()
+    return total, seen
+
+
 def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, config: TrainConfig, out_dir, *,
           soft_labels: torch.Tensor | None = None, teacher: nn.Module | None = None, device="cpu",
           progress: bool = True, resume: bool = True, max_seconds: float | None = None) -> TrainResult:
@@ -213,6 +296,7 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, confi
         raise DNTKError("give soft_labels (fixed per image) or teacher (relabels each augmented batch), not both")
     if soft_labels is not None and soft_labels.shape[0] != len(train_set):
         raise DNTKError(f"soft_labels has {soft_labels.shape[0]} rows for {len(train_set)} training images")
+    config = replace(config, pipeline=resolve_pipeline(config.pipeline, device, train_set))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_json = _config_json(config, teacher is not None)
@@ -258,68 +342,48 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, confi
     resumed_from = start_epoch
     t0 = time.perf_counter()
     bar = tqdm(total=config.epochs, initial=start_epoch, desc="training", unit="epoch", disable=not progress)
-    for epoch in range(start_epoch, config.epochs):
-        t_epoch = time.perf_counter()
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        total, seen = 0.0, 0
-        for s in range(0, n, config.batch_size):
-            idx = perm[s: s + config.batch_size]
-            if idx.numel() < 2 and n > 1:
-                continue  # BatchNorm needs two samples
-            x, y = train_set.tensors(idx)
-            if images:
-                x = augment_batch(x, config.augment, gen)
-            x = samples.to(x, device)
-            partner, lam = None, 1.0
-            if config.mix == "cutmix":
-                x, partner, lam = cutmix(x, gen)
-                partner = partner.to(device)
-            out = samples.call(model, x)
-            if soft_labels is not None or teacher is not None:
-                T = config.soft_label_temperature
-                if teacher is not None:    # the teacher labels the (mixed) crop the student sees
-                    with torch.no_grad():
-                        prob = F.softmax(samples.call(teacher, x) / T, 1)
-                else:
-                    prob = F.softmax(soft_labels[idx].to(device) / T, 1)
-                    if partner is not None:
-                        prob = lam * prob + (1 - lam) * prob[partner]
-                loss = F.kl_div(F.log_softmax(out / T, 1), prob, reduction="batchmean") * T * T
+    fast = config.pipeline == "device"
+    dev = torch.device(device)
+    if fast:
+        resident = Resident(train_set, dev)
+        soft_dev = soft_labels.to(dev) if soft_labels is not None else None
+        prepare(model, teacher, dev)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            t_epoch = time.perf_counter()
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            if fast:
+                total, seen = _device_epoch(model, opt, sched, resident, perm, config, gen, dev, teacher, soft_dev)
+                total = float(total)   # the epoch's one read-back
+                if not math.isfinite(total):
+                    raise DNTKError(f"training loss became non-finite in epoch {epoch + 1}; lower the learning rate "
+                                    f"(now {lr}) or use --optimizer adamw")
             else:
-                y = y.to(device)
-                loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
-                if partner is not None:
-                    loss = lam * loss + (1 - lam) * F.cross_entropy(out, y[partner],
-                                                                    label_smoothing=config.label_smoothing)
-            if not torch.isfinite(loss):
-                raise DNTKError(f"training loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate "
-                                f"(now {lr}) or use --optimizer adamw")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * idx.numel()
-            seen += idx.numel()
-        due = val_set is not None and ((epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs)
-        acc = evaluate(model, val_set, device=device)[0] if due else None
-        history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_accuracy": acc,
-                        "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t_epoch})
-        if config.select == "best" and acc is not None and acc > best[0]:
-            best = (acc, epoch + 1)
-            atomic_save({"model": model.state_dict(), "val_accuracy": acc, "epoch": epoch + 1}, out_dir / "best.pt")
-        elif config.select == "last" and epoch + 1 == config.epochs:
-            best = (acc if acc is not None else -1.0, epoch + 1)
-            atomic_save({"model": model.state_dict(), "val_accuracy": acc, "epoch": epoch + 1}, out_dir / "best.pt")
-        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "generator": gen.get_state(), "epoch": epoch + 1, "history": history, "best": list(best),
-                      "config": cfg_json}, last)
-        atomic_json(history, out_dir / "history.json", indent=1)
-        bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_acc="-" if acc is None else f"{acc:.3f}")
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds and epoch + 1 < config.epochs:
-            break
-    bar.close()
+                total, seen = _classic_epoch(model, opt, sched, train_set, perm, config, gen, device, images,
+                                             teacher, soft_labels, epoch, lr)
+            due = val_set is not None and ((epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs)
+            acc = evaluate(model, val_set, device=device)[0] if due else None
+            history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_accuracy": acc,
+                            "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t_epoch})
+            if config.select == "best" and acc is not None and acc > best[0]:
+                best = (acc, epoch + 1)
+                atomic_save({"model": model.state_dict(), "val_accuracy": acc, "epoch": epoch + 1}, out_dir / "best.pt")
+            elif config.select == "last" and epoch + 1 == config.epochs:
+                best = (acc if acc is not None else -1.0, epoch + 1)
+                atomic_save({"model": model.state_dict(), "val_accuracy": acc, "epoch": epoch + 1}, out_dir / "best.pt")
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                          "generator": gen.get_state(), "epoch": epoch + 1, "history": history, "best": list(best),
+                          "config": cfg_json}, last)
+            atomic_json(history, out_dir / "history.json", indent=1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_acc="-" if acc is None else f"{acc:.3f}")
+            if max_seconds is not None and time.perf_counter() - t0 > max_seconds and epoch + 1 < config.epochs:
+                break
+    finally:
+        bar.close()
+        if fast:
+            release(model, teacher, dev)
     if history and read_json(out_dir / "history.json", what="writing it again from last.pt") != history:
         atomic_json(history, out_dir / "history.json", indent=1)   # a torn or lost history.json is healed
     finished = bool(history) and history[-1]["epoch"] == config.epochs

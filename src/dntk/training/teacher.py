@@ -52,7 +52,8 @@ def teacher_train_config(dataset: str, cfg, seed: int = 0, images: bool = True) 
     return TrainConfig(epochs=cfg.epochs if cfg.epochs is not None else default_epochs(dataset),
                        optimizer=cfg.optimizer, lr=cfg.lr, seed=seed, batch_size=cfg.train_batch_size,
                        augment=augmentation(dataset) if images else "none",
-                       select="best" if getattr(cfg, "val_fraction", 0.1) > 0 else "last")
+                       select="best" if getattr(cfg, "val_fraction", 0.1) > 0 else "last",
+                       pipeline=getattr(cfg, "train_pipeline", "auto"))
 
 
 def validation_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,14 +224,15 @@ STUDENT_PROTOCOLS = ("dntk", "wmdd")
 
 def train_student(student: nn.Module, teacher: nn.Module, distilled, test_set, out_dir, *, dataset: str, epochs: int,
                   seed: int = 0, relabel: bool = True, eval_every: int = 1, device="cpu",
-                  progress: bool = True, protocol: str = "dntk") -> tuple[nn.Module, float]:
+                  progress: bool = True, protocol: str = "dntk", pipeline: str = "auto") -> tuple[nn.Module, float]:
     """Train ``student`` (a fresh network) on the images of ``distilled`` (a DistilledSet or ImageSet)
     with the teacher's soft labels — relabelled on every augmented batch, or (relabel=False) fixed
     per image — and return (student in eval mode, its test accuracy). The final epoch is kept (no epoch is
     chosen on the test split); ``eval_every`` is accepted for older callers and has no effect. Cached and
     resumable in out_dir.
     protocol: ``dntk`` (:func:`student_train_config`: AdamW 2e-3, one-cycle, pad-crop-flip, T = 4) or
-    ``wmdd`` (:func:`wmdd_student_config`; relabel must be True, as in WMDD)."""
+    ``wmdd`` (:func:`wmdd_student_config`; relabel must be True, as in WMDD).
+    pipeline: :attr:`TrainConfig.pipeline` (``auto``: the device pipeline on CUDA)."""
     torch.manual_seed(seed)
     images = getattr(distilled, "image_shape", None) is not None
     if protocol == "wmdd":
@@ -250,6 +252,7 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, test_set, o
         with torch.no_grad():
             labels = {"soft_labels": samples.call(teacher.eval(), samples.to(distilled.tensors()[0], device)).cpu()}
     cfg.select = "last"   # the final epoch, evaluated once: no epoch is chosen on the test split
+    cfg.pipeline = pipeline
     train(student, distilled, None, cfg, out_dir, device=device, progress=progress, **labels)
     student.eval()
     return student, evaluate(student, test_set, device=device)[0]
