@@ -394,20 +394,32 @@ class FeatureStore:
                     "inputs": digest(X)}
         from .lock import hold
 
+        from concurrent.futures import ThreadPoolExecutor
+
         with hold(self.folder, rank=rank):   # a second extraction into this folder at once is refused, naming us
             self._open(identity, n)
             done = []
-            for i, (start, stop) in enumerate(self.ranges(n)):
-                if i % world != rank or self.complete(i):
-                    continue
-                if self._record(i) is not None:   # recorded but torn or altered on disk: never used, recomputed
-                    warnings.warn(f"{self.folder}: shard {i} does not match its completion record (a changed, truncated "
-                                  "or swapped file); recomputing it", RuntimeWarning, stacklevel=2)
-                t0 = time.perf_counter()
-                result = gradient_features(model, samples.take(X, slice(start, stop)), projector, batch_size=batch_size,
-                                           device=device, progress=progress)
-                self._write_shard(i, start, stop, result, rank, seconds=time.perf_counter() - t0)
-                done.append(i)
+            # each shard is written (saved, hashed, recorded) by a writer thread while the next one is computed;
+            # one write at a time, its error raised before the next write starts or at the end; an interrupted
+            # write leaves no completion record, so that shard is recomputed on resume
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dntk-shard-writer") as writer:
+                pending = None
+                for i, (start, stop) in enumerate(self.ranges(n)):
+                    if i % world != rank or self.complete(i):
+                        continue
+                    if self._record(i) is not None:   # recorded but torn or altered on disk: never used, recomputed
+                        warnings.warn(f"{self.folder}: shard {i} does not match its completion record (a changed, "
+                                      "truncated or swapped file); recomputing it", RuntimeWarning, stacklevel=2)
+                    t0 = time.perf_counter()
+                    result = gradient_features(model, samples.take(X, slice(start, stop)), projector,
+                                               batch_size=batch_size, device=device, progress=progress)
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(self._write_shard, i, start, stop, result, rank,
+                                            seconds=time.perf_counter() - t0)
+                    done.append(i)
+                if pending is not None:
+                    pending.result()
         return done
 
     # -- reading -------------------------------------------------------------------------------------

@@ -47,6 +47,16 @@ b-minor for ``[T·B, E]``); calls whose layout is not of that form use ``op-vjp`
 measured index map. Entries with zero gradient for a random combination of logits have zero
 gradient for every logit (with probability one), so they cannot make the choice wrong.
 
+When the measurement is unambiguous (one layout per recorded output) it is cached for that call
+pattern (batch size, calls, parameters, output shapes), and each later batch of the pattern is
+*verified* instead of measured: two backward passes, of Σ_b s_b and of Σ_b w_b s_b with w a random
+permutation of 1..B, must agree entry by entry as w[sample] × plain (an entry feeding two samples is
+off by at least its share), and the first sample run alone must give its batch logits. A batch that
+fails is measured afresh — and refused if it mixes samples — so a model that mixes only on some
+batches is still caught. The check is compared on the device and read back once per batch (a
+measurement reads back hundreds of times). Batches with integer inputs (token ids) are measured every
+time, all samples run alone: their mixing can bypass the gradient.
+
 BatchNorm: the model runs in eval mode (running statistics; mode restored afterwards). A norm
 that uses batch statistics couples the samples and is refused.
 
@@ -545,6 +555,13 @@ def _masked(g: torch.Tensor, layout, B: int, ids: torch.Tensor | None, bs: slice
     return g.unsqueeze(0) * mask.to(g.dtype)
 
 
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor on ``device``; pinned and non-blocking on CUDA (no host synchronisation)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class _LayoutError(Exception):
     pass
 
@@ -606,7 +623,9 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> tuple[li
         for d in range(o.dim()):
             if o.shape[d] % B:
                 continue
-            for order in ("major", "minor"):
+            # a dimension of exactly B entries has one layout: 'major' and 'minor' name the same map (b ↦ b), so
+            # counting both would make every batch-first output ambiguous and nothing would ever be cached
+            for order in ("major",) if o.shape[d] == B else ("major", "minor"):
                 lay = Layout(d, order)
                 if bool((_sample_ids(o.shape, lay, B, o.device) == ids)[support].all()):
                     matches += 1
@@ -657,6 +676,9 @@ class GradientCapture:
         self.paths: dict[str, set[str]] = {}
         self._layouts: dict[tuple, list] = {}
         self._passes = 0
+        self.measured = 0      # batches whose layouts were measured (measure_layouts + samples run alone)
+        self.verified = 0      # batches that reused cached layouts, verified by _still_holds
+        self.remeasured = 0    # batches the cached layouts did not explain (measured afresh: refused if they mix)
 
     @property
     def specs(self) -> list[BlockSpec]:
@@ -750,7 +772,13 @@ class GradientCapture:
         layouts = [None] * len(outs)
         if B > 1:
             sig = (B, tuple((u.name, u.roots, tuple(tuple(o.shape) for o in u.outs)) for u in uses))
-            layouts = self._layouts.get(sig)
+            # entries that are not differentiated (integer token ids, masks) can mix samples unseen by the
+            # weighted backward passes: such batches are measured (and every sample run alone) every time
+            data_only = any(not t.is_floating_point() for t in samples.leaves(x))
+            layouts = None if data_only else self._layouts.get(sig)
+            if layouts is not None and not self._still_holds(x, logits, outs + leaves, layouts, B):
+                layouts = None   # this batch is not explained by the cached layouts: measured afresh below
+                self.remeasured += 1
             if layouts is None:
                 probe = outs + leaves
                 try:
@@ -766,13 +794,14 @@ class GradientCapture:
                         "more than one sample, so per-sample gradients of a batch are not the model's gradients on "
                         "single inputs; use batch_size=1, or remove the cross-sample operation (e.g. batch "
                         "statistics)") from None
-                # entries that are not differentiated (integer token ids, masks) can mix samples unseen by the
-                # weighted backward passes: then every sample of the batch is run alone, not just the first few
-                data_only = any(not t.is_floating_point() for t in samples.leaves(x))
+                # then every sample of the batch is run alone, not just the first few
                 self._check_alone(x, logits, n=B if data_only else 4)
                 layouts = measured[: len(outs)]
-                if unique and all(isinstance(lay, Layout) for lay in layouts):
-                    self._layouts[sig] = layouts  # unambiguous and structural: reused for the same call pattern
+                self.measured += 1
+                if unique and not data_only and all(isinstance(lay, Layout) for lay in layouts):
+                    # unambiguous and structural: reused for the same call pattern, each later batch verified by
+                    # _still_holds (two weighted backward passes and one sample alone instead of a measurement)
+                    self._layouts[sig] = layouts
         per_use, k = [], 0
         for u in uses:
             per_use.append(layouts[k : k + len(u.outs)])
@@ -817,6 +846,44 @@ class GradientCapture:
         tol = (1e-9 if ref.dtype == torch.float64 else 1e-4) * (float(ref.abs().max()) + 1.0)
         if bool(torch.isfinite(ref).all()) and float((again - ref).abs().max()) > tol:
             raise DNTKError(random_forward_message("the same input run twice gave different logits"))
+
+    def _still_holds(self, x, logits, probe: list, layouts: list, B: int) -> bool:
+        """Whether cached ``layouts`` still explain this batch: one backward pass of s = logits · r and one of
+        Σ_b w_b s_b with distinct weights w = a random permutation of 1..B; where every entry of every
+        recorded output (and of the inputs, layout 0-major) feeds its own sample only, the weighted gradient is
+        w[sample] × the plain one entry by entry — an entry feeding samples b ≠ b' is off by (w_b' − w_b) × its
+        share, ≥ its share. Also the first sample run alone must give its batch logits (mixing the gradient
+        cannot see). Everything is compared on the device and read back once."""
+        dev, dt = logits.device, logits.dtype
+        gen = torch.Generator().manual_seed(7919 + self._passes)
+        r = torch.rand(logits.shape[1], generator=gen, dtype=torch.float64) + 0.5
+        w = (torch.randperm(B, generator=gen) + 1).to(torch.float64)
+        r, w = (_to_device(t.to(dt), dev) for t in (r, w))
+        s = logits @ r
+        base = torch.autograd.grad(s.sum(), probe, retain_graph=True, allow_unused=True)
+        weighted = torch.autograd.grad((s * w).sum(), probe, retain_graph=True, allow_unused=True)
+        lays = list(layouts) + [Layout(0, "major")] * (len(probe) - len(layouts))
+        bad = torch.zeros((), dtype=torch.bool, device=dev)
+        for g1, gw, lay in zip(base, weighted, lays):
+            if g1 is None or gw is None:
+                if (g1 is None) != (gw is None):
+                    return False
+                continue
+            eps = torch.finfo(g1.dtype).eps
+            finite = torch.isfinite(g1) & torch.isfinite(gw)
+            mag = torch.where(finite, g1.abs(), torch.zeros_like(g1))
+            expect = g1 * w.to(g1.dtype)[_sample_ids(g1.shape, lay, B, g1.device)]
+            tol = B * (1e-3 * mag + mag.amax() * 1e2 * eps)   # |w| ≤ B: measure_layouts' tolerance, scaled
+            bad = bad | (finite & ((gw - expect).abs() > tol)).any()
+        with torch.no_grad(), analysis_mode(self.model):
+            alone = samples.call(self.model, samples.map_leaves(torch.clone, samples.take(x, slice(0, 1))))
+        ref = logits[:1].detach()
+        if alone.shape != ref.shape:
+            return False
+        tol = (1e-9 if ref.dtype == torch.float64 else 1e-4) * (ref.abs().amax() + 1.0)
+        bad = bad | (torch.isfinite(ref).all() & ((alone - ref).abs().amax() > tol))
+        self.verified += 1
+        return not bool(bad)   # the one read-back of the check
 
     def _check_alone(self, x, logits, n: int = 4):
         """The logits of a few samples computed alone must equal their logits in the batch (catches

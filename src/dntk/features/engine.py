@@ -39,6 +39,22 @@ def as_inputs(x):
     return type(x)({k: as_inputs(v) for k, v in x.items()})
 
 
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A device tensor copied to the CPU: on CUDA into pinned memory, non-blocking (valid after
+    :func:`host_ready`); a CPU tensor as it is."""
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+    return t
+
+
+def host_ready(device) -> None:
+    """Wait for the non-blocking copies of :func:`to_host` on ``device`` (a no-op off CUDA)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def refuse_nonfinite(bad: torch.Tensor, start: int) -> None:
     """A DNTKError naming the samples (global indices: start + position) flagged in ``bad`` [B], if any."""
     if bool(bad.any()):
@@ -101,7 +117,7 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
     batch_size = default_batch_size(P, projector) if batch_size is None else batch_size
     require_int(batch_size, "batch_size", 1, "pass a positive number of samples per pass, or None for the default")
 
-    feats, logits_all, labels_all = [], [], []
+    feats, logits_all, labels_all, bad = [], [], [], []
     bar = tqdm(total=n, desc=f"features ({projector.name}, k={projector.dim})", unit="img", disable=not progress)
     for x, y, start in iter_batches(inputs, batch_size, device, strict):
         B = samples.count(x)
@@ -109,13 +125,17 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
         logits = capture.run(x, classes, sink)
         n_cls = len(classes) if classes is not None else logits.shape[1]
         out = sink.stacked(n_cls, logits.dtype)  # [C', B, k]
-        refuse_nonfinite(~torch.isfinite(out).all(dim=2).all(dim=0) | ~torch.isfinite(logits).all(dim=1), start)
-        feats.append(out.float().cpu())
-        logits_all.append(logits.float().cpu())
+        # non-finite samples flagged on the device and refused after the loop (one read-back, not one a batch);
+        # the results travel to pinned host memory without a synchronisation on CUDA
+        bad.append(~torch.isfinite(out).all(dim=2).all(dim=0) | ~torch.isfinite(logits).all(dim=1))
+        feats.append(to_host(out.float()))
+        logits_all.append(to_host(logits.float()))
         if y is not None:
-            labels_all.append(y.cpu())
+            labels_all.append(to_host(y))
         bar.update(B)
     bar.close()
+    host_ready(device)
+    refuse_nonfinite(torch.cat(bad).cpu(), 0)
     resolved = list(range(logits_all[0].shape[1])) if classes is None else [int(c) for c in classes]
     labels = torch.cat(labels_all) if labels_all and len(labels_all) == len(feats) else None
     return FeatureResult(torch.cat(feats, 1), torch.cat(logits_all), labels, resolved, projector,

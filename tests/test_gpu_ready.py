@@ -1,0 +1,94 @@
+"""What keeps a GPU busy in feature extraction, checked on the CPU: non-finite samples refused after the
+batch loop (one read-back) with the same message, and the feature store's shards written by a writer
+thread while the next shard is computed — with the same files, and a failed write never recorded."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dntk
+from dntk.errors import DNTKError
+from dntk.store import FeatureStore
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def test_nonfinite_samples_are_named_after_the_loop():
+    """NaN in samples 5 and 11 (different batches): one refusal naming both global indices — not only the
+    first batch's, as a per-batch check would."""
+    X = torch.randn(16, 5)
+    X[5, 0] = float("nan")
+    X[11, 2] = float("inf")
+    with pytest.raises(DNTKError, match=r"sample indices \[5, 11\]"):
+        dntk.gradient_features(_mlp(), X, dntk.projection.make("identity"), progress=False, batch_size=4)
+
+
+def test_shards_are_written_by_the_writer_thread(tmp_path, monkeypatch):
+    """4 shards: each written on the writer thread, the next shard's features computed meanwhile (its
+    extraction starts before the previous write returns), and the store reads back exactly what
+    gradient_features computes in one call."""
+    model, X = _mlp(), torch.randn(20, 5)
+    proj = dntk.projection.make("sjlt", k=8, seed=0)
+    events = []
+    real_write = FeatureStore._write_shard
+    real_features = dntk.features.gradient_features
+    gate = threading.Event()
+
+    def write(self, i, *a, **k):
+        events.append(("write", i, threading.current_thread().name))
+        if i == 0:
+            gate.wait(timeout=5)   # hold shard 0's write until shard 1's features are being computed
+        out = real_write(self, i, *a, **k)
+        events.append(("written", i, threading.current_thread().name))
+        return out
+
+    def features(*a, **k):
+        events.append(("compute", None, threading.current_thread().name))
+        if sum(e[0] == "compute" for e in events) == 2:
+            gate.set()
+        return real_features(*a, **k)
+
+    monkeypatch.setattr(FeatureStore, "_write_shard", write)
+    monkeypatch.setattr(dntk.features, "gradient_features", features)
+    store = FeatureStore(tmp_path / "s", shard=5)
+    assert store.extract(model, X, proj, progress=False) == [0, 1, 2, 3]
+    writes = [e for e in events if e[0] == "write"]
+    assert [w[1] for w in writes] == [0, 1, 2, 3]
+    assert all(w[2].startswith("dntk-shard-writer") for w in writes)
+    computes = [j for j, e in enumerate(events) if e[0] == "compute"]
+    assert gate.is_set() and computes[1] < events.index(("written", 0, writes[0][2]))   # overlapped
+    got = FeatureStore(tmp_path / "s").read()
+    parts = [real_features(model, X[s:s + 5], proj, progress=False) for s in range(0, 20, 5)]   # shard by shard
+    assert torch.equal(got.features, torch.cat([p.features for p in parts], 1))
+    assert torch.equal(got.logits, torch.cat([p.logits for p in parts]))
+
+
+def test_a_failed_shard_write_is_raised_and_never_recorded(tmp_path, monkeypatch):
+    """The writer thread's error reaches the caller; the shards written before it stay complete, the failed
+    one has no record, and a rerun computes only that one and the rest."""
+    model, X = _mlp(), torch.randn(15, 5)
+    proj = dntk.projection.make("sjlt", k=8, seed=0)
+    real_write = FeatureStore._write_shard
+
+    def failing(self, i, *a, **k):
+        if i == 1:
+            raise OSError("disk full (simulated)")
+        return real_write(self, i, *a, **k)
+
+    monkeypatch.setattr(FeatureStore, "_write_shard", failing)
+    with pytest.raises(OSError, match="disk full"):
+        FeatureStore(tmp_path / "s", shard=5).extract(model, X, proj, progress=False)
+    store = FeatureStore(tmp_path / "s", shard=5)
+    assert store.missing(15) == [1, 2]   # shard 2 is computed but its write never starts after the error
+    monkeypatch.setattr(FeatureStore, "_write_shard", real_write)
+    again = FeatureStore(tmp_path / "s", shard=5).extract(model, X, proj, progress=False)
+    assert 0 not in again and 1 in again
+    ref = torch.cat([dntk.gradient_features(model, X[s:s + 5], proj, progress=False).features for s in (0, 5, 10)], 1)
+    assert torch.equal(FeatureStore(tmp_path / "s").read().features, ref)

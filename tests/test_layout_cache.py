@@ -1,0 +1,142 @@
+"""The engine's per-call layout cache: measured once per call pattern, each later batch verified by two
+weighted backward passes and one sample alone (GradientCapture._still_holds) instead of measured again —
+with the same features as measuring every batch, and every batch that mixes samples still refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dntk
+from dntk.errors import DNTKError
+from dntk.features import capture as cap
+from dntk.models import build_model
+
+from test_train_pipeline import SyncCounter
+
+
+@pytest.fixture
+def captures(monkeypatch):
+    """Every GradientCapture made during the test, to read its counters."""
+    made = []
+    real = cap.GradientCapture.__init__
+
+    def init(self, *a, **k):
+        real(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(cap.GradientCapture, "__init__", init)
+    return made
+
+
+def _brute(model, X, proj_features_of):
+    """Per-sample, per-logit gradients by plain autograd, one sample at a time: [C, n, P]."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(X.shape[0]):
+        out = model(X[i:i + 1])[0]
+        rows.append(torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(out[c], params, retain_graph=True)])
+                                 for c in range(out.numel())]))
+    return torch.stack(rows, 1)
+
+
+def test_layouts_are_measured_once_and_later_batches_verified(captures, monkeypatch):
+    """ResNet-18 (BatchNorm in eval, residual adds, pooling), 4 batches of 4: one measurement, three
+    verified batches, features bit for bit those of measuring every batch (the cache refused by a
+    patched _still_holds)."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 3, 8, stem="small").eval()
+    X = torch.randn(16, 3, 8, 8)
+    proj = dntk.projection.make("tensorsketch", k=256, seed=0)
+    cached = dntk.gradient_features(model, X, proj, progress=False, batch_size=4).features
+    c = captures[-1]
+    assert (c.measured, c.verified, c.remeasured) == (1, 3, 0)
+
+    monkeypatch.setattr(cap.GradientCapture, "_still_holds", lambda self, *a: False)
+    every = dntk.gradient_features(model, X, proj, progress=False, batch_size=4).features
+    c = captures[-1]
+    assert (c.measured, c.remeasured) == (4, 3)
+    assert torch.equal(cached, every)
+
+
+def test_cached_features_are_exact_on_a_small_model(captures):
+    """An MLP with an identity projection: the cached batches' features equal plain autograd's per-sample
+    gradients (a float64 model; the features are stored as float32, so to float32's rounding), the cache
+    taken."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    X = torch.randn(24, 6, dtype=torch.float64)
+    feats = dntk.gradient_features(model, X, dntk.projection.make("identity"), progress=False, batch_size=6).features
+    assert captures[-1].verified == 3
+    ref = _brute(model, X, None)
+    assert torch.allclose(feats.double(), ref, rtol=1e-6, atol=1e-7 * float(ref.abs().max()))
+
+
+class Sometimes(nn.Module):
+    """Mixes the samples of a batch (adds the batch mean of a hidden layer) only on batches whose first
+    input is large — the same call pattern as a batch that does not mix. detached: mix through a value
+    the gradient cannot see."""
+
+    def __init__(self, detached=False):
+        super().__init__()
+        self.l1, self.l2, self.detached = nn.Linear(4, 8), nn.Linear(8, 3), detached
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        if bool(x[:, 0].abs().max() > 50):
+            m = h.mean(0, keepdim=True)
+            h = h + (m.detach() if self.detached else m)
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_a_later_batch_that_mixes_is_refused(captures, monkeypatch, detached):
+    """Batch 1 does not mix (cached); batch 3 does: the verification sees it (through the weighted
+    gradients, or — detached — the sample run alone), the batch is measured afresh and refused. Without
+    the verification the same call returns features that are wrong (the negative control)."""
+    torch.manual_seed(0)
+    model = Sometimes(detached).double()
+    X = torch.randn(24, 4, dtype=torch.float64)
+    X[16, 0] = 100.0   # batch 3 (rows 16–23) mixes
+    proj = dntk.projection.make("identity")
+    with pytest.raises(DNTKError, match="interact|depends on the rest of its batch"):
+        dntk.gradient_features(model, X, proj, progress=False, batch_size=8)
+    assert captures[-1].remeasured == 1
+    monkeypatch.setattr(cap.GradientCapture, "_still_holds", lambda self, *a: True)
+    wrong = dntk.gradient_features(model, X, proj, progress=False, batch_size=8).features
+    ref = _brute(model, X[16:17], None)   # sample 16 alone: the model's own gradient of that input
+    assert not torch.allclose(wrong[:, 16:17].double(), ref, rtol=1e-3, atol=1e-4)
+
+
+def test_token_inputs_are_measured_every_batch(captures):
+    """Integer inputs can mix samples where no gradient flows: such batches are never served from the cache."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 5), nn.Flatten(), nn.Linear(15, 4))
+    ids = torch.randint(0, 11, (12, 3))
+    dntk.gradient_features(model, ids, dntk.projection.make("identity"), progress=False, batch_size=4)
+    c = captures[-1]
+    assert (c.measured, c.verified) == (3, 0)
+
+
+def test_a_verified_batch_reads_back_once(captures, monkeypatch):
+    """The host read-backs of a cached batch's capture: the verification's one (and none in the per-logit
+    passes), against hundreds in a measured batch — the layout checks are one-off."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 3, 8, stem="small").eval()
+    X = torch.randn(8, 3, 8, 8)
+    proj = dntk.projection.make("tensorsketch", k=256, seed=0)
+    counts = []
+    real = cap.GradientCapture._run_ops
+
+    def watched(self, *a, **k):
+        with SyncCounter() as c:
+            out = real(self, *a, **k)
+        counts.append(c.seen)
+        return out
+
+    monkeypatch.setattr(cap.GradientCapture, "_run_ops", watched)
+    dntk.gradient_features(model, X, proj, progress=False, batch_size=4)
+    first, second = counts
+    assert len(first) > 100
+    assert second.count("__bool__") == 1 and len([s for s in second if s not in ("numpy",)]) == 1, second
