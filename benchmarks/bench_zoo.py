@@ -1,6 +1,6 @@
 """The per-logit engine on the models people bring: full-size torchvision and timm classifiers.
 
-Usage:  python benchmarks/bench_zoo.py [--size 64] [--n 16] [--batch 8] [--models a,b,...]
+Usage:  python benchmarks/bench_zoo.py [--size 64] [--n 16] [--batch 8] [--models a,b,...] [--device cuda]
 
 For every model (random initialisation, BatchNorm statistics calibrated on the batch, C = 10
 logits, ImageNette photos resized to --size) it reports:
@@ -12,12 +12,14 @@ logits, ImageNette photos resized to --size) it reports:
 - ms per (sample, logit) of the default projector (tensorsketch, k = 4096) against bare
   per-sample gradients of the same model: ``torch.func`` vmap(grad) per logit over the same
   batches, timed in the same run (the floor a hand-written script pays before any projection);
-- peak RSS rise of each;
+- peak RSS rise of each (on a GPU, ``--device cuda``: the peak GPU memory PyTorch allocated);
 - the per-class kernel's relative Frobenius error against the exact eNTK (dntk.empirical_ntk) on
   the first 4 images and logits 0–1 (exact kernels of more logits do not fit the memory of a
   2-core machine for the largest models).
 
-Writes benchmarks/results/zoo.json and prints a Markdown table.
+Both sides run on ``--device`` (CUDA timings are taken between ``torch.cuda.synchronize()`` calls).
+Writes benchmarks/results/zoo.json (``--json``: another name there, or an absolute path) and prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -87,6 +90,28 @@ def calibrate(model, x):
     return model.eval()
 
 
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def peak(device):
+    """Peak memory of a block (MB): the RSS rise on the CPU, the peak GPU memory allocated on CUDA."""
+    if torch.device(device).type != "cuda":
+        with peak_memory() as box:
+            yield box
+        return
+    box = {"peak_mb": float("nan")}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        yield box
+    finally:
+        torch.cuda.synchronize()
+        box["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+
 def bare_gradients(model, x, C, batch):
     """vmap(grad) of each logit over each batch: the per-sample gradients themselves."""
     from torch.func import functional_call, grad, vmap
@@ -118,12 +143,18 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--models", default=None, help="comma-separated subset of the model names")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--json", default="zoo.json", help="results file name under benchmarks/results/")
+    ap.add_argument("--json", default="zoo.json", help="results file name under benchmarks/results/ (or an absolute path)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where both the engine and the baseline run")
+    ap.add_argument("--data-root", default=None,
+                    help="ImageFolder whose val split gives the images (default: ../shared/data/imagenette2-224-sample)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    dev = args.device
+    if torch.device(dev).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {dev}: no CUDA device here")
     torch.manual_seed(0)
-    x_all = real_images(max(args.n, 4), args.size)
+    x_all = real_images(max(args.n, 4), args.size, root=args.data_root).to(dev)
     C = 10
     rows = []
     todo = builders(args.size)
@@ -132,18 +163,22 @@ def main(argv=None):
         todo = {k: v for k, v in todo.items() if any(k.startswith(w) for w in keep)}
     for name, build in todo.items():
         torch.manual_seed(0)
-        model = calibrate(wake(build()), x_all[: args.n])
+        model = calibrate(wake(build()).to(dev), x_all[: args.n])
         x = x_all[: args.n]
         P = sum(p.numel() for p in model.parameters() if p.requires_grad)
         dntk.gradient_features(model, x[:2], make("tensorsketch", k=args.k, seed=0), progress=False)  # warm-up
-        with peak_memory() as mem_d:
+        with peak(dev) as mem_d:
+            sync(dev)
             t = time.perf_counter()
             r = dntk.gradient_features(model, x, make("tensorsketch", k=args.k, seed=0), batch_size=args.batch,
                                        progress=False)
+            sync(dev)
             t_d = time.perf_counter() - t
-        with peak_memory() as mem_b:
+        with peak(dev) as mem_b:
+            sync(dev)
             t = time.perf_counter()
             bare_gradients(model, x, C, args.batch)
+            sync(dev)
             t_b = time.perf_counter() - t
         shares = r.path_shares()
         err = kernel_error(model, x_all[:4], args.k)
@@ -151,7 +186,8 @@ def main(argv=None):
                "derived": shares.get("derived", 0.0), "op_vjp": shares.get("op-vjp", 0.0),
                "ms_dntk": 1000 * t_d / (args.n * C), "ms_bare": 1000 * t_b / (args.n * C),
                "peak_dntk_mb": mem_d["peak_mb"], "peak_bare_mb": mem_b["peak_mb"], "kernel_err": err,
-               "paths": r.paths}
+               "paths": r.paths, "device": str(dev),
+               "peak_kind": "GPU memory allocated" if torch.device(dev).type == "cuda" else "RSS rise"}
         row["ratio"] = row["ms_dntk"] / row["ms_bare"]
         rows.append(row)
         print(f"{name}: P={P:,} fast={row['fast']:.4f} derived={row['derived']:.4f} op-vjp={row['op_vjp']:.4f} "
@@ -164,7 +200,8 @@ def main(argv=None):
             ("ratio", "dntk / bare", "{:.2f}"), ("peak_dntk_mb", "peak MB dntk", "{:.0f}"),
             ("peak_bare_mb", "peak MB bare", "{:.0f}"), ("kernel_err", "kernel rel. error (k=4096)", "{:.4f}")]
     print(table(rows, cols))
-    path = write_json(args.json, {"machine": machine(), "args": vars(args), "rows": rows})
+    gpu = torch.cuda.get_device_name(torch.device(dev)) if torch.device(dev).type == "cuda" else None
+    path = write_json(args.json, {"machine": {**machine(), "gpu": gpu}, "args": vars(args), "rows": rows})
     print(f"wrote {path}")
 
 

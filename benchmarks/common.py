@@ -56,12 +56,13 @@ def timer():
     box["s"] = time.perf_counter() - t
 
 
-def real_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """n ImageNette sample photos (evenly over classes), resized to size×size, ImageNet-normalised;
-    falls back to Gaussian noise when the shared data is absent."""
+def real_images(n: int, size: int, seed: int = 0, root=None) -> torch.Tensor:
+    """n ImageNette sample photos (evenly over classes) of root's val split (default: the shared
+    sample), resized to size×size, ImageNet-normalised; falls back to Gaussian noise when the data is
+    absent."""
     from dntk.data import balanced_indices, image_folder
 
-    root = SHARED / "imagenette2-224-sample"
+    root = Path(root) if root is not None else SHARED / "imagenette2-224-sample"
     if not root.exists():
         print(f"[warn] {root} not found: using noise images")
         return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))

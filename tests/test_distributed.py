@@ -144,6 +144,7 @@ def test_store_refuses_another_extraction_in_its_folder(tmp_path):
     assert len(r) == 6 and torch.equal(FeatureStore(tmp_path).read_class(2, 3, 9), r.features[2])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_run_matches_the_cpu_run(teacher, tmp_path):
     """`dntk run --device cuda` (teacher, features, KRR solves on the GPU) against the CPU run."""

@@ -225,6 +225,7 @@ def test_classes_subset(cnn_case):
     assert torch.equal(sub.features[0], full.features[3]) and torch.equal(sub.features[1], full.features[1])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_and_cuda_agree(cnn_case):
     model, x, _, _ = cnn_case
