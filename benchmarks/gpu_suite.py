@@ -79,10 +79,10 @@ TRAIN_FLOPS_PER_S = 0.30 * 989e12
 # GPU number this project has — WMDD IPC 50 × 2,000 iterations at 64 px took 35 s on an H200 (README), i.e.
 # 2000 · 500 · 3 · 2.97e8 FLOP / 35 s ≈ 2.5e13 FLOP/s by model_flops' count (the H200 has the H100's compute)
 FP32_FLOPS_PER_S = 2.5e13
-# float64 linear algebra on the CPU (reproduce's theory step: Gram matrices, eigvalsh, SVDs): the cpu64 run
-# did ≈3.6e12 such FLOPs (this count) in the ≈160 s of its 552 s theory step not spent on features, ≈2e10
-# FLOP/s on 2 shared cores; assumed 5× on the device's 16 cores
-CPU_F64_FLOPS_PER_S = 1e11
+# float64 linear algebra of reproduce's theory step (Gram matrices, eigvalsh, SVDs), which runs on the run's device:
+# on the GPU, cuSOLVER's float64 eigh/SVD at this size (4,096) reach a few % of the H100's 67 TFLOP/s FP64 — 2e12
+# assumed. (On 2 shared CPU cores the cpu64 run did ≈3.6e12 such FLOPs in ≈160 s, ≈2e10 FLOP/s.)
+GPU_F64_FLOPS_PER_S = 2e12
 PROCESS_OVERHEAD_S = 15.0            # a Python process: imports, CUDA context, cuDNN autotuning
 CUDA_TEST_S = 10.0                   # per CUDA test: not FLOP-bound (small models, process and context start-up)
 ZOO_ROW_OVERHEAD_S = 8.0             # per zoo model: build, first-batch calls, the recorder's per-call Python
@@ -523,8 +523,8 @@ def zoo_plan(models, size: int, n: int, C: int = 10) -> dict:
             "ZOO_ROW_OVERHEAD_S)", "parts": parts, "seconds": PROCESS_OVERHEAD_S + sum(p["seconds"] for p in parts)}
 
 
-def theory_cpu_flops(n: int, k: int, d: int, n_test: int, C: int, subspaces: int = 4) -> float:
-    """reproduce's theory linear algebra per logit (float64, CPU), summed over C logits: the Σ_g Gram
+def theory_flops(n: int, k: int, d: int, n_test: int, C: int, subspaces: int = 4) -> float:
+    """reproduce's theory linear algebra per logit (float64, on the run's device), summed over C logits: the Σ_g Gram
     2·a²·b and eigvalsh (4/3)·a³ (a = min(n, k), b = max), the PCA directions (SVD 4·b·a² + 8·a³), and
     per subspace two row bases (SVD of [d, k]: 4·k·d² + 8·d³ each) and the projections of the Σ_g sample and
     the held-out features (2·n·k·d + 2·n_test·k·d)."""
@@ -583,8 +583,8 @@ def reproduce_plan(sz: dict) -> dict:
          FP32_FLOPS_PER_S),
         ("theory features", "(2m + theory_images) × (F + C·B) (random and k-center subsets, Σ_g sample)",
          (2 * m + sz["theory_images"]) * g, FP32_FLOPS_PER_S),
-        ("theory linear algebra (CPU float64)", "theory_cpu_flops(theory_images, k, m, n_test, C)",
-         theory_cpu_flops(sz["theory_images"], k, m, n_te, C), CPU_F64_FLOPS_PER_S),
+        ("theory linear algebra (GPU float64)", "theory_flops(theory_images, k, m, n_test, C)",
+         theory_flops(sz["theory_images"], k, m, n_te, C), GPU_F64_FLOPS_PER_S),
     ]
     if sz["exact"]:
         parts.append(("exact eNTK subset", f"⌈4·C·n·P / memory⌉ = {groups} slices × n × (F + C·B) + 2·C·n²·P + "
@@ -604,7 +604,7 @@ def make_plan(opts, manifest: dict) -> dict:
     sz = reproduce_sizes(opts.setting, opts.sets, opts.reproduce_flags, n_train, n_val, C, manifest["image_size"])
     stages = [cuda_tests_plan(), zoo_plan(opts.zoo_models, opts.zoo_size, opts.zoo_n, C), reproduce_plan(sz)]
     return {"rates": {"TRAIN_FLOPS_PER_S": TRAIN_FLOPS_PER_S, "FP32_FLOPS_PER_S": FP32_FLOPS_PER_S,
-                      "CPU_F64_FLOPS_PER_S": CPU_F64_FLOPS_PER_S, "PROCESS_OVERHEAD_S": PROCESS_OVERHEAD_S,
+                      "GPU_F64_FLOPS_PER_S": GPU_F64_FLOPS_PER_S, "PROCESS_OVERHEAD_S": PROCESS_OVERHEAD_S,
                       "CUDA_TEST_S": CUDA_TEST_S, "ZOO_ROW_OVERHEAD_S": ZOO_ROW_OVERHEAD_S,
                       "REPRODUCE_CPU_S": REPRODUCE_CPU_S, "RESERVE_S": RESERVE_S},
             "stages": stages, "total_s": sum(s["seconds"] for s in stages)}

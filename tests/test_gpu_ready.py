@@ -92,3 +92,18 @@ def test_a_failed_shard_write_is_raised_and_never_recorded(tmp_path, monkeypatch
     assert 0 not in again and 1 in again
     ref = torch.cat([dntk.gradient_features(model, X[s:s + 5], proj, progress=False).features for s in (0, 5, 10)], 1)
     assert torch.equal(FeatureStore(tmp_path / "s").read().features, ref)
+
+
+def test_sliced_kernels_default_budget_and_refusals():
+    """memory_budget_bytes=None: 4 GiB off CUDA (half the free memory on CUDA, exercised by the CUDA
+    tests), the same kernel as an explicit budget; a zero or boolean budget is still refused."""
+    from dntk.features.ntk import default_gradient_budget, sliced_class_kernels
+
+    assert default_gradient_budget("cpu") == 4 << 30
+    model, X = _mlp().double(), torch.randn(6, 5, dtype=torch.float64)
+    K_default, _ = sliced_class_kernels(model, X)
+    K_small, info = sliced_class_kernels(model, X, memory_budget_bytes=8 * 3 * 6 * 10)   # 10 elements a slice
+    assert info["groups"] > 1 and torch.allclose(K_default, K_small, rtol=1e-12, atol=1e-14)
+    for bad in (0, True):
+        with pytest.raises(DNTKError, match="memory_budget_bytes"):
+            sliced_class_kernels(model, X, memory_budget_bytes=bad)

@@ -119,7 +119,7 @@ def test_the_plan_is_the_formula_on_model_flops(dry):
             "student": (1 * m * 4 * F, R["TRAIN_FLOPS_PER_S"]),
             "features": (2 * (m + n_te) * g, R["FP32_FLOPS_PER_S"]),
             "theory features": ((2 * m + 10) * g, R["FP32_FLOPS_PER_S"]),
-            "theory linear algebra (CPU float64)": (theory, R["CPU_F64_FLOPS_PER_S"]),
+            "theory linear algebra (GPU float64)": (theory, R["GPU_F64_FLOPS_PER_S"]),
             "exact eNTK subset": (groups * 20 * g + 2 * 10 * 20 ** 2 * P + 3 * 20 * g, R["FP32_FLOPS_PER_S"])}
     parts = {p["part"]: p for p in rp["parts"]}
     for name, (flops, rate) in want.items():

@@ -336,12 +336,23 @@ def plan_parameter_slices(widths: dict[str, int], capacity: int) -> list[dict]:
     return groups
 
 
-def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_bytes: int = 4 << 30,
+def default_gradient_budget(device) -> int:
+    """The bytes of gradients :func:`sliced_class_kernels` holds at once when not told: on a CUDA device half
+    of its free memory now (the rest is for activations, the batch's full-size blocks and K), else 4 GiB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(1, free // 2)
+    return 4 << 30
+
+
+def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_bytes: int | None = None,
                          batch_size: int = 8, backend: str = "auto", progress: bool = False) -> tuple[torch.Tensor, dict]:
     """The exact per-class eNTK K[c, i, j] = ⟨∇θ f_c(x_i), ∇θ f_c(x_j)⟩ (float64 [C, n, n]) of inputs
     x [n, ...], with every input's gradients held in memory — never spilled to disk — by cutting the
     parameters into slices: for each slice, one gradient pass over all n inputs materialises only that
-    slice's gradients ([C, n, width] in the parameters' dtype, ≤ ``memory_budget_bytes``) and adds their Gram
+    slice's gradients ([C, n, width] in the parameters' dtype, ≤ ``memory_budget_bytes``; default
+    :func:`default_gradient_budget`: half the free GPU memory on CUDA, 4 GiB otherwise) and adds their Gram
     matrices (products over ≤ 65,536 elements, summed in float64).
     Exact because ⟨g, g'⟩ is the sum over any partition of the parameters' elements (checked against
     :func:`empirical_ntk` in the tests).
@@ -355,11 +366,14 @@ def sliced_class_kernels(model: nn.Module, x: torch.Tensor, *, memory_budget_byt
 
     from tqdm.auto import tqdm
 
-    require_int(memory_budget_bytes, "memory_budget_bytes", 1, "pass the bytes of gradients to hold at once")
-    require_int(batch_size, "batch_size", 1, "pass a positive number of inputs per gradient pass")
     real_model(model, where="sliced_class_kernels")
-    x = as_inputs(x)
     device = model_device(model)
+    if memory_budget_bytes is None:
+        memory_budget_bytes = default_gradient_budget(device)
+    require_int(memory_budget_bytes, "memory_budget_bytes", 1, "pass the bytes of gradients to hold at once, or None "
+                "for the default (half the free GPU memory on CUDA, 4 GiB otherwise)")
+    require_int(batch_size, "batch_size", 1, "pass a positive number of inputs per gradient pass")
+    x = as_inputs(x)
     _check_inputs(x, "x", device)
     capture = GradientCapture(model, backend=backend)
     with torch.no_grad():

@@ -272,10 +272,15 @@ def _theory(rc, cfg, train_set, points, X_test, y_test, model, features) -> dict
     free = torch.tensor([int(i) for i in order if int(i) not in used])
     pick = free[balanced_indices(train_set.labels[free], min(n_sigma, len(free)), train_set.num_classes)]
     X_sigma, _ = train_set.tensors(pick)
-    F_sigma = features(X_sigma, "theory").features.double()
-    F_test = features(X_test, "run", "test").features.double()
-    F_sub = {name: features(X, "run" if name == "wmdd" else "theory").features.double()
+    # the linear algebra (eigendecompositions of k × k / n × n second moments, SVDs, in float64) runs where the
+    # run does: on a GPU it is seconds, on 2 CPU cores minutes
+    dev = torch.device(cfg.device)
+    F_sigma = features(X_sigma, "theory").features.to(dev, torch.float64)
+    F_test = features(X_test, "run", "test").features.to(dev, torch.float64)
+    F_sub = {name: features(X, "run" if name == "wmdd" else "theory").features.to(dev, torch.float64)
              for name, (X, _) in subsets.items()}
+    y_test = y_test.to(dev)
+    subsets = {name: (X, labels.to(dev)) for name, (X, labels) in subsets.items()}
     C = F_sigma.shape[0]
     rows = {name: [] for name in list(subsets) + ["pca"]}
     for c in range(C):

@@ -24,7 +24,7 @@ from ..errors import DNTKError
 def row_basis(A: torch.Tensor, tol: float = 1e-10) -> torch.Tensor:
     """Orthonormal basis [k, d] of the row span of A [s, k] (singular values above tol·max)."""
     if A.shape[0] == 0:
-        return torch.zeros(A.shape[1], 0, dtype=A.dtype)
+        return torch.zeros(A.shape[1], 0, dtype=A.dtype, device=A.device)
     _, sv, Vh = torch.linalg.svd(A, full_matrices=False)
     keep = sv > tol * float(sv.max()) if float(sv.max()) > 0 else torch.zeros_like(sv, dtype=torch.bool)
     return Vh[keep].T
