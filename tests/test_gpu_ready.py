@@ -107,3 +107,42 @@ def test_sliced_kernels_default_budget_and_refusals():
     for bad in (0, True):
         with pytest.raises(DNTKError, match="memory_budget_bytes"):
             sliced_class_kernels(model, X, memory_budget_bytes=bad)
+
+
+def test_a_wmdd_step_reads_nothing_back(monkeypatch):
+    """WMDD's optimisation loop keeps its loss parts on the device (grouped_objective(lazy=True)) and reads
+    them once at the end: every call of a step's objective is watched for read-backs (none), while the
+    records still carry the first step's losses, equal to the eager objective's."""
+    from test_train_pipeline import SyncCounter
+
+    from dntk.distill import WMDDConfig, bn_layers
+    import importlib
+
+    W = importlib.import_module("dntk.distill.wmdd")   # the module (dntk.distill.wmdd is also the function's name)
+    from dntk.models import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet18", 3, 3, 8, stem="small").eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    layers = bn_layers(teacher)
+    cfg = WMDDConfig(ipc=2, iterations=3, jitter=False)
+    init = torch.randn(4, 3, 8, 8)
+    supports = torch.randn(2, 2, 512)
+    stats = [[(torch.zeros(l.num_features), torch.ones(l.num_features)) for l in layers] for _ in range(2)]
+    seen = []
+    real = W.grouped_objective
+
+    def watched(*a, **k):
+        if not k.get("lazy"):
+            return real(*a, **k)
+        with SyncCounter() as c:
+            out = real(*a, **k)
+        seen.append(c.seen)
+        return out
+
+    monkeypatch.setattr(W, "grouped_objective", watched)
+    _, recs = W.optimise_group(teacher, init, [0, 1], supports, stats, cfg, layers)
+    assert len(seen) == 3 and all(s == [] for s in seen), seen
+    _, eager = real(teacher, init, [0, 1], supports, W.stack_bn_targets(stats, "cpu"), cfg, layers)
+    assert [r["initial_loss"] for r in recs] == pytest.approx(eager, rel=1e-6)

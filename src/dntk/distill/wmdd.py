@@ -178,7 +178,13 @@ def _jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-def grouped_objective(teacher, x, classes, supports, bn_targets, cfg: WMDDConfig, layers) -> tuple[torch.Tensor, list]:
+def _records(parts: torch.Tensor) -> list:
+    """Per-class loss records from the [G, 4] (feature, ce, bn, total) tensor of grouped_objective."""
+    return [{"feature": float(a), "ce": float(b), "bn": float(c), "total": float(t)} for a, b, c, t in parts.tolist()]
+
+
+def grouped_objective(teacher, x, classes, supports, bn_targets, cfg: WMDDConfig, layers, *,
+                      lazy: bool = False) -> tuple[torch.Tensor, list]:
     """The WMDD loss summed over G classes optimised in one batch.
 
     x: [G·ipc, c, h, w], class g's images at rows g·ipc … (g+1)·ipc − 1; classes: G class indices;
@@ -186,7 +192,8 @@ def grouped_objective(teacher, x, classes, supports, bn_targets, cfg: WMDDConfig
     (mean [G, ch], var [G, ch]) from ``stack_bn_targets``. Every term is computed per class (BN
     moments over that class's images only), so the gradient for class g's pixels is exactly that of
     its own loss: optimising G classes together is optimising each alone. Returns the total and one
-    record of loss parts per class."""
+    record of loss parts per class — or, ``lazy``, the parts as a detached [G, 4] tensor (feature, ce, bn,
+    total) left on the device, read back by nobody (what the optimisation loop keeps: no host sync a step)."""
     G, ipc = len(classes), supports.shape[1]
     rec = _BNInputs(layers) if cfg.bn_weight and layers else None
     try:
@@ -204,9 +211,8 @@ def grouped_objective(teacher, x, classes, supports, bn_targets, cfg: WMDDConfig
             dims = [1] + list(range(3, v.dim()))
             l_bn = l_bn + (v.mean(dims) - mu).norm(dim=1) + (v.var(dims, unbiased=False) - var).norm(dim=1)
     per_class = cfg.feature_weight * l_feat + cfg.ce_weight * l_ce + cfg.bn_weight * l_bn
-    parts = [{"feature": float(a), "ce": float(b), "bn": float(c), "total": float(t)}
-             for a, b, c, t in zip(l_feat.tolist(), l_ce.tolist(), l_bn.tolist(), per_class.tolist())]
-    return per_class.sum(), parts
+    parts = torch.stack([l_feat, l_ce, l_bn, per_class], 1).detach()
+    return per_class.sum(), (parts if lazy else _records(parts))
 
 
 def wmdd_objective(teacher, x, target_class, support, bn_stats, cfg: WMDDConfig, layers) -> tuple[torch.Tensor, dict]:
@@ -249,7 +255,7 @@ def optimise_group(teacher, init: torch.Tensor, classes: list[int], supports: to
     label = f"wmdd class {classes[0]}" if len(classes) == 1 else f"wmdd classes {classes[0]}–{classes[-1]}"
     for _ in tqdm(range(cfg.iterations), desc=label, disable=not progress, leave=False):
         xin = _jitter(x, gen) if cfg.jitter else x
-        loss, parts = grouped_objective(teacher, xin, classes, supports, bn_targets, cfg, layers)
+        loss, parts = grouped_objective(teacher, xin, classes, supports, bn_targets, cfg, layers, lazy=True)
         if first is None:
             first = parts
         opt.zero_grad(set_to_none=True)
@@ -261,6 +267,8 @@ def optimise_group(teacher, init: torch.Tensor, classes: list[int], supports: to
         _, final = grouped_objective(teacher, x, classes, supports, bn_targets, cfg, layers)
     if first is None:
         first = last = final
+    else:   # the loop's loss parts, read back once at the end
+        first, last = _records(first), _records(last)
     records = [{"initial_loss": a, "final_loss": b, "last_jittered_loss": c} for a, b, c in zip(first, final, last)]
     return x.detach().cpu(), records
 
