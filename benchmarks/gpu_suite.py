@@ -92,7 +92,8 @@ RESERVE_S = 15.0                     # kept back at every stage start: the final
 GPU_ZOO_MODELS = ("resnet18", "vit_b_16", "convnext_tiny", "timm deit3_small")
 # the dry run: toy sizes for every stage (reproduce's own flags and --set overrides)
 DRY = {"classes": 10, "train": 6, "val": 3, "size": 16, "zoo_models": ("resnet18",), "zoo_n": 2, "zoo_batch": 2,
-       "zoo_k": 64, "sets": ("model=small_cnn", "epochs=1", "wmdd_iterations=2", "student_epochs=1", "ipc=2", "k=64"),
+       "zoo_k": 64, "sets": ("model=small_cnn", "epochs=1", "wmdd_iterations=2", "student_epochs=1", "ipc=2", "k=64",
+                "train_pipeline=device"),   # the pipeline CUDA takes under auto, exercised on the CPU
        "theory_images": 10, "exact_train": 10, "exact_test": 10, "exact_memory_gb": 0.05}
 
 
