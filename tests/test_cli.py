@@ -143,7 +143,7 @@ def test_stage_errors(tmp_path, capsys):
         capsys.readouterr().err
     for flag, value, message in (("--gradient-distill", "pca", "invalid choice: 'pca' (choose from 'none', 'local-global',"
                                                               " 'random', 'fps', 'kmeans', 'leverage', "
-                                                              "'target-direction', 'hybrid')"),
+                                                              "'target-direction', 'hybrid', 'eigen', 'hybrid-eigen')"),
                                  ("--tau-v", "1.5", "must be a finite number > 0 and ≤ 1, got 1.5"),
                                  ("--distill", "dc", "invalid choice: 'dc' (choose from 'none', 'random', 'kcenter', "
                                                      "'wmdd', 'kernel-greedy', 'kernel-herding')")):

@@ -146,3 +146,21 @@ def test_a_wmdd_step_reads_nothing_back(monkeypatch):
     assert len(seen) == 3 and all(s == [] for s in seen), seen
     _, eager = real(teacher, init, [0, 1], supports, W.stack_bn_targets(stats, "cpu"), cfg, layers)
     assert [r["initial_loss"] for r in recs] == pytest.approx(eager, rel=1e-6)
+
+
+def test_a_failed_write_of_the_last_shard_is_raised(tmp_path, monkeypatch):
+    """The last shard's write fails after the loop has ended: extract still raises (the final wait on the
+    writer), and that shard is left unrecorded."""
+    model, X = _mlp(), torch.randn(15, 5)
+    proj = dntk.projection.make("sjlt", k=8, seed=0)
+    real_write = FeatureStore._write_shard
+
+    def failing(self, i, *a, **k):
+        if i == 2:
+            raise OSError("disk full on the last shard (simulated)")
+        return real_write(self, i, *a, **k)
+
+    monkeypatch.setattr(FeatureStore, "_write_shard", failing)
+    with pytest.raises(OSError, match="last shard"):
+        FeatureStore(tmp_path / "s", shard=5).extract(model, X, proj, progress=False)
+    assert FeatureStore(tmp_path / "s", shard=5).missing(15) == [2]

@@ -36,7 +36,9 @@ def _brute(model, X, proj_features_of):
     rows = []
     for i in range(X.shape[0]):
         out = model(X[i:i + 1])[0]
-        rows.append(torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(out[c], params, retain_graph=True)])
+        rows.append(torch.stack([torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in
+                                            zip(params, torch.autograd.grad(out[c], params, retain_graph=True,
+                                                                            allow_unused=True))])
                                  for c in range(out.numel())]))
     return torch.stack(rows, 1)
 
@@ -140,3 +142,150 @@ def test_a_verified_batch_reads_back_once(captures, monkeypatch):
     first, second = counts
     assert len(first) > 100
     assert second.count("__bool__") == 1 and len([s for s in second if s not in ("numpy",)]) == 1, second
+
+
+# ---- the review's cases (helper review of 81d0720): each was silently wrong or untested before --------
+
+class CapacityMoE(nn.Module):
+    """Switch-style top-1 mixture of experts with a fixed capacity per expert, filled in batch order: a
+    token past its expert's capacity is dropped — so a sample's output depends on the samples before it,
+    through integer routing the gradient cannot see, and never for sample 0."""
+
+    def __init__(self, d=8, E=8, capacity=4):
+        super().__init__()
+        self.router = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(E))
+        self.head, self.capacity = nn.Linear(d, 3), capacity
+
+    def forward(self, x):                                 # [B, T, d]
+        B, T, d = x.shape
+        t = x.reshape(B * T, d)
+        gates = torch.softmax(self.router(t), -1)
+        choice = gates.argmax(-1)
+        out = t
+        for e, expert in enumerate(self.experts):
+            sel = choice == e
+            keep = (sel & (torch.cumsum(sel.long(), 0) <= self.capacity)).to(t.dtype)
+            out = out + (keep * gates[:, e]).unsqueeze(-1) * expert(t)
+        return self.head(torch.tanh(out).reshape(B, T, d).mean(1))
+
+
+def test_capacity_routing_on_a_later_batch_is_refused(captures):
+    """Batch 1 is balanced (no token dropped, cached); batch 2 sends every token to expert 0, so samples
+    1–7 are dropped in the batch but not alone: refused (the batch run in another order, or a sample other
+    than 0 alone, shows it), not 76% off."""
+    torch.manual_seed(0)
+    model = CapacityMoE().double()
+    with torch.no_grad():
+        model.router.weight.copy_(torch.eye(8, dtype=torch.float64))
+    B, T = 8, 4
+    X = 0.3 * torch.randn(2 * B, T, 8, dtype=torch.float64)
+    for b in range(B):
+        for j in range(T):
+            X[b, j, (4 * b + j) % 8] += 3.0
+    X[B:, :, 0] += 3.0
+    with pytest.raises(DNTKError, match="depends on the rest of its batch"):
+        dntk.gradient_features(model, X, dntk.projection.make("identity"), progress=False, batch_size=B)
+    assert captures[-1].remeasured == 1
+
+
+class ShiftSometimes(nn.Module):
+    """On batches with a large input each sample's hidden state gets the previous sample's (detached, or
+    not) — sample 0 untouched."""
+
+    def __init__(self, detached=True):
+        super().__init__()
+        self.l1, self.l2, self.detached = nn.Linear(4, 8), nn.Linear(8, 3), detached
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        if bool(x.abs().max() > 50):
+            prev = h[:-1].detach() if self.detached else h[:-1]
+            h = torch.cat([h[:1], h[1:] + 0.5 * prev])
+        return self.l2(h)
+
+
+class DetachSometimes(nn.Module):
+    """A large input anywhere in the batch stops the gradient of l1 for the whole batch; the logits are
+    unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.l1(x)
+        if bool(x.abs().max() > 50):
+            h = h.detach()
+        return self.l2(torch.tanh(h))
+
+
+@pytest.mark.parametrize("model", [ShiftSometimes(True), ShiftSometimes(False), DetachSometimes()],
+                         ids=["shift-detached", "shift", "detach"])
+@pytest.mark.parametrize("first", [False, True], ids=["later-batch", "first-batch"])
+def test_batch_dependent_coupling_away_from_sample_0_is_refused(model, first):
+    """A trigger in sample 5 of a batch (not sample 0): the coupling — through a detached value, through the
+    gradient, or a gradient cut with the logits unchanged — is refused whether it is in the first (measured)
+    batch or a later (verified) one."""
+    torch.manual_seed(0)
+    model = model.double()
+    X = torch.randn(16, 4, dtype=torch.float64)
+    X[5 if first else 13, 1] = 60.0
+    with pytest.raises(DNTKError, match="depends on the rest of its batch|samples of a batch interact"):
+        dntk.gradient_features(model, X, dntk.projection.make("identity"), progress=False, batch_size=8)
+
+
+class SometimesFlip(nn.Module):
+    """On batches with a large input the batch is run in reverse order and put back: the same values, the
+    same call shapes, another layout of the recorded outputs (no mixing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        if bool(x.abs().max() > 50):
+            idx = torch.arange(x.shape[0]).flip(0)
+            return self.l2(torch.tanh(self.l1(x[idx]))[idx])
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def test_a_data_dependent_layout_is_remeasured_and_exact(captures, monkeypatch):
+    """The flip on batch 2 leaves every value check passing; only the weighted gradients see that the cached
+    layout no longer holds: the batch is measured afresh (an index map) and its features are exact. Served
+    from the cache unverified, the same batch's features would be wrong (the negative control)."""
+    torch.manual_seed(0)
+    model = SometimesFlip().double()
+    X = torch.randn(24, 4, dtype=torch.float64)
+    X[13, 1] = 60.0
+    feats = dntk.gradient_features(model, X, dntk.projection.make("identity"), progress=False, batch_size=8).features
+    c = captures[-1]
+    assert (c.measured, c.remeasured) == (2, 1)
+    ref = _brute(model, X, None)
+    assert torch.allclose(feats.double(), ref, rtol=1e-6, atol=1e-7 * float(ref.abs().max()))
+    monkeypatch.setattr(cap.GradientCapture, "_still_holds", lambda self, *a: True)
+    wrong = dntk.gradient_features(model, X, dntk.projection.make("identity"), progress=False, batch_size=8).features
+    assert not torch.allclose(wrong.double(), ref, rtol=1e-3, atol=1e-4)
+
+
+def test_outputs_no_gradient_reaches_do_not_stop_the_cache(captures):
+    """An LSTM's unused h_n/c_n and a computed-but-unused branch are structurally unused: cached as such
+    (later batches verified, not measured) and exact."""
+    class SeqLSTM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head, self.aux = nn.LSTM(4, 6), nn.Linear(6, 3), nn.Linear(4, 2)
+
+        def forward(self, x):                           # [B, T, 4] → sequence-first inside
+            self.aux(x)                                  # computed, unused
+            h, _ = self.rnn(x.transpose(0, 1))
+            return self.head(h[-1])
+
+    torch.manual_seed(0)
+    model = SeqLSTM().double()
+    X = torch.randn(12, 5, 4, dtype=torch.float64)
+    feats = dntk.gradient_features(model, X, dntk.projection.make("identity"), progress=False, batch_size=4).features
+    c = captures[-1]
+    assert (c.measured, c.verified, c.remeasured) == (1, 2, 0)
+    ref = _brute(model, X, None)
+    assert torch.allclose(feats.double(), ref, rtol=1e-6, atol=1e-7 * float(ref.abs().max()))

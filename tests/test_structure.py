@@ -313,7 +313,7 @@ def test_import_dntk_shows_the_whole_surface():
     # no name means two things: stage 1 distillers and stage 3 methods are distinct constants
     assert set(dntk.distill.DISTILLERS) == {"random", "kcenter", "wmdd", "kernel-greedy", "kernel-herding"}
     assert dntk.gradients.GRADIENT_METHODS == ("local-global",) + dntk.gradients.SELECTION_METHODS + \
-        dntk.gradients.TARGET_METHODS
+        dntk.gradients.TARGET_METHODS + dntk.gradients.SPECTRAL_METHODS
 
 
 def test_results_json_schema_is_documented_in_the_readme():

@@ -154,9 +154,12 @@ class SyncCounter(TorchFunctionMode):
 @pytest.mark.parametrize("augment,mix,labels", [("crop_flip", "none", None), ("rrc_flip", "cutmix", "teacher"),
                                                  ("shift", "cutmix", "soft")])
 def test_the_device_step_reads_nothing_back(tmp_path, monkeypatch, augment, mix, labels):
-    """Every call inside the device step (gather, normalisation, augmentation, mix, forward, loss,
-    backward) is watched: none reads a value back or indexes by a mask. The same watch on the classic
-    epoch does see them (the check can fail)."""
+    """Every torch call our code makes inside the device step (gather, normalisation, augmentation, mix,
+    forward, loss, the backward call) is watched: none reads a value back or indexes by a mask. (A
+    TorchFunctionMode sees neither the ops inside autograd's backward nor the optimizer's and scheduler's
+    steps, which run outside the step function; the CUDA test below runs the whole epoch loop under
+    torch.cuda.set_sync_debug_mode('error').) The same watch on the classic epoch does see them (the check
+    can fail)."""
     data = toy_set(n=64)
     teacher = build_model("small_cnn", 4, 3, 16).eval()
     extra = {"teacher": teacher} if labels == "teacher" else (

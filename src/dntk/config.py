@@ -24,7 +24,7 @@ import torch
 from .data.sources import DATASETS
 from .distill.methods import DISTILLERS
 from .errors import DNTKError, is_int_at_least
-from .gradients.evaluation import GRADIENT_METHODS, SELECTION_METHODS
+from .gradients.evaluation import GRADIENT_METHODS, NEEDS_BUDGET
 from .gradients.local_global import MODES
 from .projection.registry import DEFAULT as DEFAULT_PROJECTOR
 from .projection.registry import NAMES as PROJECTORS
@@ -255,7 +255,8 @@ class GradientConfig:
 
     method: str = option("none", "none, local-global (Algorithm 1), random, fps, kmeans, leverage (selection "
                          "baselines), target-direction (reproduces the all-m regression at s = 1), hybrid (target "
-                         "direction + Algorithm 1)",
+                         "direction + Algorithm 1), eigen (top-s eigenvectors of each class kernel: the Eckart–Young "
+                         "optimum on the training points), hybrid-eigen (target direction + top s − 1 eigenvectors)",
                          flag="--gradient-distill", choices=("none",) + GRADIENT_METHODS)
     budget: int | None = option(None, "exactly s gradients per class kernel (m/s = compression)", kind="int",
                                 minimum=1, none_means="none: Algorithm 1 picks s from the thresholds")
@@ -354,7 +355,7 @@ class RunConfig:
         if c.gradients.method != "none" and c.features.test_features == "stream":
             raise DNTKError("--gradient-distill evaluates synthetic sets on the stored test features: use "
                             "--test-features store (the default) with it")
-        if c.gradients.method in SELECTION_METHODS + ("hybrid",) and c.gradients.budget is None:
+        if c.gradients.method in NEEDS_BUDGET and c.gradients.budget is None:
             raise DNTKError(f"--gradient-distill {c.gradients.method} needs --budget s (gradients per class kernel)")
         return c
 

@@ -66,6 +66,7 @@ as an independent reference; it builds B·C·P numbers and is never chosen autom
 
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -555,6 +556,26 @@ def _masked(g: torch.Tensor, layout, B: int, ids: torch.Tensor | None, bs: slice
     return g.unsqueeze(0) * mask.to(g.dtype)
 
 
+def _differs(alone: list, batch: list, share: float = 0.1) -> torch.Tensor:
+    """A device bool: whether the input gradients of a sample run alone and the same sample's in the batch
+    differ grossly — ‖a − b‖ > share · max(‖a‖, ‖b‖) for some input (a gradient missing on one side counts
+    as zero). Meant for a gradient cut or changed by the batch context (a detach taken only in some
+    batches), not for rounding: batch and single-sample passes round differently, and saturated layers
+    amplify that, so a tight tolerance would refuse valid models."""
+    bad = None
+    for a, b in zip(alone, batch):
+        if a is None and b is None:
+            continue
+        ref = (a if a is not None else b).double()
+        a = torch.zeros_like(ref) if a is None else a.double()
+        b = torch.zeros_like(ref) if b is None else b.reshape(ref.shape).double()
+        ok = torch.isfinite(a) & torch.isfinite(b)           # non-finite entries are left to the finite checks
+        a, b = torch.where(ok, a, 0.0), torch.where(ok, b, 0.0)
+        one = (a - b).norm() > share * torch.maximum(a.norm(), b.norm())
+        bad = one if bad is None else bad | one
+    return bad if bad is not None else torch.zeros((), dtype=torch.bool)
+
+
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
     """A small CPU tensor on ``device``; pinned and non-blocking on CUDA (no host synchronisation)."""
     if torch.device(device).type == "cuda":
@@ -581,11 +602,12 @@ def _spell_samples(g1, qs, where, tol, B, i) -> torch.Tensor:
     return ids
 
 
-def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> tuple[list, bool]:
+def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> tuple[list, bool, list]:
     """For each recorded output: a :class:`Layout`, an index tensor (sample of every entry, when no
-    layout explains it), or None (no gradient reaches it in this batch); and whether every layout was
-    the only one consistent with the batch. Raises _LayoutError(i) when an entry of output i feeds
-    several samples."""
+    layout explains it), or None (no gradient reaches it in this batch); whether every layout was
+    the only one consistent with the batch; and per output whether no path of the graph reaches it at
+    all (``unused``: autograd returns no gradient — structural, unlike an all-zero gradient of this
+    batch). Raises _LayoutError(i) when an entry of output i feeds several samples."""
     B, C = logits.shape
     gen = torch.Generator().manual_seed(7919 + seed)
     r = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(logits.dtype).to(logits.device)
@@ -639,7 +661,7 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> tuple[li
                 ids = _spell_samples(g1, qs, full, 1e-3 * g1.abs(), B, i)
             ids = ids.masked_fill(~full, 0)
         layouts.append(found if found is not None else ids)
-    return layouts, unique
+    return layouts, unique, [g is None for g in base]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -782,7 +804,7 @@ class GradientCapture:
             if layouts is None:
                 probe = outs + leaves
                 try:
-                    measured, unique = measure_layouts(logits, probe)
+                    measured, unique, unused = measure_layouts(logits, probe)
                     for j in range(len(outs), len(probe)):
                         if measured[j] is not None and measured[j] != Layout(0, "major"):
                             raise _LayoutError(j)
@@ -796,9 +818,12 @@ class GradientCapture:
                         "statistics)") from None
                 # then every sample of the batch is run alone, not just the first few
                 self._check_alone(x, logits, n=B if data_only else 4)
+                if not data_only:
+                    self._check_alone_gradients(x, logits, leaves, n=min(B, 4))
                 layouts = measured[: len(outs)]
                 self.measured += 1
-                if unique and not data_only and all(isinstance(lay, Layout) for lay in layouts):
+                if unique and not data_only and all(isinstance(lay, Layout) or (lay is None and unused[i])
+                                                    for i, lay in enumerate(layouts)):
                     # unambiguous and structural: reused for the same call pattern, each later batch verified by
                     # _still_holds (two weighted backward passes and one sample alone instead of a measurement)
                     self._layouts[sig] = layouts
@@ -848,42 +873,115 @@ class GradientCapture:
             raise DNTKError(random_forward_message("the same input run twice gave different logits"))
 
     def _still_holds(self, x, logits, probe: list, layouts: list, B: int) -> bool:
-        """Whether cached ``layouts`` still explain this batch: one backward pass of s = logits · r and one of
-        Σ_b w_b s_b with distinct weights w = a random permutation of 1..B; where every entry of every
-        recorded output (and of the inputs, layout 0-major) feeds its own sample only, the weighted gradient is
-        w[sample] × the plain one entry by entry — an entry feeding samples b ≠ b' is off by (w_b' − w_b) × its
-        share, ≥ its share. Also the first sample run alone must give its batch logits (mixing the gradient
-        cannot see). Everything is compared on the device and read back once."""
+        """Whether cached ``layouts`` still explain this batch, checked on the device and read back once:
+
+        - gradients: one backward pass of s = logits · r and one of Σ_b w_b s_b with distinct weights w = a
+          random permutation of 1..B. Where every entry of every recorded output (and of the inputs, layout
+          0-major) feeds its own sample only, the weighted gradient is w[sample] × the plain one; an entry
+          feeding samples b ≠ b' is off by (w_b' − w_b) × its share ≥ its share. Compared on the entries
+          measure_layouts classifies (|g| > 1e3·eps·max), relative tolerance w[sample]·rtol (1e-8 in float64,
+          1e-4 otherwise) — so at B·rtol > 0.05 the batch is measured instead; an entry with a weighted
+          gradient where the plain one vanishes (cancelling shares) also fails. An output cached as unused
+          must still get no gradient.
+        - values, for coupling the gradient cannot see (integer routing, detached values, queues in batch
+          order): the batch run again in a random order must give the same logits permuted; sample 0 and a
+          random sample j ≥ 1 run alone must give their batch logits and (within 10%, :func:`_differs`) their
+          input gradients in the batch."""
         dev, dt = logits.device, logits.dtype
+        eps = torch.finfo(dt).eps
+        rtol = 1e-8 if dt == torch.float64 else 1e-4
+        if B * rtol > 0.05:
+            return False   # the weights' gaps are too small against the tolerance: measure this batch
         gen = torch.Generator().manual_seed(7919 + self._passes)
         r = torch.rand(logits.shape[1], generator=gen, dtype=torch.float64) + 0.5
         w = (torch.randperm(B, generator=gen) + 1).to(torch.float64)
+        perm = torch.randperm(B, generator=gen)
+        j = random.Random(7919 + self._passes).randrange(1, B)   # a host draw: no tensor read back
         r, w = (_to_device(t.to(dt), dev) for t in (r, w))
+        perm_dev = _to_device(perm, dev)
         s = logits @ r
         base = torch.autograd.grad(s.sum(), probe, retain_graph=True, allow_unused=True)
         weighted = torch.autograd.grad((s * w).sum(), probe, retain_graph=True, allow_unused=True)
-        lays = list(layouts) + [Layout(0, "major")] * (len(probe) - len(layouts))
+        n_out = len(layouts)
+        lays = list(layouts) + [Layout(0, "major")] * (len(probe) - n_out)
         bad = torch.zeros((), dtype=torch.bool, device=dev)
         for g1, gw, lay in zip(base, weighted, lays):
+            if lay is None:                         # cached as unused: no graph path may reach it now
+                if g1 is not None or gw is not None:
+                    return False
+                continue
             if g1 is None or gw is None:
                 if (g1 is None) != (gw is None):
                     return False
                 continue
-            eps = torch.finfo(g1.dtype).eps
+            e = torch.finfo(g1.dtype).eps
             finite = torch.isfinite(g1) & torch.isfinite(gw)
             mag = torch.where(finite, g1.abs(), torch.zeros_like(g1))
-            expect = g1 * w.to(g1.dtype)[_sample_ids(g1.shape, lay, B, g1.device)]
-            tol = B * (1e-3 * mag + mag.amax() * 1e2 * eps)   # |w| ≤ B: measure_layouts' tolerance, scaled
-            bad = bad | (finite & ((gw - expect).abs() > tol)).any()
+            top = mag.amax()
+            support = mag > top * 1e3 * e
+            wi = w.to(g1.dtype)[_sample_ids(g1.shape, lay, B, g1.device)]
+            off = (gw - g1 * wi).abs()
+            bad = bad | (finite & support & (off > wi * (rtol * mag + top * 1e2 * e))).any()
+            bad = bad | (finite & ~support & (gw.abs() > B * top * 1e4 * e)).any()
+        leaves = probe[n_out:]
         with torch.no_grad(), analysis_mode(self.model):
-            alone = samples.call(self.model, samples.map_leaves(torch.clone, samples.take(x, slice(0, 1))))
-        ref = logits[:1].detach()
-        if alone.shape != ref.shape:
+            again = samples.call(self.model, samples.map_leaves(torch.clone, samples.take(x, perm_dev)))
+        ref = logits.detach()[perm_dev]
+        if again.shape != ref.shape:
             return False
-        tol = (1e-9 if ref.dtype == torch.float64 else 1e-4) * (ref.abs().amax() + 1.0)
-        bad = bad | (torch.isfinite(ref).all() & ((alone - ref).abs().amax() > tol))
+        ftol = (1e-9 if dt == torch.float64 else 1e-4) * (ref.abs().amax() + 1.0)
+        bad = bad | (torch.isfinite(ref).all() & ((again - ref).abs().amax() > ftol))
+        for i in (0, j):
+            alone, grads = self._alone(x, i, r, with_grad=bool(leaves))
+            ref = logits[i:i + 1].detach()
+            if alone.shape != ref.shape:
+                return False
+            tol = (1e-9 if dt == torch.float64 else 1e-4) * (ref.abs().amax() + 1.0)
+            bad = bad | (torch.isfinite(ref).all() & ((alone - ref).abs().amax() > tol))
+            if grads is not None:
+                bad = bad | _differs(grads, [None if g is None else g[i:i + 1] for g in base[n_out:]]).to(dev)
         self.verified += 1
         return not bool(bad)   # the one read-back of the check
+
+    def _alone(self, x, i: int, r: torch.Tensor, with_grad: bool):
+        """Sample i run alone: its logits [1, C] and, with_grad, the gradients of its s = logits · r with
+        respect to its floating inputs (else None)."""
+        one = samples.map_leaves(torch.clone, samples.take(x, slice(i, i + 1)))
+        if not with_grad:
+            with torch.no_grad(), analysis_mode(self.model):
+                return samples.call(self.model, one), None
+        leaves = []
+
+        def tag(t):
+            if t.is_floating_point():
+                t = t.detach().requires_grad_(True)
+                leaves.append(t)
+            return t
+
+        one = samples.map_leaves(tag, one)
+        with torch.enable_grad(), analysis_mode(self.model):
+            out = samples.call(self.model, one)
+            if not out.requires_grad:
+                return out.detach(), [None] * len(leaves)
+            grads = torch.autograd.grad((out @ r.to(out.dtype)).sum(), leaves, allow_unused=True)
+        return out.detach(), list(grads)
+
+    def _check_alone_gradients(self, x, logits, leaves, n: int = 4):
+        """A measured batch: the input gradients of a few samples run alone must be their input gradients in
+        the batch (a model that cuts the gradient, e.g. detaches, only in some batch contexts would
+        otherwise give other per-sample gradients than the model alone, with the same logits)."""
+        if not leaves or not logits.requires_grad:
+            return
+        gen = torch.Generator().manual_seed(104729 + self._passes)
+        r = (torch.rand(logits.shape[1], generator=gen, dtype=torch.float64) + 0.5).to(logits.dtype).to(logits.device)
+        batch = torch.autograd.grad((logits @ r).sum(), leaves, retain_graph=True, allow_unused=True)
+        for i in range(min(n, samples.count(x))):
+            _, alone = self._alone(x, i, r, with_grad=True)
+            if bool(_differs(alone, [None if g is None else g[i:i + 1] for g in batch])):
+                raise DNTKError(
+                    f"the model's gradient for sample {i} depends on the rest of its batch (its input gradient "
+                    "differs when it is run alone, though its logits may not), so per-sample gradients of a batch "
+                    "are not defined; use batch_size=1, or remove the batch-dependent operation")
 
     def _check_alone(self, x, logits, n: int = 4):
         """The logits of a few samples computed alone must equal their logits in the batch (catches

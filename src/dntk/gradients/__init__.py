@@ -1,15 +1,17 @@
 """Gradient distillation (stage 3): Algorithm 1, the selection baselines, and their evaluation."""
 
-from .evaluation import (GRADIENT_METHODS, TARGET_METHODS, budget_curves, distill_gradients, evaluate_distilled,
+from .evaluation import (GRADIENT_METHODS, SPECTRAL_METHODS, TARGET_METHODS, budget_curves, distill_gradients, evaluate_distilled,
                          grid_search, pareto_front, unseen_measures)
-from .kernel_metrics import (gp_prior_targets, heldout_target_metrics, nystrom_kernel_error, posterior_variance,
+from .kernel_metrics import (gp_prior_targets, heldout_target_metrics, nystrom_kernel_error, optimum_lines,
+                             posterior_variance,
                              posterior_variance_error, principal_angles)
 from .local_global import MODES, DistilledGradients, local_global, synthesize, truncation_ranks
 from .selection import SELECTION_METHODS, ridge_leverage_scores, select
-from .target import hybrid, target_direction
+from .target import eigen, hybrid, hybrid_eigen, target_direction
 
 __all__ = ["local_global", "synthesize", "truncation_ranks", "DistilledGradients", "select", "ridge_leverage_scores",
            "SELECTION_METHODS", "GRADIENT_METHODS", "MODES", "distill_gradients", "evaluate_distilled",
            "budget_curves", "grid_search", "pareto_front", "TARGET_METHODS", "target_direction", "hybrid",
-           "nystrom_kernel_error", "posterior_variance", "posterior_variance_error", "principal_angles",
+           "SPECTRAL_METHODS", "eigen", "hybrid_eigen",
+           "nystrom_kernel_error", "optimum_lines", "posterior_variance", "posterior_variance_error", "principal_angles",
            "gp_prior_targets", "heldout_target_metrics", "unseen_measures"]

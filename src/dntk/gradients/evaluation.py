@@ -16,14 +16,16 @@ import torch
 from .. import validate as V
 from ..errors import DNTKError
 from ..kernels import fit_evaluate, one_hot
-from .kernel_metrics import (AllM, gp_prior_targets, heldout_target_metrics, nystrom_kernel_error,
+from .kernel_metrics import (AllM, gp_prior_targets, heldout_target_metrics, nystrom_kernel_error, optimum_lines,
                              posterior_variance_error, principal_angles)
 from .local_global import local_global
 from .selection import SELECTION_METHODS, select
-from .target import hybrid, target_direction
+from .target import eigen, hybrid, hybrid_eigen, target_direction
 
 TARGET_METHODS = ("target-direction", "hybrid")
-GRADIENT_METHODS = ("local-global",) + SELECTION_METHODS + TARGET_METHODS
+SPECTRAL_METHODS = ("eigen", "hybrid-eigen")   # the top-s eigenvectors of each class kernel (Eckart–Young)
+GRADIENT_METHODS = ("local-global",) + SELECTION_METHODS + TARGET_METHODS + SPECTRAL_METHODS
+NEEDS_BUDGET = SELECTION_METHODS + ("hybrid",) + SPECTRAL_METHODS
 
 
 def distill_gradients(method: str, F: torch.Tensor, Y: torch.Tensor, *, budget: int | None = None,
@@ -33,8 +35,9 @@ def distill_gradients(method: str, F: torch.Tensor, Y: torch.Tensor, *, budget: 
 
     F [C, m, k] features, Y [m, C] targets → :class:`~dntk.gradients.DistilledGradients`.
     ``local-global`` is Algorithm 1 (budget mode when ``budget`` is given); the selection baselines
-    need ``budget`` (s gradients per class); ``target-direction`` (default s = 1) and ``hybrid`` (the target
-    direction plus Algorithm 1's s − 1) use ``ridge``, the absolute ridge of the model fitted on them, and
+    need ``budget`` (s gradients per class), as do ``eigen`` (the top-s eigenvectors of each class kernel) and
+    ``hybrid-eigen`` (the target direction + the top s − 1 on its complement); ``target-direction`` (default
+    s = 1), ``hybrid`` (the target direction plus Algorithm 1's s − 1) and ``hybrid-eigen`` use ``ridge``, the absolute ridge of the model fitted on them, and
     ``leverage`` uses it for its scores. ``budget`` is None or an integer ≥ 1 (0, negative, float or bool
     budgets are refused, never replaced by a default); ``seed`` an integer ≥ 0; ``ridge`` ≥ 0."""
     if budget is not None:
@@ -52,6 +55,10 @@ def distill_gradients(method: str, F: torch.Tensor, Y: torch.Tensor, *, budget: 
             raise DNTKError("--gradient-distill hybrid needs --budget s (the target direction + s − 1 of Algorithm 1)")
         return hybrid(F, Y, budget, ridge=ridge, seed=seed, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters,
                       mode=mode, coverage_mode=coverage_mode, gap=gap)
+    if method in SPECTRAL_METHODS:
+        if budget is None:
+            raise DNTKError(f"--gradient-distill {method} needs --budget s (eigenvectors per class kernel)")
+        return eigen(F, Y, budget) if method == "eigen" else hybrid_eigen(F, Y, budget, ridge=ridge)
     if method in SELECTION_METHODS:
         if budget is None:
             raise DNTKError(f"--gradient-distill {method} needs --budget s (gradients per class kernel)")
@@ -85,25 +92,30 @@ def unseen_measures(dg, F, F_test, labels_train, labels_test, *, ridge: float, s
     out.update({"onehot_accuracy": held["onehot"]["synthetic"]["accuracy"],
                 "nystrom_error": nystrom_kernel_error(F, dg, F_test, reference=ref),
                 "posterior_variance_error": posterior_variance_error(F, dg, F_test, ridge=ridge, reference=ref),
-                "principal_cos2": angles["mean_cos2"], "principal_r": angles["r"]})
+                "principal_cos2": angles["mean_cos2"], "principal_r": angles["r"],
+                **optimum_lines(F, dg, F_test, reference=ref)})
     return out
 
 
 def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, methods, seeds=(0, 1, 2), n_clusters=10,
                   tau_v=0.95, tau_g=0.9, mode="per_class", targets_test=None, unseen_labels=None,
-                  other_targets=None) -> list[dict]:
+                  other_targets=None, unseen_seeds: str = "first") -> list[dict]:
     """Metrics (mean ± std over seeds) for every method and budget s ≤ m. F [C, m, k], F_test [C, n, k].
 
     With ``unseen_labels=(labels_train [m], labels_test [n])`` each row also holds
-    :func:`unseen_measures` of the first seed's set. ``jacobians``: the per-sample per-logit Jacobians
-    a method needs to build its set — all m·C for every method here (each reads all m gradients)."""
+    :func:`unseen_measures` of the first seed's set — or, ``unseen_seeds="all"``, their mean over the
+    seeds with ``<key>_std`` and the per-seed ``<key>_values`` (for tests between methods). ``jacobians``:
+    the per-sample per-logit Jacobians a method needs to build its set — all m·C for every method here
+    (each reads all m gradients)."""
+    if unseen_seeds not in ("first", "all"):
+        raise DNTKError(f"unseen_seeds must be 'first' or 'all', got {unseen_seeds!r}")
     rows, reference = [], None
     m = F.shape[1]
     for method in methods:
         for s in budgets:
             if s > m:
                 continue
-            runs, unseen = [], None
+            runs, unseen = [], []
             if unseen_labels is not None and reference is None:
                 reference = AllM(F, F_test, ridge)
             t = time.perf_counter()
@@ -112,15 +124,24 @@ def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, met
                                        mode=mode, seed=seed, ridge=ridge)
                 runs.append(evaluate_distilled(dg, F_test, logits_test, labels_test, ridge=ridge,
                                                targets_test=targets_test))
-                if unseen_labels is not None and unseen is None:
-                    unseen = unseen_measures(dg, F, F_test, *unseen_labels, ridge=ridge, seed=seed,
-                                             other_targets=other_targets, reference=reference)
+                if unseen_labels is not None and (unseen_seeds == "all" or not unseen):
+                    unseen.append(unseen_measures(dg, F, F_test, *unseen_labels, ridge=ridge, seed=seeds[0],
+                                                  other_targets=other_targets, reference=reference))
             row = {"method": method, "s": s, "compression": m / s, "seeds": len(seeds),
-                   "jacobians": m * F.shape[0], "seconds": (time.perf_counter() - t) / len(seeds), **(unseen or {})}
+                   "jacobians": m * F.shape[0], "seconds": (time.perf_counter() - t) / len(seeds)}
+            if len(unseen) == 1:
+                row.update(unseen[0])
+            elif unseen:
+                for key in unseen[0]:
+                    vals = [u[key] for u in unseen]
+                    row[key] = sum(vals) / len(vals)
+                    row[f"{key}_std"] = float(torch.tensor(vals, dtype=torch.float64).std(unbiased=False))
+                    row[f"{key}_values"] = vals
             for key in runs[0]:  # the distillation targets' metrics, mean ± std over seeds
                 vals = torch.tensor([r[key] for r in runs], dtype=torch.float64)
                 row[key] = float(vals.mean())
                 row[f"{key}_std"] = float(vals.std(unbiased=False))
+                row[f"{key}_values"] = vals.tolist()
             rows.append(row)
     return rows
 

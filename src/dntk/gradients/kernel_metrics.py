@@ -8,6 +8,14 @@ synthetic ones (U: the set's coefficient vectors), X [n, k] held-out (test) grad
   Φ and S, K_m(x, x') = φ(x)ᵀ P_Φ φ(x') is the all-m kernel restricted to the span of the m gradients
   and K_S(x, x') = φ(x)ᵀ P_S φ(x') the compressed one; error ‖K_S − K_m‖_F / ‖K_m‖_F over the held-out
   points. 0 when S spans what Φ spans; it sees every direction, not only the one a target needs.
+- **The optimum lines** (issue #24): on the *training* points the compressed kernel Φ P_S Φᵀ of any s
+  synthetic gradients (rows in the span of Φ) is at best the Eckart–Young rank-s approximation of
+  K = ΦΦᵀ, error sqrt(Σ_{i>s} λ_i²)/‖K‖_F — reached by the top-s eigenvectors (``eigen``). On the held-out
+  points the best s-dimensional S inside span(Φ) for the Nyström error is the top-s right singular
+  subspace of X P_Φ (an oracle: it looks at the test gradients), error sqrt(Σ_{i>s} σ_i⁴ / Σ σ_i⁴) with σ
+  the singular values of X P_Φ (Cauchy interlacing); the top-s *training* eigenvectors are not guaranteed
+  to reach it. ``nystrom_fraction`` = (1 − error) / (1 − oracle error): the share of the achievable
+  reduction a method reaches.
 - **GP posterior variance**: σ²(x) = φᵀφ − φᵀΦᵀ(ΦΦᵀ + λI)⁻¹Φφ with all m points and σ̂²(x) with S in
   their place; mean |σ̂² − σ²| / σ². The uncertainty a user would report; 0 only if S keeps the
   directions the held-out points need.
@@ -64,6 +72,14 @@ class AllM:
             return A @ A.T
         return self._get(("K", c), compute)
 
+    def train_spectrum(self, c: int) -> torch.Tensor:
+        """Eigenvalues of K_c = Φ_cΦ_cᵀ, descending, clamped at 0."""
+        return self._get(("lam", c), lambda: torch.linalg.eigvalsh(self.F[c] @ self.F[c].T).flip(0).clamp_min(0))
+
+    def test_spectrum(self, c: int) -> torch.Tensor:
+        """Singular values of X_c P_Φ (descending): the spectrum of the restricted test kernel's square root."""
+        return self._get(("sig", c), lambda: torch.linalg.svdvals(self.X[c] @ _row_basis(self.F[c])))
+
     def variance(self, c: int) -> torch.Tensor:
         return self._get(("var", c), lambda: posterior_variance(self.F[c], self.X[c], self.ridge))
 
@@ -93,6 +109,43 @@ def nystrom_kernel_error(F_train, synthetic, F_test, *, reference: AllM | None =
         Km, Ks = ref.restricted_kernel(c), As @ As.T
         errs.append(float((Ks - Km).norm() / Km.norm()))
     return sum(errs) / len(errs)
+
+
+def _tail(values: torch.Tensor, s: int) -> float:
+    """sqrt(Σ_{i>s} v_i²) / sqrt(Σ v_i²) of non-negative values sorted descending."""
+    total = float((values ** 2).sum())
+    return (float((values[s:] ** 2).sum()) / total) ** 0.5 if total > 0 else 0.0
+
+
+def optimum_lines(F_train, synthetic, F_test, *, reference: AllM | None = None) -> dict:
+    """Each method beside the best any s synthetic gradients can do, per class at that class's s (the rank
+    of its synthetic set), averaged over classes:
+
+    - ``train_kernel_error``: ‖Φ P_S Φᵀ − ΦΦᵀ‖_F / ‖ΦΦᵀ‖_F on the training points, and ``eckart_young``:
+      its minimum over all rank-s sets, sqrt(Σ_{i>s} λ_i²)/‖K‖_F (reached by ``eigen``);
+    - ``nystrom_oracle``: the minimum of :func:`nystrom_kernel_error` over s-dimensional subspaces of
+      span(Φ), sqrt(Σ_{i>s} σ_i⁴ / Σ σ_i⁴) with σ the singular values of X P_Φ — an oracle that sees the
+      test gradients — and ``nystrom_fraction``: (1 − error) / (1 − oracle error) of this set."""
+    F, S, X = _classes(F_train, synthetic, F_test)
+    ref = _reference(F, X, 0.0, reference)
+    train, ey, oracle, frac = [], [], [], []
+    for c in range(F.shape[0]):
+        Q = _row_basis(S[c])
+        s_c = Q.shape[1]
+        A = F[c] @ Q
+        K = F[c] @ F[c].T
+        train.append(float((A @ A.T - K).norm() / K.norm()))
+        ey.append(_tail(ref.train_spectrum(c), s_c))
+        sig = ref.test_spectrum(c)
+        o = _tail(sig ** 2, s_c)
+        As = X[c] @ Q
+        Km = ref.restricted_kernel(c)
+        e = float((As @ As.T - Km).norm() / Km.norm())
+        oracle.append(o)
+        frac.append((1 - e) / (1 - o) if o < 1 else float("nan"))
+    mean = (lambda v: sum(v) / len(v))
+    return {"train_kernel_error": mean(train), "eckart_young": mean(ey), "nystrom_oracle": mean(oracle),
+            "nystrom_fraction": mean(frac)}
 
 
 def posterior_variance(F_train: torch.Tensor, F_test: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -18,6 +18,18 @@ targets cannot show whether a compressed kernel serves any other question (see
 - ``hybrid``: u_1 = α/‖α‖ plus Algorithm 1's s − 1 synthetic directions (budget mode) orthonormalised
   against it (same span), so a user gets the regression exactly at every s *and* the spectrum's leading
   local–global structure.
+
+The spectral baselines (issue #24: the obvious one-eigendecomposition competitor Algorithm 1 was never
+compared with):
+
+- ``eigen``: u = the top-s eigenvectors of K_c = Φ_cΦ_cᵀ — by Eckart–Young the synthetic set whose
+  compressed *training* kernel Φ P_S Φᵀ = U Λ_s Uᵀ is the best rank-s approximation of K_c (in Frobenius
+  and spectral norm). Eigenvectors of eigenvalue ≤ 1e-12·λ_max are not used (s > rank gives rank
+  directions, s per class recorded); each sign is fixed so its largest-magnitude entry is positive; at a
+  tie λ_s = λ_{s+1} the subspace is not unique and eigh's choice is taken (recorded as ``tied``).
+- ``hybrid-eigen``: u_1 = α/‖α‖ and the top s − 1 eigenvectors of (I − u_1u_1ᵀ) K_c (I − u_1u_1ᵀ), which
+  are orthogonal to u_1: the all-m regression exactly at every s (as ``target-direction``) *and* the best
+  rank-(s − 1) approximation of the kernel on u_1's orthogonal complement.
 """
 
 from __future__ import annotations
@@ -127,3 +139,67 @@ def hybrid(features: torch.Tensor, targets: torch.Tensor, s: int, *, ridge: floa
         targs.append(U.T @ Y[:, c])
     return DistilledGradients(feats, targs, coefs, {"method": "hybrid", "s": [u.shape[1] for u in coefs],
                                                     "ridge": ridge})
+
+
+def _top_eigenvectors(K: torch.Tensor, s: int, rtol: float = 1e-12) -> tuple[torch.Tensor, bool]:
+    """The top-s eigenvectors [m, s'] of a symmetric PSD K [m, m] (s' ≤ s: only eigenvalues above
+    rtol·λ_max), each signed so its largest-|·| entry is positive; and whether λ_s ties λ_{s+1}."""
+    lam, vec = torch.linalg.eigh(K)
+    lam, vec = lam.flip(0), vec.flip(1)
+    top = float(lam[0]) if lam.numel() else 0.0
+    keep = min(s, int((lam > rtol * top).sum())) if top > 0 else 0
+    U = vec[:, :keep]
+    if keep:
+        pivot = U.abs().argmax(0)
+        U = U * torch.sign(U[pivot, torch.arange(keep)])[None, :]
+    tied = keep < lam.numel() and keep > 0 and bool(torch.isclose(lam[keep - 1], lam[keep], rtol=1e-9, atol=0.0))
+    return U, tied
+
+
+def eigen(features: torch.Tensor, targets: torch.Tensor, s: int) -> DistilledGradients:
+    """s synthetic gradients per class: Φ_cᵀu for the top-s eigenvectors u of K_c = Φ_cΦ_cᵀ, targets uᵀy.
+
+    features [C, m, k] (already divided by √ν_c), targets [m, C]. The compressed training kernel is the
+    Eckart–Young optimum U Λ_s Uᵀ; on other points the top-s eigenvectors are not guaranteed optimal (see
+    :func:`dntk.gradients.kernel_metrics.nystrom_oracle`)."""
+    F, Y = _check_inputs(features, targets, "eigen")
+    C, m, _ = F.shape
+    s = _budget(s, m, "eigen", optional=False)
+    K = class_kernels(F)
+    feats, targs, coefs, tied = [], [], [], []
+    for c in range(C):
+        U, tie = _top_eigenvectors(K[c], s)
+        if U.shape[1] == 0:
+            raise DNTKError(f"eigen: class {c}'s kernel is zero (all its training gradients vanish): no eigenvector "
+                            "to keep; check the features of that class")
+        coefs.append(U)
+        feats.append(U.T @ F[c])
+        targs.append(U.T @ Y[:, c])
+        tied.append(tie)
+    return DistilledGradients(feats, targs, coefs, {"method": "eigen", "s": [u.shape[1] for u in coefs], "tied": tied})
+
+
+def hybrid_eigen(features: torch.Tensor, targets: torch.Tensor, s: int, *, ridge: float) -> DistilledGradients:
+    """The target direction u_1 = α/‖α‖ plus the top s − 1 eigenvectors of the kernel on u_1's orthogonal
+    complement, (I − u_1u_1ᵀ)K_c(I − u_1u_1ᵀ), per class: the all-m regression exactly at every s, and of
+    the kernel the best rank-(s − 1) part orthogonal to u_1. features [C, m, k], targets [m, C]."""
+    F, Y = _check_inputs(features, targets, "hybrid_eigen")
+    C, m, _ = F.shape
+    s = _budget(s, m, "hybrid_eigen", optional=False)
+    ridge = V.nonnegative(ridge, "ridge", "pass the absolute ridge λ ≥ 0 of the kernel model", where="hybrid_eigen")
+    K = class_kernels(F)
+    feats, targs, coefs, tied = [], [], [], []
+    for c in range(C):
+        u = _unit(_alpha(K[c], Y[:, c], ridge, c), Y[:, c], c)
+        if s > 1:
+            P = torch.eye(m, dtype=K.dtype) - torch.outer(u, u)
+            rest, tie = _top_eigenvectors(P @ K[c] @ P, s - 1)
+            U = _orthonormal_after(u, rest)   # rest ⟂ u already (eigenvectors of nonzero eigenvalue): rounding only
+        else:
+            U, tie = u[:, None], False
+        coefs.append(U)
+        feats.append(U.T @ F[c])
+        targs.append(U.T @ Y[:, c])
+        tied.append(tie)
+    return DistilledGradients(feats, targs, coefs, {"method": "hybrid-eigen", "s": [u.shape[1] for u in coefs],
+                                                    "ridge": ridge, "tied": tied})

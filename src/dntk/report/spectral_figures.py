@@ -95,6 +95,16 @@ def figure3(rows: list[dict], m: int, path) -> Path:
         if heldout:
             for ax, key in zip(lower, ("gp_agreement", "onehot_agreement", "nystrom_error", "posterior_variance_error")):
                 ax.plot(s, [r.get(key, np.nan) for r in sel], **style)
+    if heldout and any("nystrom_oracle" in r for r in rows):
+        # the oracle optimum of the Nyström error at each s (depends on s only): the best any s gradients in the
+        # span of the m can do on these test points
+        best = {}
+        for r in rows:
+            if r.get("nystrom_oracle") is not None:
+                best[r["s"]] = min(best.get(r["s"], np.inf), r["nystrom_oracle"])
+        xs = sorted(best)
+        lower[2].plot(xs, [best[x] for x in xs], "k--", lw=1.5, label="optimum (test oracle)")
+        lower[2].legend(fontsize=7)
     if heldout:
         for ax, title in zip(lower, ("held out: agreement with all-m, GP-prior target",
                                      "held out: agreement with all-m, one-hot labels", "Nyström kernel error",
