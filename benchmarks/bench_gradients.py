@@ -98,12 +98,92 @@ def welch_rows(rows, a: str, b: str) -> list[dict]:
     return out
 
 
+def _pm(r, key, fmt):
+    v, sd = r.get(key), r.get(f"{key}_std")
+    if v is None:
+        return "–"
+    return fmt.format(v) + (f" ± {fmt.format(sd)}" if sd is not None and sd > 1e-9 else "")
+
+
+def render(d: dict) -> str:
+    """The README's stage-3 tables, from gradients.json (`--render` writes them between the README's
+    <!-- gradients-tables --> markers)."""
+    rows = d["rows"]
+    order = sorted((r for r in rows if r["s"] > 1), key=lambda r: (-r["compression"], r["method"] != "local-global",
+                                                                   r["method"]))
+    full = d["kernel_model_all_m"]
+    out = [f"Teacher {d['teacher_val_accuracy']:.4f} val accuracy; m = {d['m']} ({d['source']}), k = {d['k']}; "
+           f"3 seeds (± where a method's seed changes its set); `benchmarks/results/gradients.json`.", "",
+           "| m/s | s | method | fidelity | accuracy | MSE |", "|---|---|---|---|---|---|"]
+    for r in order:
+        out.append(f"| {r['compression']:.0f}× | {r['s']} | {r['method']} | {_pm(r, 'fidelity', '{:.3f}')} | "
+                   f"{_pm(r, 'accuracy', '{:.3f}')} | {_pm(r, 'mse', '{:.3g}')} |")
+    out.append(f"| 1× | {d['m']} | all m gradients | {full['fidelity']:.4f} | {full['accuracy']:.4f} | {full['mse']:.3g} |")
+    own, every = d["ranks"][OWN_CLASS], d["ranks"][ALL_POINTS]
+    gaps = [r["uncovered_variance_fraction"] for r in d["local_global"]]
+    gap_sets = [r["gap_variance_fraction"] for r in d["local_global"]]
+    lg100 = next((r for r in rows if r["method"] == "local-global" and round(r["compression"]) == 100), None)
+    out += ["", "| | ours | paper |", "|---|---|---|",
+            f"| truncation ranks at ε = 0.05, own-class blocks | {min(own)}–{max(own)} | {d['paper']['truncation_ranks']} |",
+            f"| truncation ranks at ε = 0.05, per-logit kernel over all {d['m']} points | {min(every)}–{max(every)} | — |",
+            f"| coverage gap (H = 10, τ_g = 0.9): variance in gap directions / uncovered variance | "
+            f"{min(gap_sets):.1%}–{max(gap_sets):.1%} / {min(gaps):.1%}–{max(gaps):.1%} | {d['paper']['coverage_gap']} |"]
+    if lg100:
+        out.append(f"| Algorithm 1 at 100×: accuracy / fidelity | {lg100['accuracy']:.3f} / {lg100['fidelity']:.3f} | "
+                   f"{d['paper']['accuracy_at_100x']} / {d['paper']['fidelity_at_100x']} |")
+    unseen = sorted(rows, key=lambda r: (r["s"], r["method"] != "local-global", r["method"]))
+    if any("nystrom_error" in r for r in rows):
+        out += ["", "On what the sets did not see (mean over the seeds): refit on one-hot labels, on the student's logits "
+                "and on a GP-prior function (argmax agreement with the all-m model on those targets), kernel-level "
+                "errors on the test points, and the optimum lines (training-kernel error beside its Eckart–Young "
+                "minimum; test Nyström error beside its oracle minimum and the share of the achievable reduction "
+                "reached).", "",
+                "| method | s | fidelity (built for) | labels: acc. | labels: agr. | student: agr. | GP: agr. | "
+                "post. var. err. | cos² top-r | train kernel err. | Eckart–Young | Nyström err. | oracle | fraction |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in unseen:
+            cells = [_pm(r, k, f) for k, f in (("fidelity", "{:.3f}"), ("onehot_accuracy", "{:.3f}"),
+                                                ("onehot_agreement", "{:.3f}"), ("student_agreement", "{:.3f}"),
+                                                ("gp_agreement", "{:.3f}"), ("posterior_variance_error", "{:.3g}"),
+                                                ("principal_cos2", "{:.3f}"), ("train_kernel_error", "{:.3f}"),
+                                                ("eckart_young", "{:.3f}"), ("nystrom_error", "{:.3f}"),
+                                                ("nystrom_oracle", "{:.3f}"), ("nystrom_fraction", "{:.3f}"))]
+            out.append(f"| {r['method']} | {r['s']} | " + " | ".join(cells) + " |")
+    welch = d.get("welch_local_global_vs_eigen") or []
+    if welch:
+        out += ["", "Algorithm 1 against `eigen`, per s and metric (Welch's t over the seeds; `eigen` is deterministic, "
+                "so the test is one-sample against its value; – where neither side varies):", "",
+                "| s | metric | Algorithm 1 | eigen | t | p | better |", "|---|---|---|---|---|---|---|"]
+        for w in welch:
+            t = "–" if w["t"] != w["t"] else f"{w['t']:.2f}"
+            pv = "–" if w["p"] != w["p"] else f"{w['p']:.2g}"
+            out.append(f"| {w['s']} | {w['metric']} | {w['local-global']:.4f} | {w['eigen']:.4f} | {t} | {pv} | "
+                       f"{w['better']} |")
+    return "\n".join(out)
+
+
+def write_readme(d: dict) -> bool:
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text()
+    a, b = "<!-- gradients-tables -->", "<!-- /gradients-tables -->"
+    if a not in text or b not in text:
+        return False
+    readme.write_text(text[:text.index(a) + len(a)] + "\n" + render(d) + "\n" + text[text.index(b):])
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--distilled", default=None, help="a stage-1 distilled set folder (default: random real m=500)")
     ap.add_argument("--full-grid", action="store_true", help="the reviewers' 6×5×4 (τ_v, τ_g, H) grid")
     ap.add_argument("--ridge", type=float, default=1e-4)
+    ap.add_argument("--render", action="store_true", help="only write the README's tables from gradients.json")
     args = ap.parse_args()
+    if args.render:
+        import json
+        print("README updated" if write_readme(json.loads((RESULTS / "gradients.json").read_text()))
+              else "README has no <!-- gradients-tables --> markers")
+        return
     torch.set_num_threads(2)
     t_all = time.perf_counter()
     model, tr, te = teacher_and_data()

@@ -954,8 +954,9 @@ class GradientCapture:
 
         def tag(t):
             if t.is_floating_point():
-                t = t.detach().requires_grad_(True)
-                leaves.append(t)
+                leaf = t.detach().requires_grad_(True)
+                leaves.append(leaf)
+                return leaf.clone()   # not a leaf: the model may modify its input in place
             return t
 
         one = samples.map_leaves(tag, one)
