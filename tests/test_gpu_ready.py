@@ -164,3 +164,34 @@ def test_a_failed_write_of_the_last_shard_is_raised(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="last shard"):
         FeatureStore(tmp_path / "s", shard=5).extract(model, X, proj, progress=False)
     assert FeatureStore(tmp_path / "s", shard=5).missing(15) == [2]
+
+
+def test_wmdd_under_bf16_autocast_moves_the_images_like_float32():
+    """precision='bf16' (the GPU option) runs the same steps under bf16 autocast — here on the CPU: the images
+    move, the records are finite float32 losses, the result is within bf16's rounding of the float32 run's
+    path (relative difference < 5%), and the settings key of a float32 run is what it was before the field."""
+    import importlib
+    from dataclasses import replace as dc_replace
+
+    from dntk.distill import WMDDConfig, bn_layers
+    from dntk.models import build_model
+
+    W = importlib.import_module("dntk.distill.wmdd")
+    torch.manual_seed(0)
+    teacher = build_model("resnet18", 3, 3, 8, stem="small").eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    layers = bn_layers(teacher)
+    init = torch.randn(4, 3, 8, 8)
+    supports = torch.randn(2, 2, 512)
+    stats = [[(torch.zeros(l.num_features), torch.ones(l.num_features)) for l in layers] for _ in range(2)]
+    cfg = WMDDConfig(ipc=2, iterations=4, jitter=False, lr=0.01)
+    x32, _ = W.optimise_group(teacher, init, [0, 1], supports, stats, cfg, layers)
+    x16, recs = W.optimise_group(teacher, init, [0, 1], supports, stats, dc_replace(cfg, precision="bf16"), layers)
+    assert x16.dtype == torch.float32 and not torch.equal(x16, init)
+    assert ((x16 - init).norm() - (x32 - init).norm()).abs() < 0.05 * (x32 - init).norm()
+    assert all(isinstance(r["final_loss"]["total"], float) and r["final_loss"]["total"] == r["final_loss"]["total"]
+               for r in recs)
+    assert "precision" not in W._settings(cfg) and W._settings(dc_replace(cfg, precision="bf16"))["precision"] == "bf16"
+    with pytest.raises(DNTKError, match="unknown WMDD precision"):
+        W.optimise_group(teacher, init, [0, 1], supports, stats, dc_replace(cfg, precision="fp8"), layers)

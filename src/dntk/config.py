@@ -227,6 +227,8 @@ class DistillConfig:
                                    aliases=("--ce-weight",))
     wmdd_feature_weight: float = option(1.0, "WMDD Wasserstein-barycenter feature loss weight", kind="float",
                                         minimum=0.0, aliases=("--feature-weight",))
+    wmdd_precision: str = option("float32", "WMDD steps in float32 or under bf16 autocast (a GPU option; its effect on "
+                                 "the distilled sets is not measured yet)", choices=("float32", "bf16"))
     wmdd_classes_per_step: int = option(1, "WMDD classes optimised in one batch (same objective; use C on a GPU)",
                                         kind="int", minimum=1, aliases=("--classes-per-step",))
 
@@ -234,7 +236,7 @@ class DistillConfig:
         """Keyword arguments of :class:`dntk.distill.WMDDConfig` (besides ipc and seed)."""
         return {"iterations": self.wmdd_iterations, "lr": self.wmdd_lr, "bn_weight": self.wmdd_bn_weight,
                 "ce_weight": self.wmdd_ce_weight, "feature_weight": self.wmdd_feature_weight,
-                "classes_per_step": self.wmdd_classes_per_step}
+                "classes_per_step": self.wmdd_classes_per_step, "precision": self.wmdd_precision}
 
 
 @dataclass

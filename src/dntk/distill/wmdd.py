@@ -68,6 +68,18 @@ class WMDDConfig:
     seed: int = 0
     classes_per_step: int = 1   # classes optimised together in one batch: the same per-class objective
     #                             (see grouped_objective), far faster on a GPU; resume is per group
+    precision: str = "float32"  # "bf16": the teacher's forward and backward under bf16 autocast (channels_last on
+    #                             CUDA), the images, BN moments and losses in float32 — a GPU option whose effect
+    #                             on the distilled sets is not measured yet, so not the default
+
+
+def _settings(cfg: "WMDDConfig") -> dict:
+    """The settings that key a WMDD result: asdict(cfg), without ``precision`` at its default (so sets
+    computed before the field existed stay valid)."""
+    d = asdict(cfg)
+    if d.get("precision") == "float32":
+        d.pop("precision")
+    return d
 
 
 def class_features(teacher: nn.Module, images, batch: int = 256) -> torch.Tensor:
@@ -201,13 +213,14 @@ def grouped_objective(teacher, x, classes, supports, bn_targets, cfg: WMDDConfig
     finally:
         if rec:
             rec.remove()
+    logits, feats = logits.float(), feats.float()   # the losses in float32 (also under bf16 autocast)
     l_feat = (feats.view(G, ipc, -1) - supports).norm(dim=2).mean(1)                      # [G]
     target = torch.as_tensor(classes, device=x.device).repeat_interleave(ipc)
     l_ce = F.cross_entropy(logits, target, reduction="none").view(G, ipc).mean(1)          # [G]
     l_bn = torch.zeros(G, device=x.device)
     if rec:
         for val, (mu, var) in zip(rec.values, bn_targets):
-            v = val.view(G, ipc, *val.shape[1:])
+            v = val.float().view(G, ipc, *val.shape[1:])   # moments in float32 (also under bf16 autocast)
             dims = [1] + list(range(3, v.dim()))
             l_bn = l_bn + (v.mean(dims) - mu).norm(dim=1) + (v.var(dims, unbiased=False) - var).norm(dim=1)
     per_class = cfg.feature_weight * l_feat + cfg.ce_weight * l_ce + cfg.bn_weight * l_bn
@@ -253,9 +266,18 @@ def optimise_group(teacher, init: torch.Tensor, classes: list[int], supports: to
     bn_targets = stack_bn_targets(stats, device)
     first = last = None
     label = f"wmdd class {classes[0]}" if len(classes) == 1 else f"wmdd classes {classes[0]}–{classes[-1]}"
+    if cfg.precision not in ("float32", "bf16"):
+        raise DNTKError(f"unknown WMDD precision {cfg.precision!r}; use float32 or bf16")
+    dev = torch.device(device)
+    mixed = cfg.precision == "bf16"
+    if mixed and dev.type == "cuda":
+        teacher.to(memory_format=torch.channels_last)
     for _ in tqdm(range(cfg.iterations), desc=label, disable=not progress, leave=False):
         xin = _jitter(x, gen) if cfg.jitter else x
-        loss, parts = grouped_objective(teacher, xin, classes, supports, bn_targets, cfg, layers, lazy=True)
+        if mixed and dev.type == "cuda":
+            xin = xin.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mixed):
+            loss, parts = grouped_objective(teacher, xin, classes, supports, bn_targets, cfg, layers, lazy=True)
         if first is None:
             first = parts
         opt.zero_grad(set_to_none=True)
@@ -263,7 +285,9 @@ def optimise_group(teacher, init: torch.Tensor, classes: list[int], supports: to
         opt.step()
         sched.step()
         last = parts
-    with torch.no_grad():
+    if mixed and dev.type == "cuda":
+        teacher.to(memory_format=torch.contiguous_format)
+    with torch.no_grad():   # the final losses in float32, whatever the precision of the steps
         _, final = grouped_objective(teacher, x, classes, supports, bn_targets, cfg, layers)
     if first is None:
         first = last = final
@@ -291,7 +315,7 @@ def write_class_blob(out_dir, c: int, images: torch.Tensor, record: dict, cfg: W
     """Atomically store one class's finished images [ipc, c, h, w] and record (the resume unit), keyed by the
     settings, the teacher's checksum and the real images' content key (:func:`data_key`)."""
     path = class_blob_path(out_dir, c)
-    blob = {"images": images, "record": record, "config": json.dumps(asdict(cfg), sort_keys=True),
+    blob = {"images": images, "record": record, "config": json.dumps(_settings(cfg), sort_keys=True),
             "teacher": teacher_checksum, "data": data_key}
     atomic_save(blob, path)
     return blob
@@ -307,7 +331,7 @@ def data_key(dataset) -> str:
 def _valid_blob(out_dir, c, cfg, teacher_checksum, data=None):
     path = class_blob_path(out_dir, c)
     blob = load_or_none(path, what="optimising this class again")   # a torn class file is redone, not a traceback
-    if not isinstance(blob, dict) or blob.get("config") != json.dumps(asdict(cfg), sort_keys=True) \
+    if not isinstance(blob, dict) or blob.get("config") != json.dumps(_settings(cfg), sort_keys=True) \
             or blob.get("teacher") != teacher_checksum or blob.get("data") != data:
         return None
     return blob
@@ -325,7 +349,7 @@ def _finished(out_dir: Path, cfg, teacher_checksum: str, data=None):
     rec = read_json(manifest, what="assembling the set again from its classes")
     if not isinstance(rec, dict) or load_or_none(out_dir / "distilled.pt", what="assembling it again") is None:
         return None
-    if rec.get("settings") != json.loads(json.dumps(asdict(cfg))) or rec.get("teacher_checksum") != teacher_checksum \
+    if rec.get("settings") != json.loads(json.dumps(_settings(cfg))) or rec.get("teacher_checksum") != teacher_checksum \
             or rec.get("data") != data:
         return None
     return load_distilled(out_dir)
@@ -391,7 +415,7 @@ def wmdd(teacher: nn.Module, dataset: ImageSet, cfg: WMDDConfig, out_dir, *, pro
     labels = torch.arange(C).repeat_interleave(torch.tensor([blobs[c]["images"].shape[0] for c in range(C)]))
     ds = DistilledSet.from_normalised(images, labels, dataset, method="wmdd")
     records = {dataset.classes[c]: blobs[c]["record"] for c in range(C)}
-    manifest = {"method": "wmdd", "settings": asdict(cfg), "per_class": records,
+    manifest = {"method": "wmdd", "settings": _settings(cfg), "per_class": records,
                 "seconds": sum(float(blobs[c]["record"].get("seconds", 0.0)) for c in range(C)),
                 "devices": sorted({blobs[c]["record"].get("device", "cpu") for c in range(C)}),
                 "peak_memory_mb": peak_rss_mb(), "teacher_checksum": teacher_checksum, "data": data}
