@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED, machine, table, write_json  # noqa: E402
+from common import RESULTS, SHARED, machine, table, write_json, write_readme_block  # noqa: E402
 
 import dntk  # noqa: E402
 from dntk.config import DataConfig, TeacherConfig  # noqa: E402
@@ -167,13 +167,7 @@ def render(d: dict) -> str:
 
 
 def write_readme(d: dict) -> bool:
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    text = readme.read_text()
-    a, b = "<!-- gradients-tables -->", "<!-- /gradients-tables -->"
-    if a not in text or b not in text:
-        return False
-    readme.write_text(text[:text.index(a) + len(a)] + "\n" + render(d) + "\n" + text[text.index(b):])
-    return True
+    return write_readme_block("gradients-tables", render(d))
 
 
 def main():

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gradients import DATA, ROOT, TEACHER, features, teacher_and_data  # noqa: E402
-from common import machine, table, write_json  # noqa: E402
+from common import RESULTS, machine, table, write_json, write_readme_block  # noqa: E402
 
 import dntk  # noqa: E402
 from dntk.distill import pool_indices, select_kernel_aware, select_real  # noqa: E402
@@ -61,6 +61,41 @@ def second_network(te):
     return net.eval()
 
 
+def _t(v) -> str:
+    return "" if v is None else f" ({v:+.1f})"
+
+
+def render(d: dict) -> tuple[str, str]:
+    """The README's two stage-1 tables from select.json's summary: the selection table (KRR fidelity
+    with Welch's t against random and seeds up; held-out measures with their t) and Proposition 3.6's
+    decomposition per subspace (between the README's <!-- select-table --> / <!-- gap-table --> markers)."""
+    rows = d["summary"]
+    sel = ["| IPC | m | stage 1 | Jacobian images | KRR fidelity | Welch t | seeds up | KRR accuracy | "
+           "one-hot-target acc. (t) | 2nd-network fidelity (t) | select s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "fidelity" not in r:
+            continue
+        t = "–" if r.get("t_fidelity") is None else f"{r['t_fidelity']:.1f}"
+        up = "–" if r.get("seeds_fidelity_up") is None else str(r["seeds_fidelity_up"])
+        sel.append(f"| {r['ipc']} | {r['m']} | {r['method']} | {r['jacobian_images']:,} | {r['fidelity']:.4f} ± "
+                   f"{r['fidelity_std']:.4f} | {t} | {up} | {r['accuracy']:.4f} ± {r['accuracy_std']:.4f}"
+                   f"{_t(r.get('t_accuracy'))} | {r['onehot_accuracy']:.4f}{_t(r.get('t_onehot_accuracy'))} | "
+                   f"{r['student_target_fidelity']:.4f}{_t(r.get('t_student_target_fidelity'))} | "
+                   f"{r['select_seconds']:.1f} |")
+    gap = ["| IPC | subspace V | tr((I−Π_V)Σ_g)/tr Σ_g, train | PCA tail | gap | held-out residual | held-out gap |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "train_gap" in r:
+            gap.append(f"| {r['ipc']} | {r['method']} | {r['train_residual']:.4f} | {r['train_pca_tail']:.4f} | "
+                       f"{r['train_gap']:.4f} | {r['val_residual']:.4f} | {r['val_gap']:.4f} |")
+    return "\n".join(sel), "\n".join(gap)
+
+
+def write_readme(d: dict) -> bool:
+    sel, gap = render(d)
+    return write_readme_block("select-table", sel) and write_readme_block("gap-table", gap)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ipcs", type=int, nargs="+", default=[10, 50])
@@ -72,7 +107,13 @@ def main():
                     help="reuse the per-seed rows of a select.json (e.g. an interrupted run's) and only summarise")
     ap.add_argument("--no-energy-gap", dest="energy_gap", action="store_false",
                     help="skip Proposition 3.6's decomposition per row")
+    ap.add_argument("--render", action="store_true", help="only write the README's tables from select.json")
     args = ap.parse_args()
+    if args.render:
+        import json
+        print("README updated" if write_readme(json.loads((RESULTS / "select.json").read_text()))
+              else "README has no <!-- select-table --> / <!-- gap-table --> markers")
+        return
     torch.set_num_threads(2)
     teacher, tr, te = teacher_and_data()
     X, y = tr.tensors()

@@ -96,3 +96,15 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
             cells.append("–" if v is None or (isinstance(v, float) and v != v) else (fmt.format(v) if fmt else str(v)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_readme_block(name: str, body: str) -> bool:
+    """Replace what lies between the README's ``<!-- name -->`` and ``<!-- /name -->`` markers with
+    ``body`` (the benchmark tables rendered from their JSON). False when the markers are missing."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text()
+    a, b = f"<!-- {name} -->", f"<!-- /{name} -->"
+    if a not in text or b not in text:
+        return False
+    readme.write_text(text[:text.index(a) + len(a)] + "\n" + body + "\n" + text[text.index(b):])
+    return True

@@ -164,21 +164,3 @@ def test_budget_curves_keep_every_seeds_measures_for_tests_between_methods():
     with pytest.raises(DNTKError, match="unseen_seeds"):
         budget_curves(F, Y, X, logits_te, labels_te, ridge=1e-3, budgets=[3], methods=["eigen"],
                       unseen_labels=(labels, labels_te), unseen_seeds="every")
-
-
-def test_readme_stage3_tables_are_rendered_from_the_benchmark_json():
-    """The README's stage-3 tables are exactly what benchmarks/bench_gradients.py renders from its JSON."""
-    import json
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    data = root / "benchmarks" / "results" / "gradients.json"
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        from bench_gradients import render
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
-    text = (root / "README.md").read_text()
-    a, b = "<!-- gradients-tables -->", "<!-- /gradients-tables -->"
-    assert text[text.index(a) + len(a):text.index(b)] == "\n" + render(json.loads(data.read_text())) + "\n"

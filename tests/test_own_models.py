@@ -513,19 +513,3 @@ def test_hundred_classes(tmp_path):
     figs = sorted(p.name for p in (tmp_path / "c100").glob("figure4-class*.png"))
     assert len(figs) == 20                            # one file per class only for the first 20
     assert (tmp_path / "c100" / "figure2.png").exists()
-
-
-def test_readme_table_is_rendered_from_the_benchmark_json():
-    """The README's own-models table is exactly what benchmarks/bench_own_models.py renders from its JSON."""
-    root = Path(__file__).resolve().parents[1]
-    data = root / "benchmarks" / "results" / "own_models.json"
-    if not data.exists():
-        pytest.skip("benchmarks/results/own_models.json has not been written")
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        from bench_own_models import render
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
-    text = (root / "README.md").read_text()
-    a, b = "<!-- own-models-table -->", "<!-- /own-models-table -->"
-    assert text[text.index(a) + len(a):text.index(b)] == "\n" + render(json.loads(data.read_text())["rows"])
