@@ -31,7 +31,7 @@ from common import RESULTS, SHARED, machine, table, write_json, write_readme_blo
 import dntk  # noqa: E402
 from dntk.config import DataConfig, TeacherConfig  # noqa: E402
 from dntk.data import balanced_indices, load_configured  # noqa: E402
-from dntk.gradients import GRADIENT_METHODS, budget_curves, grid_search  # noqa: E402
+from dntk.gradients import GRADIENT_METHODS, budget_curves, compare_methods, grid_search  # noqa: E402
 from dntk.kernels import fit_evaluate, rank_curve, shared_normalisation  # noqa: E402
 from dntk.report import class_figure4, figure2, figure3, figure5, pareto_figure  # noqa: E402
 from dntk.spectral import ALL_POINTS, OWN_CLASS, local_global_summary, spectral_summary  # noqa: E402
@@ -63,39 +63,6 @@ def features(model, X, tag, k=4096, root=ROOT, progress=True):
     store = FeatureStore(root / f"bench-store-{tag}-{key}")
     store.extract(model, X, proj, progress=progress)
     return store.read(projector=proj)
-
-
-# metric → whether higher is better, for the Welch table of Algorithm 1 against the eigen baseline
-WELCH_METRICS = {"fidelity": True, "accuracy": True, "mse": False, "onehot_accuracy": True, "onehot_agreement": True,
-                 "student_agreement": True, "gp_agreement": True, "nystrom_error": False,
-                 "posterior_variance_error": False, "principal_cos2": True, "train_kernel_error": False}
-
-
-def welch_rows(rows, a: str, b: str) -> list[dict]:
-    """Per budget s and metric: mean of method a and b over their seeds, Welch's t (scipy, unequal
-    variances; NaN when both spreads are 0) and which is better."""
-    from scipy.stats import ttest_ind
-
-    out = []
-    by = {(r["method"], r["s"]): r for r in rows}
-    for s in sorted({r["s"] for r in rows}):
-        ra, rb = by.get((a, s)), by.get((b, s))
-        if ra is None or rb is None:
-            continue
-        for key, higher in WELCH_METRICS.items():
-            va, vb = ra.get(f"{key}_values"), rb.get(f"{key}_values")
-            if va is None or vb is None:
-                continue
-            diff = sum(va) / len(va) - sum(vb) / len(vb)
-            scale = 1e-12 * max(1.0, max(abs(v) for v in va + vb))
-            if max(va) - min(va) <= scale and max(vb) - min(vb) <= scale:
-                t, p = float("nan"), float("nan")   # no spread on either side (deterministic): no test, only the values
-            else:
-                t, p = ttest_ind(va, vb, equal_var=False)
-            diff = 0.0 if abs(diff) <= scale else diff
-            out.append({"s": s, "metric": key, a: sum(va) / len(va), b: sum(vb) / len(vb), "t": float(t), "p": float(p),
-                        "better": a if (diff > 0) == higher and diff != 0 else (b if diff != 0 else "tie")})
-    return out
 
 
 def _pm(r, key, fmt):
@@ -227,7 +194,7 @@ def main():
     rows = budget_curves(F.features, Y, Ft.features, budgets=budgets, methods=GRADIENT_METHODS, seeds=(0, 1, 2),
                          unseen_labels=(labels_train, te.labels), other_targets={"student": student_targets},
                          unseen_seeds="all", **evaluation)
-    welch = welch_rows(rows, "local-global", "eigen")
+    welch = compare_methods(rows, "local-global", "eigen")
     figure3(rows, m, RESULTS / "gradients_figure3.png")
     rc = rank_curve(F, Y, Ft, **evaluation)
     figure5(rc, RESULTS / "gradients_figure5.png")

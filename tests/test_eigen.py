@@ -4,6 +4,8 @@ and the optimum lines of dntk.gradients.optimum_lines."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,52 @@ def test_budget_curves_keep_every_seeds_measures_for_tests_between_methods():
     with pytest.raises(DNTKError, match="unseen_seeds"):
         budget_curves(F, Y, X, logits_te, labels_te, ridge=1e-3, budgets=[3], methods=["eigen"],
                       unseen_labels=(labels, labels_te), unseen_seeds="every")
+
+
+def _row(method, s, **values):
+    return {"method": method, "s": s, **{f"{k}_values": v for k, v in values.items()}}
+
+
+def test_compare_methods_is_welch_where_a_side_varies_and_exact_where_neither_does():
+    """compare_methods against scipy's Welch test, each metric's direction, ties and the deterministic case."""
+    from scipy.stats import ttest_ind
+
+    from dntk.gradients import compare_methods
+
+    rows = [_row("local-global", 5, fidelity=[0.6, 0.7, 0.8], mse=[2.0, 2.0, 2.0], nystrom_error=[0.3, 0.3, 0.3]),
+            _row("eigen", 5, fidelity=[0.65, 0.65, 0.65], mse=[1.0, 1.0, 1.0], nystrom_error=[0.3, 0.3, 0.3]),
+            _row("eigen", 10, fidelity=[0.9])]               # no Algorithm 1 row at s = 10: not compared
+    out = {w["metric"]: w for w in compare_methods(rows, "local-global", "eigen")}
+    assert set(out) == {"fidelity", "mse", "nystrom_error"} and {w["s"] for w in out.values()} == {5}
+    with warnings.catch_warnings():   # scipy flags the constant side's zero variance
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t, p = ttest_ind([0.6, 0.7, 0.8], [0.65] * 3, equal_var=False)
+    assert float(t) == pytest.approx(0.05 / (0.1 / 3 ** 0.5))   # one-sample t: the constant side adds no variance
+    assert out["fidelity"]["t"] == pytest.approx(float(t), rel=1e-12) and out["fidelity"]["p"] == pytest.approx(float(p))
+    assert out["fidelity"]["better"] == "local-global"          # mean 0.7 > 0.65, higher is better
+    assert out["mse"]["better"] == "eigen" and out["mse"]["t"] != out["mse"]["t"]    # lower is better; no spread: NaN
+    assert out["nystrom_error"]["better"] == "tie"
+
+
+def test_spectral_optimum_verdict_follows_the_rows():
+    """The reproduce report's verdict and advice are derived from the rows, not written in: who wins where,
+    and the kernel-level advice only when eigen had every kernel-level measure."""
+    from dntk.pipeline.reproduce import spectral_optimum
+
+    def res(rows):
+        return {"counts": {"m": 500}, "gradient_distillation": {"figure3_rows": rows}}
+
+    eigen_wins = [_row("local-global", 5, fidelity=[0.6], nystrom_error=[0.2]),
+                  _row("eigen", 5, fidelity=[0.7], nystrom_error=[0.16])]
+    eigen_wins[1]["nystrom_fraction"] = 0.99
+    so = spectral_optimum(res(eigen_wins))
+    assert so["verdict"] == "eigen is better than Algorithm 1 on every measure at every budget"
+    assert "use eigen" in so["advice"] and "99.0%" in so["advice"] and so["deterministic"]
+    assert so["wins"] == {"5": {"local-global": 0, "eigen": 2, "tie": 0}}
+    mixed = eigen_wins + [_row("local-global", 1, fidelity=[0.44], nystrom_error=[0.47]),
+                          _row("eigen", 1, fidelity=[0.28], nystrom_error=[0.31])]
+    so = spectral_optimum(res(mixed))
+    assert so["verdict"] == "Algorithm 1 is better than eigen only at s = 1 (m/s = 500×) on fidelity"
+    kernel_lost = [_row("local-global", 5, nystrom_error=[0.1]), _row("eigen", 5, nystrom_error=[0.2])]
+    assert "neither method dominated" in spectral_optimum(res(kernel_lost))["advice"]
+    assert spectral_optimum(res([_row("eigen", 5, fidelity=[0.7])])) is None

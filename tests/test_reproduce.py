@@ -258,6 +258,19 @@ def test_reproduce_end_to_end_report_and_resume(tmp_path):
     # Algorithm 1 at 20/50/100× is in Figure 3's rows whatever m is (here m = 12: s = 1)
     assert {(r["target_compression"], r["s"], r["method"]) for r in summary["algorithm1"]} >= \
         {(20, 1, "local-global"), (50, 1, "local-global"), (100, 1, "local-global")}
+    # ... beside the spectral optimum: eigen and hybrid-eigen in the same rows, every row with the held-out and
+    # kernel-level measures per seed, and the report's comparison is compare_methods of the teacher base's rows
+    assert {(20, 1, "eigen"), (20, 1, "hybrid-eigen")} <= {(r["target_compression"], r["s"], r["method"])
+                                                          for r in summary["algorithm1"]}
+    assert all(len(r["nystrom_fraction_values"]) == r["seeds"] == 3 for r in summary["algorithm1"])
+    from dntk.gradients import compare_methods
+
+    res_t = json.loads((out / "report" / "results_teacher_base.json").read_text())
+    so = summary["spectral_optimum"]
+    again = compare_methods(res_t["gradient_distillation"]["figure3_rows"], "local-global", "eigen")
+    assert json.dumps(so["rows"], sort_keys=True) == json.dumps(again, sort_keys=True)   # NaN t (no spread) == NaN
+    assert sum(so["wins"]["1"].values()) == len([w for w in so["rows"] if w["s"] == 1]) > 0
+    assert "Beside claim (iii): Algorithm 1 against the spectral optimum" in report and so["verdict"][1:] in report
     stages = {s["stage"].split(" (")[0]: s for s in summary["costs"]["stages"]}
     feats = stages["features"]
     assert feats["jacobians"] == 2 * (12 + 12) * 3                     # 2 models × (m + n_test) × C

@@ -269,6 +269,9 @@ class GradientConfig:
     clusters: int = option(10, "clusters H per class kernel (Algorithm 1)", kind="int", minimum=1)
     mode: str = option("per_class", "Algorithm 1 per class kernel or on the class-averaged kernel", flag="--gd-mode",
                        choices=MODES)
+    curve_seeds: int = option(1, "seeds 0..N−1 of Figure 3's budget curves (every method at every s; the seeded "
+                              "baselines' spread — Algorithm 1 and the spectral methods are deterministic)",
+                              kind="int", minimum=1)
 
 
 SECTIONS = {"data": DataConfig, "teacher": TeacherConfig, "features": FeatureConfig, "distill": DistillConfig,

@@ -1,6 +1,7 @@
 """Gradient distillation (stage 3): Algorithm 1, the selection baselines, and their evaluation."""
 
-from .evaluation import (GRADIENT_METHODS, SPECTRAL_METHODS, TARGET_METHODS, budget_curves, distill_gradients, evaluate_distilled,
+from .evaluation import (COMPARED_METRICS, GRADIENT_METHODS, SPECTRAL_METHODS, TARGET_METHODS, budget_curves,
+                         compare_methods, distill_gradients, evaluate_distilled,
                          grid_search, pareto_front, unseen_measures)
 from .kernel_metrics import (gp_prior_targets, heldout_target_metrics, nystrom_kernel_error, optimum_lines,
                              posterior_variance,
@@ -14,4 +15,4 @@ __all__ = ["local_global", "synthesize", "truncation_ranks", "DistilledGradients
            "budget_curves", "grid_search", "pareto_front", "TARGET_METHODS", "target_direction", "hybrid",
            "SPECTRAL_METHODS", "eigen", "hybrid_eigen",
            "nystrom_kernel_error", "optimum_lines", "posterior_variance", "posterior_variance_error", "principal_angles",
-           "gp_prior_targets", "heldout_target_metrics", "unseen_measures"]
+           "gp_prior_targets", "heldout_target_metrics", "unseen_measures", "compare_methods", "COMPARED_METRICS"]

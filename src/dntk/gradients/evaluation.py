@@ -10,6 +10,7 @@ every method and every s.
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -170,3 +171,41 @@ def grid_search(F, Y, F_test, logits_test, labels_test, *, ridge, tau_vs=(0.45, 
                 res = evaluate_distilled(dg, F_test, logits_test, labels_test, ridge=ridge, targets_test=targets_test)
                 rows.append({"tau_v": tv, "tau_g": tg, "n_clusters": H, "s": sum(dg.sizes) / len(dg.sizes), **res})
     return {"rows": rows, "pareto": pareto_front(rows, "s", "accuracy")}
+
+
+# metric → whether higher is better: what :func:`compare_methods` tests
+COMPARED_METRICS = {"fidelity": True, "accuracy": True, "mse": False, "onehot_accuracy": True, "onehot_agreement": True,
+                    "student_agreement": True, "gp_agreement": True, "nystrom_error": False,
+                    "posterior_variance_error": False, "principal_cos2": True, "train_kernel_error": False}
+
+
+def compare_methods(rows: list[dict], a: str, b: str) -> list[dict]:
+    """Method a against method b in :func:`budget_curves` rows, per budget s and metric of
+    :data:`COMPARED_METRICS` that both rows hold per seed (``<metric>_values``): both means, Welch's t
+    and its two-sided p (scipy, unequal variances; NaN when neither side varies over its seeds — a
+    deterministic method against another: the values are then compared exactly) and ``better``
+    (a, b or "tie", by the metric's direction; means within 1e-12 relative are a tie)."""
+    from scipy.stats import ttest_ind
+
+    out = []
+    by = {(r["method"], r["s"]): r for r in rows}
+    for s in sorted({r["s"] for r in rows}):
+        ra, rb = by.get((a, s)), by.get((b, s))
+        if ra is None or rb is None:
+            continue
+        for key, higher in COMPARED_METRICS.items():
+            va, vb = ra.get(f"{key}_values"), rb.get(f"{key}_values")
+            if va is None or vb is None:
+                continue
+            ma, mb = sum(va) / len(va), sum(vb) / len(vb)
+            scale = 1e-12 * max(1.0, max(abs(v) for v in va + vb))
+            if max(va) - min(va) <= scale and max(vb) - min(vb) <= scale:
+                t, p = float("nan"), float("nan")
+            else:   # one side constant (a deterministic method): scipy warns of its zero variance, rightly computed
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+                    t, p = ttest_ind(va, vb, equal_var=False)
+            diff = 0.0 if abs(ma - mb) <= scale else ma - mb
+            better = "tie" if diff == 0 else (a if (diff > 0) == higher else b)
+            out.append({"s": s, "metric": key, a: ma, b: mb, "t": float(t), "p": float(p), "better": better})
+    return out

@@ -36,10 +36,11 @@ class GradientStage:
 
 
 def gradient_stage(train, Y, labels_train, test, logits_test, labels_test, *, cfg, ridge: float, seed: int,
-                   class_names=None, targets_test=None, fig3_budgets=(5, 10, 25), fig3_seeds=(0,)) -> GradientStage:
+                   class_names=None, targets_test=None, fig3_budgets=(5, 10, 25), fig3_seeds=None) -> GradientStage:
     """train / test: FeatureResults [C, m, k] / [C, n, k]; Y [m, C] regression targets; labels_train [m];
     cfg: a :class:`dntk.config.GradientConfig`. ``targets_test``: the test inputs' targets of the kind
-    Y holds (every ``mse`` is against them; ``mse_vs_teacher_logits`` against logits_test)."""
+    Y holds (every ``mse`` is against them; ``mse_vs_teacher_logits`` against logits_test). fig3_seeds: Figure 3's
+    seeds (None: 0..cfg.curve_seeds − 1)."""
     F, Ft, _ = shared_normalisation(train, test)
     m = len(F)
     n_clusters = min(cfg.clusters, m)
@@ -66,8 +67,12 @@ def gradient_stage(train, Y, labels_train, test, logits_test, labels_test, *, cf
     timings["heldout_and_kernel_metrics"] = time.perf_counter() - t
     t = time.perf_counter()
     budgets = sorted({b for b in fig3_budgets if b <= m} | ({cfg.budget} if cfg.budget else set()))
-    curves = budget_curves(F.features, Y, Ft.features, budgets=budgets, methods=GRADIENT_METHODS, seeds=fig3_seeds,
-                           n_clusters=n_clusters, tau_v=cfg.tau_v, tau_g=cfg.tau_g, mode=cfg.mode, **evaluation)
+    seeds = tuple(fig3_seeds) if fig3_seeds is not None else tuple(range(cfg.curve_seeds))
+    # every row also carries what its set did not see (one-hot labels, a GP-prior function) and the kernel-level
+    # measures with their optimum lines, per seed (``_values``) so methods can be tested against each other
+    curves = budget_curves(F.features, Y, Ft.features, budgets=budgets, methods=GRADIENT_METHODS, seeds=seeds,
+                           n_clusters=n_clusters, tau_v=cfg.tau_v, tau_g=cfg.tau_g, mode=cfg.mode,
+                           unseen_labels=(labels_train, labels_test), unseen_seeds="all", **evaluation)
     timings["budget_curves"] = time.perf_counter() - t
     t = time.perf_counter()
     lg = local_global_summary(spec["kernels"], class_names, n_clusters=n_clusters, tau_v=cfg.tau_v, tau_g=cfg.tau_g,
