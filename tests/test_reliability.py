@@ -206,6 +206,60 @@ def test_a_teacher_is_never_reused_for_other_data(tmp_path):
     assert json.loads((out / "results.json").read_text())["teacher"]["source"] != first["source"]
 
 
+def test_data_keys_follow_the_files_bytes_not_their_modification_times(tmp_path):
+    """The teacher and the decode cache are keyed by the images' content: a copy of the folder elsewhere with
+    new modification times (a re-provisioned or rsync-ed data set) reuses both; an image whose bytes change
+    while its size and modification time are put back (what an mtime key cannot see) keys anew."""
+    import os
+    import shutil
+
+    from PIL import Image
+
+    from dntk.data.sources import image_folder
+    from dntk.training.teacher import data_fingerprint
+
+    data = _folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+    first = image_folder(data, "train", 16, cache_dir=cache)
+    copy = tmp_path / "elsewhere" / "data"
+    shutil.copytree(data, copy)                                   # new mtimes
+    for f in copy.rglob("*.png"):
+        os.utime(f, ns=(1, 1))
+    n_cached = len(list(cache.iterdir()))
+    again = image_folder(copy, "train", 16, cache_dir=cache)
+    assert len(list(cache.iterdir())) == n_cached                 # decoded once: the copy found the cache
+    assert torch.equal(again.images, first.images) and data_fingerprint(again) == data_fingerprint(first)
+    # same size and mtime, other bytes: flip one pixel value of a PNG and restore its stamp
+    f = copy / "train" / "c0" / "3.png"
+    st = f.stat()
+    a = np.asarray(Image.open(f)).copy()
+    a[0, 0, 0] ^= 1
+    Image.fromarray(a).save(f)
+    if f.stat().st_size != st.st_size:          # PNG compression changed the size: still the point, but say so
+        pytest.skip("the edited PNG changed size; the mtime-only case needs an equal-size edit")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    from dntk.data import sources
+
+    sources._FILE_DIGESTS.clear()                                 # a new process: nothing remembered
+    edited = image_folder(copy, "train", 16, cache_dir=cache)
+    assert len(list(cache.iterdir())) == n_cached + 1             # decoded again, not served from the cache
+    assert data_fingerprint(edited) != data_fingerprint(first)
+    # and through the CLI: the copy reuses the teacher trained on the original
+    out = tmp_path / "out"
+    base = ["run", "--dataset", "folder", "--model", "small_cnn", "--epochs", "1", "--train-batch-size", "4",
+            "--image-size", "16", "--m", "6", "--k", "32", "--quiet", "--out", str(out)]
+    assert main(base + ["--data-root", str(data)]) == 0
+    trained = json.loads((out / "results.json").read_text())["teacher"]
+    shutil.rmtree(copy)
+    shutil.copytree(data, copy)
+    history = out / "teacher" / "history.json"
+    stamp = history.stat().st_mtime_ns
+    assert main(base + ["--data-root", str(copy)]) == 0
+    reused = json.loads((out / "results.json").read_text())["teacher"]
+    assert reused["source"] == trained["source"] and reused["checksum"] == trained["checksum"]
+    assert history.stat().st_mtime_ns == stamp                    # not retrained
+
+
 def test_sixteen_bit_png_and_batch_size_one(tmp_path):
     """Case 5: a 16-bit PNG decoded as all white; --train-batch-size 1 with BatchNorm trained nothing (rc 0)."""
     from PIL import Image

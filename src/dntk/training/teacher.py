@@ -110,17 +110,18 @@ class Teacher:
 
 def data_fingerprint(data) -> str:
     """A content key of a training set: its size, labels, 16 samples spread over it (their inputs as the
-    model sees them: size, dtype and values) and, for image folders, every file's path, size and
-    modification time in nanoseconds (a replaced or edited image changes it)."""
+    model sees them: size, dtype and values) and, for image folders, every file's relative path, size and
+    SHA-1 (:func:`dntk.data.sources.folder_content_key`: a replaced or edited image changes it; a copy or
+    a new modification time does not)."""
     n = len(data)
     pick = torch.linspace(0, n - 1, min(16, n)).round().long()
     x, _ = data.tensors(pick)
+    from ..data.sources import folder_content_key
+
     paths = [f for f in getattr(data, "files", None) or [] if os.path.exists(f)]
-    root = os.path.commonpath([os.path.abspath(f) for f in paths]) if len(paths) > 1 else ""
-    # paths relative to the data's own root: the same folder named another way (relative, absolute, from
-    # another working directory) is the same data
-    files = [(os.path.relpath(os.path.abspath(f), root) if root else os.path.basename(f), os.stat(f).st_size,
-              os.stat(f).st_mtime_ns) for f in paths]
+    # the files' bytes, with paths relative to the data's own root: the same folder named another way
+    # (relative, absolute, another working directory), copied or re-provisioned is the same data
+    files = folder_content_key(paths) if paths else []
     return digest(n, data.labels, x, files)
 
 
