@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 SUBPACKAGES = ("samples", "data", "models", "training", "distill", "features", "projection", "kernels", "spectral", "gradients",
                "metrics", "store", "config", "pipeline", "report", "resources", "errors")
 _SHORTCUTS = {"train": "training", "gradient_features": "features", "empirical_ntk": "features", "FeatureResult": "features",
+              "check_model": "features",
               "run": "pipeline", "RunResult": "pipeline", "RunConfig": "config"}
 
 __all__ = list(SUBPACKAGES) + list(_SHORTCUTS) + ["DNTKError", "__version__"]

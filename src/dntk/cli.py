@@ -38,6 +38,8 @@ VERBS = {
                 ("kernel", ("ridge", "targets"), ()), (None, None, ())],
     "ntk": [("data", None, ("n_test",)), ("teacher", ("model", "stem", "checkpoint", "pretrained"), ()),
             (None, None, ())],
+    "check-model": [("data", None, ("n_test",)), ("teacher", ("model", "stem", "checkpoint", "pretrained"), ()),
+                    ("features", ("projector", "k"), ()), (None, None, ())],
 }
 HELP = {
     "run": "the main job (no arguments: embedded digits default, ~1 minute on 2 cores)",
@@ -45,6 +47,8 @@ HELP = {
     "distill": "distil the training set (--distill wmdd, random, kcenter, kernel-greedy, kernel-herding) to --ipc "
                "images per class",
     "ntk": "exact empirical NTK of the first n test images",
+    "check-model": "is dntk exact on this model? its features of n test images against brute-force autograd "
+                   "(exit 1 on a mismatch or a refusal)",
 }
 
 
@@ -72,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "ntk":
             p.add_argument("--n", type=int_at_least(1), default=16, help="test images (default: 16)")
             p.add_argument("--blocks", choices=["per_class", "full", "trace"], default="per_class")
+        if verb == "check-model":
+            p.add_argument("--n", type=int_at_least(2), default=4,
+                           help="test images checked in one batch, spread over the split (default: 4)")
     rp = sub.add_parser("reproduce", help="the paper's setting end to end, every stage's cost, one report",
                         description="the paper's setting end to end (see dntk.pipeline.reproduce): two runs (teacher "
                                     "and distilled-data student base models), Algorithm 1 at 20×/50×/100×, theory "
@@ -204,6 +211,31 @@ def _ntk(args):
     print(f"saved {tuple(K.shape)} float64 kernel to {path}")
 
 
+def _check_model(args) -> int:
+    import torch
+
+    from .features import check_model
+    from .models import load_checkpoint
+    from .store import atomic_json
+    from .training import build_network
+
+    cfg = _config(args)
+    test = _data(cfg, "val")
+    model = build_network(cfg.teacher, cfg.data.dataset, cfg.data.image_size, test)
+    if cfg.teacher.checkpoint:
+        load_checkpoint(model, cfg.teacher.checkpoint)
+    n = min(args.n, len(test))
+    x, _ = test.tensors(torch.linspace(0, len(test) - 1, n).round().long())
+    proj = cfg.features.projector
+    res = check_model(model, x, sketch=None if proj == "identity" else proj, k=cfg.features.resolved_k(model), seed=cfg.seed,
+                      device=cfg.device)
+    print(res.summary())
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    atomic_json(res.to_dict(), Path(cfg.out) / "check-model.json")
+    print(f"wrote {Path(cfg.out) / 'check-model.json'}")
+    return 0 if res.exact else 1
+
+
 def _overrides(pairs: list[str]) -> dict:
     """--set NAME=VALUE pairs → typed RunConfig options (checked by RunConfig.resolved)."""
     from dataclasses import fields as _fields
@@ -284,8 +316,8 @@ def main(argv=None) -> int:
         return 2
     try:
         verb = {"run": _run, "train": _train, "distill": _distill, "ntk": _ntk, "store": _store,
-                "reproduce": _reproduce}[args.verb]
-        if args.verb in ("train", "distill", "ntk"):   # run and reproduce hold the lock themselves
+                "reproduce": _reproduce, "check-model": _check_model}[args.verb]
+        if args.verb in ("train", "distill", "ntk", "check-model"):   # run and reproduce hold the lock themselves
             import os
 
             from .lock import hold
@@ -295,7 +327,8 @@ def main(argv=None) -> int:
                 raise DNTKError("dntk distill needs a method: --distill wmdd, random, kcenter, kernel-greedy or "
                                 "kernel-herding")
             with hold(args.out, rank=int(os.environ.get("RANK", "0"))):
-                verb(args)
+                if verb(args):   # check-model: 1 when the model is not exact (the report is printed)
+                    return 1
         else:
             verb(args)
     except DNTKError as e:
