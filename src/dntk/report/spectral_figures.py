@@ -122,6 +122,13 @@ def figure3(rows: list[dict], m: int, path) -> Path:
         ax.grid(alpha=0.3)
         ax.set_xlabel("gradients per class kernel s" if title != "accuracy vs compression" else f"compression m/s (m={m})")
     axes[2].set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    axes[3].xaxis.set_minor_formatter(NullFormatter())   # m/s spans < 2 decades: minor labels collide
+    axes[3].xaxis.set_major_formatter(ScalarFormatter())
+    ticks = sorted({round(r["compression"]) for r in rows if r.get("compression")})
+    if 1 < len(ticks) <= 8:
+        axes[3].set_xticks(ticks)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
