@@ -297,6 +297,12 @@ def test_reproduce_end_to_end_report_and_resume(tmp_path):
     before = {f: f.stat().st_mtime_ns for f in watched}
     assert main(["reproduce", "--data-root", str(root), "--out", str(out), *TINY]) == 0
     assert {f: f.stat().st_mtime_ns for f in watched} == before
+    # the resumed invocation found the theory diagnostics cached and still counts their feature folders' bytes
+    def theory_bytes(summ):
+        return next(s_["bytes"] for s_ in summ["costs"]["stages"] if s_["stage"].startswith("evaluation: theory"))
+
+    again = json.loads((out / "reproduce.json").read_text())
+    assert theory_bytes(again) == theory_bytes(summary) > 10_000
 
 
 def test_reproduce_refuses_bad_options(tmp_path, capsys):

@@ -197,8 +197,13 @@ def _reproduce(rc: ReproduceConfig) -> dict:
 
     # 3: theory diagnostics
     with st.time("theory"):
+        def compute_theory():
+            found = _theory(rc, cfg, train_set, points, X_test, y_test, model, features)
+            # the feature folders it used, so a later invocation that finds the diagnostics cached still counts their bytes
+            return {**found, "store_folders": sorted(p.name for p in stores.get("theory", ()))}
+
         theory = cached(out / f"theory-{digest(key, digest(points.images), digest(X_test), rc.extra('theory_images'))}.pt",
-                        lambda: _theory(rc, cfg, train_set, points, X_test, y_test, model, features))
+                        compute_theory)
     atomic_json(theory, report_dir / "theory.json")
 
     # 4: DNTK against the exact eNTK on a subset
@@ -214,6 +219,8 @@ def _reproduce(rc: ReproduceConfig) -> dict:
     run_stores = [out / f"features-{name}-{digest(FEATURE_FORMAT, checksum, cfg.features.projector, k, cfg.seed)}-{digest(X)}"
                   for checksum in (teacher.checksum, res_s["base_model"]["checksum"])
                   for name, X in (("train", points.images), ("test", X_test))]
+    if "theory" not in stores and "store_folders" in theory:   # cached: the folders it recorded when computed
+        stores["theory"] = {out / name for name in theory["store_folders"]}
     costs = _costs(cfg, res_t, res_s, ledger, model, train_set, test_set, exact, out, k,
                    {**{p_: sorted(v) for p_, v in stores.items()},
                     "run": sorted(set(run_stores) | stores.get("run", set()))})
@@ -500,7 +507,9 @@ def _costs(cfg, res_t, res_s, ledger: dict, model, train_set, test_set, exact, o
          **cost("teacher_base:gradient_distillation", "teacher_base:figures_stage3")},
         {"stage": "evaluation: theory diagnostics", "jacobians": None, "flops": None,
          "flops_how": "projected features of the random and k-center subsets and the Σ_g sample, then float64 "
-                      "eigendecompositions", "bytes": folder_bytes(*stores.get("theory", []), *out.glob("theory-*.pt")),
+                      "eigendecompositions",
+         # None: the diagnostics were found cached by a dntk that did not record their feature folders
+         "bytes": folder_bytes(*stores["theory"], *out.glob("theory-*.pt")) if stores.get("theory") else None,
          **cost("reproduce:theory")},
     ]
     if exact is not None:
