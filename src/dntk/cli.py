@@ -48,7 +48,7 @@ HELP = {
                "images per class",
     "ntk": "exact empirical NTK of the first n test images",
     "check-model": "is dntk exact on this model? its features of n test images against brute-force autograd "
-                   "(exit 1 on a mismatch or a refusal)",
+                   "(exit 3 on a mismatch or a refusal, 1 on an error)",
 }
 
 
@@ -233,7 +233,7 @@ def _check_model(args) -> int:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     atomic_json(res.to_dict(), Path(cfg.out) / "check-model.json")
     print(f"wrote {Path(cfg.out) / 'check-model.json'}")
-    return 0 if res.exact else 1
+    return 0 if res.exact else 3
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -327,8 +327,9 @@ def main(argv=None) -> int:
                 raise DNTKError("dntk distill needs a method: --distill wmdd, random, kcenter, kernel-greedy or "
                                 "kernel-herding")
             with hold(args.out, rank=int(os.environ.get("RANK", "0"))):
-                if verb(args):   # check-model: 1 when the model is not exact (the report is printed)
-                    return 1
+                code = verb(args)   # check-model: 3 when the model is not exact or refused (the report is printed)
+                if code:
+                    return code
         else:
             verb(args)
     except DNTKError as e:

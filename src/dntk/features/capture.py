@@ -115,8 +115,9 @@ def parameter_table(model: nn.Module) -> ParameterTable:
 
 @contextmanager
 def analysis_mode(model: nn.Module):
-    """Eval mode for the duration of a pass (BatchNorm on running statistics); restored after."""
-    was_training = model.training
+    """Eval mode for the duration of a pass (BatchNorm on running statistics); every submodule's own
+    mode restored after (a model in train mode with a frozen BatchNorm in eval mode stays so)."""
+    modes = [(m, m.training) for m in model.modules()]
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats:
             raise DNTKError(
@@ -126,7 +127,8 @@ def analysis_mode(model: nn.Module):
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, was in modes:
+            m.training = was
 
 
 def check_logits(out, batch: int) -> torch.Tensor:
