@@ -12,6 +12,7 @@ from dntk.cli import main
 from dntk.features import brute_force_jacobian, check_model
 
 from conftest import brute_force_jacobian as reference_jacobian, mlp, small_cnn_bn
+from test_engine_errors import TupleOut
 
 
 class Attention(nn.Module):
@@ -194,16 +195,8 @@ def test_a_refused_model_is_a_result_not_an_error_and_bad_calls_are_named():
     with pytest.raises(dntk.DNTKError, match="forward on these inputs failed.*dtype"):
         check_model(nn.Linear(5, 3).double(), torch.randn(3, 5))
 
-    class Pair(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(5, 3)
-
-        def forward(self, x):
-            return self.fc(x), x
-
     with pytest.raises(dntk.DNTKError, match="returned tuple"):
-        check_model(Pair(), torch.randn(3, 5))
+        check_model(TupleOut(), torch.randn(3, 4))
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
     with pytest.raises(dntk.DNTKError, match="at least 2 inputs"):
         check_model(mlp().double(), x[:1])

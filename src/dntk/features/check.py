@@ -32,10 +32,14 @@ from .ntk import empirical_ntk
 FEATURE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5}
 
 
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps) / 2
+
+
 def default_tolerances(dtype: torch.dtype, P: int) -> tuple[float, float]:
     """(features, kernel) relative tolerances of :func:`check_model` for a model of ``dtype`` with P
     trainable parameter entries (see the comment above :data:`FEATURE_TOLERANCE`)."""
-    u = float(torch.finfo(dtype).eps) / 2
+    u = _unit_roundoff(dtype)
     feat = FEATURE_TOLERANCE.get(dtype, 16 * u)
     kern = 1e-9 if dtype == torch.float64 else max(16 * u, 4 * P ** 0.5 * u, 1e-5 if dtype == torch.float32 else 0)
     return feat, kern
@@ -43,7 +47,7 @@ def default_tolerances(dtype: torch.dtype, P: int) -> tuple[float, float]:
 
 def absolute_floor(dtype: torch.dtype) -> float:
     """atol / ‖J‖ of :func:`check_model`'s per-parameter test: 16 unit round-offs of ``dtype``."""
-    return 16 * float(torch.finfo(dtype).eps) / 2
+    return 16 * _unit_roundoff(dtype)
 
 
 @dataclass
@@ -51,15 +55,17 @@ class ModelCheck:
     """What :func:`check_model` found.
 
     exact: every parameter's per-sample gradient within ``tolerance`` of its own norm (plus the rounding
-        floor ``atol``) and the exact kernel (:func:`dntk.empirical_ntk`) within ``kernel_tolerance`` of
-        brute-force autograd, and nothing refused. refusal: the engine's error (why it will not compute this model's
-        features), else None. n, classes, parameters: samples checked, logits, trainable parameter entries.
-    max_relative_error / kernel_relative_error: worst parameter's ‖Φ_p − J_p‖ / ‖J_p‖ (over the samples
-        and logits; inf where J_p = 0 and Φ_p is not) and
-        ‖K − K_ref‖ / ‖K_ref‖ of the per-class kernels (K of :func:`dntk.empirical_ntk`, float64). per_parameter: [{name, numel, path, relative_error}].
-    per_parameter rows also hold ``error`` ‖Φ_p − J_p‖, ``norm`` ‖J_p‖ and ``passed``; atol: the absolute
-    floor 16·u·‖J‖. dtype: the precision judged. path_shares: {path: fraction of the parameters}. sketch: {name, k, kernel_relative_error} of the
-        default sketch against the exact kernel (≈ √(2/k) scale: random, reported, not judged)."""
+        floor ``atol`` = 16·u·‖J‖) and the exact kernel (:func:`dntk.empirical_ntk`) within
+        ``kernel_tolerance`` of brute-force autograd, and nothing refused.
+    refusal: the engine's error (why it will not compute this model's features), else None.
+    n, classes, parameters, dtype: samples checked, logits, trainable parameter entries, the precision judged.
+    max_relative_error: the worst parameter's ‖Φ_p − J_p‖ / ‖J_p‖ over the samples and logits (inf where
+        J_p = 0 and Φ_p is not). kernel_relative_error: ‖K − K_ref‖ / ‖K_ref‖ of the per-class kernels (K
+        of :func:`dntk.empirical_ntk`, float64).
+    per_parameter: [{name, numel, path, relative_error, error ‖Φ_p − J_p‖, norm ‖J_p‖, passed}].
+    path_shares: {path: fraction of the parameters}.
+    sketch: {name, k, kernel_relative_error} of the default sketch against the exact kernel (≈ √(2/k)
+        scale: random, reported, not judged)."""
 
     exact: bool
     n: int
@@ -99,8 +105,8 @@ class ModelCheck:
 
 
 def brute_force_jacobian(model: nn.Module, x) -> torch.Tensor:
-    """J [n, C, P]: ∇θ f_c(x_i) for each sample run alone (a batch of one, eval mode, the model's mode
-    restored) and each logit, one backward each, over :func:`parameter_table`'s parameters in its order
+    """J [n, C, P]: ∇θ f_c(x_i) for each sample run alone (a batch of one, eval mode, every submodule's
+    mode restored) and each logit, one backward each, over :func:`parameter_table`'s parameters in its order
     (the identity projector's layout); a parameter no gradient reaches contributes zeros. x: the model's
     input form (:mod:`dntk.samples`)."""
     table = parameter_table(model)
@@ -131,7 +137,8 @@ def check_model(model: nn.Module, inputs, *, tolerance: float | None = None, ker
     2–8 samples is plenty and costs n·C backward passes of the reference).
 
     model: a classifier, forward(x [n, ...]) → logits [n, C] (or an output with ``.logits``); checked in
-    eval mode, every submodule's mode restored (and its device, when ``device`` moved it). inputs: a tensor [n, ...], a tuple or a dict of tensors [n, ...] (the
+    eval mode, every submodule's mode restored (and its device, when ``device`` moved it). inputs: a
+    tensor [n, ...], a tuple or a dict of tensors [n, ...] (the
     forms :func:`dntk.gradient_features` takes), n ≥ 2 — a batch-dependent model shows only in a batch.
     tolerance / kernel_tolerance: the relative errors of the features and of the kernel counted as exact
     (default :func:`default_tolerances` by the model's dtype and P).
