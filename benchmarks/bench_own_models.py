@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_json  # noqa: E402
+from common import RESULTS, write_json, write_readme_block  # noqa: E402
 
 DATA = Path(os.environ.get("DNTK_DATA", ROOT.parent / "shared" / "data")) / "imagenette2-224-sample"
 
@@ -179,12 +179,8 @@ def main():
         write_json("own_models.json", {"rows": rows, "machine": f"{os.cpu_count()} cores, torch {torch.__version__}"})
     table = render(rows)
     print("\n" + table)
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    a, b = "<!-- own-models-table -->", "<!-- /own-models-table -->"
-    if a in text and b in text:
-        readme.write_text(text[:text.index(a) + len(a)] + "\n" + table + text[text.index(b):])
-        print(f"updated the table in {readme}")
+    if write_readme_block("own-models-table", table.rstrip("\n")):
+        print("updated the table in README.md")
 
 
 def render(rows: dict) -> str:
