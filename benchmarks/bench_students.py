@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gradients import DATA, ROOT, TEACHER, teacher_and_data  # noqa: E402
-from common import machine, table, write_json  # noqa: E402
+from common import machine, table, write_json, write_readme_block  # noqa: E402
 
 import dntk  # noqa: E402
 from dntk.distill import distill_dataset, select_real  # noqa: E402
@@ -49,11 +49,9 @@ def distilled(method, ipc, seed, teacher, tr, iterations):
     if method in ("random", "kcenter"):
         return select_real(tr, ipc, method, teacher=teacher, seed=seed)
     if method == "wmdd":
-        out = ROOT / f"distill-wmdd-ipc{ipc}-seed{seed}"
-        done = (out / "distilled.pt").exists() and json.loads((out / "manifest.json").read_text()).get(
-            "settings", {}).get("iterations") == iterations
-        return dntk.distill.load_distilled(out) if done else distill_dataset(
-            "wmdd", teacher, tr, ipc, out, seed=seed, teacher_checksum=model_checksum(teacher), iterations=iterations)
+        # distill_dataset resumes a finished set only when its settings, teacher and data all match
+        return distill_dataset("wmdd", teacher, tr, ipc, ROOT / f"distill-wmdd-ipc{ipc}-seed{seed}", seed=seed,
+                               teacher_checksum=model_checksum(teacher), iterations=iterations)
     if method == "kernel-greedy":
         out = ROOT / f"select-kernel-greedy-p4-ipc{ipc}-seed{seed}"
         if not (out / "distilled.pt").exists():
@@ -71,23 +69,32 @@ def main():
     ap.add_argument("--wmdd-iterations", type=int, default=100)
     ap.add_argument("--cached-only", action="store_true",
                     help="report only the students already trained (no training): the table of a partial run")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (accuracies do not depend on it "
+                    "beyond float summation order; the train seconds do)")
+    ap.add_argument("--render", action="store_true", help="only write the README's table from students.json")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    if args.render:
+        raise SystemExit(0 if write_readme_block("students-table", render(json.loads(
+            (Path(__file__).resolve().parent / "results" / "students.json").read_text()))) else "README markers missing")
+    torch.set_num_threads(args.threads)
     teacher, tr, te = teacher_and_data()
     teacher_acc = evaluate(teacher, te)[0]
+    teacher_sum = model_checksum(teacher)
     rows = []
     for ipc in args.ipcs:
         for method in args.methods:
             for seed in args.seeds:
                 if args.cached_only and not any(ROOT.glob(f"bench-student-wmddprotocol-{method}-ipc{ipc}-seed{seed}-"
-                                                            f"e{args.epochs}-*.result.pt")):
+                                                            f"e{args.epochs}-{teacher_sum[:12]}-*.result.pt")):
                     print(f"{method} ipc {ipc} seed {seed}: not trained (--cached-only); skipped")
                     continue
                 ds = distilled(method, ipc, seed, teacher, tr, args.wmdd_iterations)
                 if ds is None:
                     print(f"{method} ipc {ipc} seed {seed}: missing (run bench_select.py first); skipped")
                     continue
-                key = f"bench-student-wmddprotocol-{method}-ipc{ipc}-seed{seed}-e{args.epochs}-{digest(ds.images)}"
+                # the student learns from the teacher's relabelling: its result is keyed by the teacher too
+                key = (f"bench-student-wmddprotocol-{method}-ipc{ipc}-seed{seed}-e{args.epochs}-{teacher_sum[:12]}-"
+                       f"{digest(ds.images)}")
                 t0 = time.perf_counter()
 
                 def run():
@@ -102,25 +109,56 @@ def main():
                        "image_passes": args.epochs * len(ds)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                write_json("students.json", {"machine": machine(), "rows": rows, "partial": True})
-    summary = []
-    for ipc in args.ipcs:
-        for method in args.methods:
-            sel = [r for r in rows if r["ipc"] == ipc and r["method"] == method]
-            if sel:
-                acc = [r["student_accuracy"] for r in sel]
-                summary.append({"ipc": ipc, "method": method, "seeds": len(sel), "student_accuracy": statistics.mean(acc),
-                                "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                                "train_seconds": statistics.mean(r["train_seconds"] for r in sel),
-                                "published": PUBLISHED.get(ipc, {}).get("WMDD" if method == "wmdd" else (
-                                    "random real" if method == "random" else ""), None)})
+                write_json("students.json", {"machine": machine(), "threads": args.threads,
+                                             "teacher_val_accuracy": teacher_acc, "teacher_checksum": teacher_sum,
+                                             "epochs": args.epochs, "published": {str(k): v for k, v in PUBLISHED.items()},
+                                             "rows": rows, "partial": True})
+    summary = summarise(rows, args.ipcs, args.methods)
     print(f"\nteacher val accuracy {teacher_acc:.4f} (64 px); students: WMDD's protocol, {args.epochs} epochs")
     print(table(summary, [("ipc", "IPC", "{}"), ("method", "stage 1", ""), ("seeds", "seeds", "{}"),
                           ("student_accuracy", "student acc. (ours, 64 px)", "{:.4f}"), ("std", "±", "{:.4f}"),
                           ("published", "WMDD paper (224 px), %", "{}"), ("train_seconds", "train s", "{:.0f}")]))
-    write_json("students.json", {"machine": machine(), "teacher_val_accuracy": teacher_acc, "epochs": args.epochs,
+    write_json("students.json", {"machine": machine(), "threads": args.threads, "teacher_val_accuracy": teacher_acc,
+                                 "teacher_checksum": teacher_sum, "epochs": args.epochs,
                                  "wmdd_iterations": args.wmdd_iterations, "published": {str(k): v for k, v in PUBLISHED.items()},
                                  "rows": rows, "summary": summary, "partial": False})
+
+
+def summarise(rows, ipcs, methods):
+    summary = []
+    for ipc in ipcs:
+        for method in methods:
+            sel = [r for r in rows if r["ipc"] == ipc and r["method"] == method]
+            if sel:
+                acc = [r["student_accuracy"] for r in sel]
+                summary.append({"ipc": ipc, "m": sel[0]["m"], "method": method, "seeds": len(sel), "student_accuracy": statistics.mean(acc),
+                                "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                                "train_seconds": statistics.mean(r["train_seconds"] for r in sel),
+                                "published": PUBLISHED.get(ipc, {}).get("WMDD" if method == "wmdd" else (
+                                    "random real" if method == "random" else ""), None)})
+    return summary
+
+
+NAMES = {"random": "random real", "kcenter": "k-center", "kernel-greedy": "kernel-greedy (p = 4)", "wmdd": "WMDD"}
+
+
+def render(d: dict) -> str:
+    """The README's students table from students.json (between its <!-- students-table --> markers): one
+    row per (IPC, stage 1) measured, with the number of seeds, the teacher's accuracy and WMDD's
+    published numbers beside ours."""
+    rows = summarise(d["rows"], sorted({r["ipc"] for r in d["rows"]}), list(NAMES))
+    pub = d.get("published", {})
+    out = [f"Teacher: {d['teacher_val_accuracy']:.4f} test accuracy (64 px). Students: {d.get('epochs', 300)} epochs of "
+           f"WMDD's protocol, evaluated once at the end on all 3,925 val images.", "",
+           "| IPC | m | stage 1 | seeds | student acc., ours | train s | WMDD paper (224 px) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = pub.get(str(r["ipc"]), {})
+        paper = {"random": ref.get("random real"), "wmdd": ref.get("WMDD", ref.get("WMDD (unverified)"))}.get(r["method"])
+        tag = " (unverified)" if r["method"] == "wmdd" and "WMDD (unverified)" in ref else ""
+        acc = f"{r['student_accuracy']:.4f}" + (f" ± {r['std']:.4f}" if r["seeds"] > 1 else "")
+        out.append(f"| {r['ipc']} | {r['m']} | {NAMES.get(r['method'], r['method'])} | {r['seeds']} | {acc} | "
+                   f"{r['train_seconds']:.0f} | {'–' if paper is None else f'{paper}%{tag}'} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
