@@ -196,7 +196,7 @@ def test_compare_methods_is_welch_where_a_side_varies_and_exact_where_neither_do
 def test_spectral_optimum_verdict_follows_the_rows():
     """The reproduce report's verdict and advice are derived from the rows, not written in: who wins where,
     and the kernel-level advice only when eigen had every kernel-level measure."""
-    from dntk.pipeline.reproduce import spectral_optimum
+    from dntk.report.claims import spectral_optimum
 
     def res(rows):
         return {"counts": {"m": 500}, "gradient_distillation": {"figure3_rows": rows}}

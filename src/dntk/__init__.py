@@ -6,7 +6,7 @@ The public surface, in pipeline order (each a subpackage, loaded on first use)::
     dntk.data          ImageSet, SampleSet, as_sample_set (any torch Dataset), hf_disk, load_configured
     dntk.models        build_model_spec (--model: torchvision:, timm:, hf:, factories), load_checkpoint
     dntk.training      train, evaluate, load_or_train_teacher, train_student
-    dntk.distill       stage 1: distill_dataset (wmdd / random / kcenter), training_points, DistilledSet
+    dntk.distill       stage 1: distill_dataset (wmdd / random / kcenter / kernel-greedy), DistilledSet
     dntk.features      gradient_features → FeatureResult [C, n, k]; empirical_ntk (exact, float64)
     dntk.projection    make(name, k, seed): identity / gaussian / rademacher / sjlt / tensorsketch
     dntk.kernels       PerClassKRR, class_scale (ν_c), krr_curve, rank_curve, fit_evaluate

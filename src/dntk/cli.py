@@ -162,8 +162,8 @@ def _train(args):
 
 
 def _distill(args):
-    from .distill import distill_dataset, distilled_folder
-    from .distill.methods import kernel_options
+    from .distill import distill_dataset
+    from .pipeline.stage1 import distilled_folder, kernel_options
 
     cfg = _config(args)
     d = cfg.distill
@@ -178,9 +178,9 @@ def _distill(args):
                          **(d.wmdd_options() if d.method == "wmdd" else {}))
     print(f"distilled {len(ds)} images ({d.method}, {d.ipc} per class) to {out}")
     if d.evaluate:
-        from .distill import evaluate_distilled
+        from .pipeline.stage1 import student_evaluation
 
-        ev = evaluate_distilled(out, teacher.model, cfg, val_set)
+        ev = student_evaluation(out, teacher.model, cfg, val_set)
         print(f"student under WMDD's protocol ({d.evaluate_epochs} epochs): test accuracy {ev['accuracy']:.4f} "
               f"(teacher {ev['teacher_accuracy']:.4f}); recorded in {out / 'manifest.json'}")
 

@@ -84,7 +84,6 @@ def as_sample_set(data, *, classes=None, name: str | None = None, pad_id: int = 
     with ``pad_id`` (an ``attention_mask`` is made if there is none) and kept as PaddedTokens, so a
     batch is cut to its longest sequence; other entries must have one shape. classes: names (default:
     the dataset's ``classes`` attribute, else "0".."C-1" for C = max label + 1)."""
-    from ..features.inputs import split_item
     from .images import ImageSet
 
     if isinstance(data, (ImageSet, SampleSet)):
@@ -104,7 +103,7 @@ def as_sample_set(data, *, classes=None, name: str | None = None, pad_id: int = 
             item = {k: torch.as_tensor(v) for k, v in item.items()}
         elif isinstance(item, (list, tuple)) and len(item) == 2 and not isinstance(item[1], torch.Tensor):
             item = (item[0], torch.as_tensor(item[1]))
-        x, y = split_item(item if not isinstance(item, torch.Tensor) else (item,))
+        x, y = samples.split_item(item if not isinstance(item, torch.Tensor) else (item,))
         if y is None:
             raise DNTKError(f"sample {i} of the data set has no label; yield (x, y) pairs or dicts with 'label'")
         xs.append(x)

@@ -16,32 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from .. import samples
 from ..errors import DNTKError
 
-LABEL_KEYS = ("labels", "label", "y")
-
-
-def _as_inputs(x):
-    if isinstance(x, list):
-        x = tuple(x)
-    if not samples.is_batch(x):
-        raise DNTKError(f"cannot read inputs from a batch part of type {type(x).__name__}; yield tensors, tuples or "
-                        "dicts of tensors, optionally paired with labels as (x, y)")
-    return x
-
-
-def split_item(batch):
-    """(inputs, labels or None) of one loader batch (see the module docstring)."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and batch:
-        y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return _as_inputs(batch[0]), y
-    if isinstance(batch, dict) and batch:
-        if "x" in batch:
-            return _as_inputs(batch["x"]), batch.get("y")
-        label = next((k for k in LABEL_KEYS if k in batch), None)
-        x = {k: v for k, v in batch.items() if k != label}
-        return _as_inputs(x), batch[label] if label is not None else None
-    raise DNTKError(f"cannot read inputs from a batch of type {type(batch).__name__}; yield tensors or (x, y) pairs")
+# how a Dataset item or loader batch is read is the samples module's (the data layer reads it too)
+LABEL_KEYS, split_item = samples.LABEL_KEYS, samples.split_item
 
 
 def num_inputs(inputs) -> int | None:

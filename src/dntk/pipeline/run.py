@@ -16,9 +16,6 @@ import torch
 
 from .. import metrics, report
 from ..config import RunConfig
-from ..data import load_configured
-from ..distill import TrainingPoints, training_points
-from ..distill.distilled import DistilledSet
 from ..errors import DNTKError
 from ..features import empirical_ntk
 from ..distributed import from_environment
@@ -29,12 +26,11 @@ from ..resources import StageTimer, process_peak_rss_mb
 from ..samples import describe
 from ..samples import to as to_device
 from ..store import FeatureStore, cached, digest, model_checksum
-from ..training import build_network, evaluate, load_or_train_teacher, train_student, training_seconds
+from ..training import evaluate, load_or_train_teacher, training_seconds
+from .prepare import FEATURE_FORMAT, announce, check_budget, check_data, check_k, check_out, feature_folder, feature_key, load_data
 from .result import RunResult
+from .stage1 import TrainingPoints, train_student_base, training_points
 from .stage3 import figure3_budgets, gradient_stage
-
-FEATURE_FORMAT = "feature-store-v3"   # part of every feature folder's key: the sharded memmap store
-
 
 def run(config: RunConfig | None = None, *, model: torch.nn.Module | None = None, train_set=None, test_set=None,
         student=None) -> RunResult:
@@ -56,26 +52,6 @@ def run(config: RunConfig | None = None, *, model: torch.nn.Module | None = None
             return _run(checked, model=model, train_set=train_set, test_set=test_set, student=student)
     finally:
         torch.set_num_threads(threads)   # --threads holds for the run, not for the caller's process after it
-
-
-def check_out(out) -> None:
-    """Refuse an output folder dntk cannot use, before any work: a file, a path under a file, a folder it
-    cannot create or write in, or one whose results.json is a folder."""
-    import os
-    import tempfile
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DNTKError(f"--out {out} is a file; name a folder (it is created when missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".dntk-write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise DNTKError(f"--out {out} cannot be written ({e.strerror or e}); choose a folder you can write") from None
-    if (out / "results.json").is_dir():
-        raise DNTKError(f"{out / 'results.json'} is a folder; dntk writes its results there — move it away")
 
 
 def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None, test_set=None,
@@ -109,12 +85,12 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
 
     given_data = train_set is not None
     with st.time("data"), ranks.main_first():
-        train_set, test_set = _data(cfg, train_set, test_set, model, out, progress)
+        train_set, test_set = load_data(cfg, train_set, test_set, model, out, progress)
     if given_data:   # recorded as what it is: data objects, at their own image size (or none)
         cfg.data.dataset, cfg.data.data_root = "python", None
         cfg.data.image_size = train_set.image_shape[-1] if getattr(train_set, "image_shape", None) else None
     C = train_set.num_classes
-    _check_data(train_set, test_set)
+    check_data(train_set, test_set)
     # checked before any training so a mistake costs nothing
     if cfg.distill.method == "none" and not cfg.distill.load and cfg.kernel.m > len(train_set):
         raise DNTKError(f"--m {cfg.kernel.m} is larger than the training set ({len(train_set)} images); "
@@ -123,7 +99,7 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
         from ..distill import check_ipc
 
         check_ipc(train_set, cfg.distill.ipc)   # every method starts from ipc real images per class
-        _check_budget(cfg, cfg.distill.ipc * C, f"--ipc {cfg.distill.ipc} × {C} classes")
+        check_budget(cfg, cfg.distill.ipc * C, f"--ipc {cfg.distill.ipc} × {C} classes")
     log(f"data: {getattr(train_set, 'name', cfg.data.dataset)}, {len(train_set)} train / {len(test_set)} test "
         f"samples, inputs {describe(train_set.tensors(torch.arange(1))[0]).replace('[1,', '[n,')}, {C} classes")
 
@@ -131,9 +107,9 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
         with ranks.main_first():
             teacher = load_or_train_teacher(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set,
                                             out, seed=cfg.seed, device=cfg.device, progress=progress, model=model,
-                                            check=lambda net: _check_k(cfg, net))
+                                            check=lambda net: check_k(cfg, net))
         test_acc, _ = evaluate(teacher.model, test_set, device=cfg.device)
-    P = _check_k(cfg, teacher.model)
+    P = check_k(cfg, teacher.model)
     log(f"teacher: {cfg.teacher.model}, P={P:,}, test accuracy {test_acc:.4f}"
         + ("" if teacher.trained else f" (weights: {teacher.source}, not trained here)"))
 
@@ -149,12 +125,12 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
     else:
         st.timings.pop("distillation")
     m = cfg.kernel.m
-    _check_budget(cfg, m, "the distilled set's size")
+    check_budget(cfg, m, "the distilled set's size")
 
     base, base_acc, student_dir = teacher.model, test_acc, None
     if cfg.teacher.base_model == "student":
         with st.time("student"), ranks.main_first():
-            base, base_acc, student_dir = _student(cfg, teacher, points, train_set, test_set, out, progress, student)
+            base, base_acc, student_dir = train_student_base(cfg, teacher, points, train_set, test_set, out, progress, student)
         log(f"student trained on the {m} distilled images: test accuracy {base_acc:.4f}")
     base_checksum = teacher.checksum if base is teacher.model else model_checksum(base)
 
@@ -170,21 +146,21 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
         """Features of the m points (and, stored, of the test split) of one base model, and its Figure 1
         curve. Folders are keyed by the model's checksum (not by its role), so a teacher-base run and a
         student-base run in one OUT share the teacher's features. Every rank extracts its shards; rank 0 alone fits (returns None elsewhere)."""
-        key = digest(FEATURE_FORMAT, checksum, cfg.features.projector, k, cfg.seed)
+        key = feature_key(checksum, cfg.features.projector, k, cfg.seed)
         shard = cfg.features.feature_chunk
         extract = dict(identity={"model": checksum}, batch_size=cfg.features.batch_size, device=cfg.device,
                        progress=progress, rank=ranks.rank, world=ranks.world)
         stream = cfg.features.test_features == "stream"
-        train = FeatureStore(out / f"features-train-{key}-{digest(points.images)}", shard)
+        train = FeatureStore(feature_folder(out, "train", key, points.images), shard)
         if ranks.main:
-            _announce(log, model, points.images, X_test, train, projector, C, cfg, stream, P)
+            announce(log, model, points.images, X_test, train, projector, C, cfg, stream, P)
         with st.time(f"features_train{tag}"):  # each stage's time includes waiting for the other ranks
             train.extract(model, points.images, projector, **extract)
             if stream:
                 ranks.barrier()
         if not stream:
             with st.time(f"features_test{tag}"):
-                test = FeatureStore(out / f"features-test-{key}-{digest(X_test)}", shard)
+                test = FeatureStore(feature_folder(out, "test", key, X_test), shard)
                 test.extract(model, X_test, projector, **extract)
                 ranks.barrier()
         y_train = targets_of(train.read_logits(), points.labels)
@@ -291,34 +267,6 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
     return result
 
 
-def _check_k(cfg: RunConfig, model: torch.nn.Module) -> int:
-    """P, the model's trainable parameters; refuses --k > P (checked on the built network, before training)."""
-    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if cfg.features.k is not None and cfg.features.projector != "identity" and cfg.features.k > P:
-        raise DNTKError(f"--k {cfg.features.k} is larger than the model's P = {P:,} parameters; choose k < {P}")
-    return P
-
-
-def _check_data(train_set, test_set) -> None:
-    """Every class has training samples, and there are at least two (checked before the teacher trains)."""
-    C = train_set.num_classes
-    counts = torch.bincount(train_set.labels, minlength=C)
-    if C < 2:
-        raise DNTKError(f"the training data has {C} class ({list(train_set.classes)}); a classifier's kernel needs "
-                        "at least two")
-    empty = [str(train_set.classes[c]) for c in range(C) if counts[c] == 0]
-    if empty:
-        raise DNTKError(f"class{'es' if len(empty) > 1 else ''} {', '.join(empty[:5])} "
-                        f"{'have' if len(empty) > 1 else 'has'} no training samples; add some or drop the class")
-    if len(test_set) == 0:
-        raise DNTKError("the test split is empty; the kernel model is measured on it — add test samples")
-
-
-def _check_budget(cfg: RunConfig, m: int, what: str) -> None:
-    if cfg.gradients.budget is not None and cfg.gradients.budget > m:
-        raise DNTKError(f"--budget {cfg.gradients.budget} is larger than m = {m} ({what}); choose s ≤ {m}")
-
-
 def _at_m(curve: list[dict]) -> dict:
     """The kernel-model summary at the largest m (the last row of a curve)."""
     return {key: curve[-1][key] for key in report.KM_KEYS}
@@ -329,82 +277,6 @@ def _targets_maker(targets: str, C: int):
         """The regression targets [n, C]: the model's logits or one-hot labels (--targets)."""
         return logits.double() if targets == "logits" else one_hot(labels, C)
     return targets_of
-
-
-def _data(cfg: RunConfig, train_set, test_set, model, out: Path, progress: bool):
-    """(train, test): the given data sets (as SampleSets unless already Image/SampleSets; the test set cut
-    to --n-test even over classes), or the configured ones. Ragged token ids are padded with the model's
-    pad token (:func:`dntk.models.pad_token_id`)."""
-    from ..data import SampleSet, as_sample_set, balanced_indices
-    from ..models import pad_token_id
-
-    if (train_set is None) != (test_set is None):
-        raise DNTKError("pass both train_set and test_set, or neither (then config.data says where the data is)")
-    pad = pad_token_id(model, cfg.teacher.model)   # ragged token ids are padded with the model's pad token
-    if train_set is None:
-        return load_configured(cfg.data, cache_dir=out / "cache", progress=progress, pad_id=pad)
-    train, test = as_sample_set(train_set, pad_id=pad), as_sample_set(test_set, pad_id=pad)
-    if list(train.classes) != list(test.classes):
-        if hasattr(train_set, "classes") or hasattr(test_set, "classes"):
-            raise DNTKError(f"train_set and test_set have different classes ({train.classes[:5]} vs {test.classes[:5]}); "
-                            "both need the same class list in the same order")
-        names = [str(c) for c in range(max(train.num_classes, test.num_classes))]   # labels 0..C-1 of both sets
-        train, test = (SampleSet(d.inputs, d.labels, names, d.name, d.info) for d in (train, test))
-    if cfg.data.n_test is not None:
-        test = test.subset(balanced_indices(test.labels, min(cfg.data.n_test, len(test)), test.num_classes))
-    return train, test
-
-
-def _announce(log, model, X_train, X_test, store, projector, C: int, cfg: RunConfig, stream: bool, P: int) -> None:
-    """What the extraction will compute — per-logit gradients, bytes stored — and its time estimated from
-    one timed batch (which includes the engine's one-off layout checks, so it errs high)."""
-    import time
-
-    from ..features import gradient_features
-    from ..samples import count, take
-
-    n_train, n_test = count(X_train), count(X_test)
-    n = n_train + n_test
-    k = P if projector.name == "identity" else projector.dim
-    stored = (n_train + (0 if stream else n_test)) * C * k * 4
-    line = (f"features: {n_train:,} train + {n_test:,} test samples × {C} logits = {n * C:,} per-logit gradients, "
-            f"{'exact (k = P' if projector.name == 'identity' else 'projected to (k'} = {k:,}) "
-            f"({stored / 2**20:,.1f} MiB stored)")
-    try:
-        done = not store.missing(n_train)
-    except DNTKError:
-        done = False
-    if not done:
-        B = min(cfg.features.batch_size, n_train)
-        t0 = time.perf_counter()
-        gradient_features(model, take(X_train, slice(0, B)), projector, batch_size=B, device=cfg.device, progress=False)
-        per = (time.perf_counter() - t0) / B
-        line += f"; ≈ {_duration(per * n)} at {per * 1e3:,.1f} ms per sample (timed on a first batch of {B})"
-    log(line)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.1f} min" if seconds < 7200 else
-                                                     f"{seconds / 3600:.1f} h")
-
-
-def _student(cfg: RunConfig, teacher, points: TrainingPoints, train_set, test_set, out: Path, progress: bool,
-             factory=None):
-    """The base model ``student``: trained on the distilled images only (cached under OUT/student-<key>); a
-    fresh network from the --model spec, or from ``factory`` (the student= of :func:`run`)."""
-    ds = DistilledSet.from_normalised(points.images, points.labels, train_set, cfg.distill.method)
-    torch.manual_seed(cfg.seed)
-    student = build_network(cfg.teacher, cfg.data.dataset, cfg.data.image_size, train_set, fresh=True,
-                            factory=factory)
-
-    protocol, epochs = cfg.teacher.student_protocol, cfg.teacher.student_epochs
-    key = digest(teacher.checksum, digest(points.images)) if protocol == "dntk" else \
-        digest(teacher.checksum, digest(points.images), protocol, epochs, cfg.seed)
-    folder = out / f"student-{key}"
-    model, acc = train_student(student, teacher.model, ds, test_set, folder, dataset=cfg.data.dataset, epochs=epochs,
-                               seed=cfg.seed, device=cfg.device, progress=progress, protocol=protocol,
-                               eval_every=epochs if protocol == "wmdd" else 1, pipeline=cfg.teacher.train_pipeline)
-    return model, acc, folder
 
 
 def _figure1_curves(curves: dict, cfg: RunConfig, projector, points: TrainingPoints) -> dict:
