@@ -97,7 +97,7 @@ def test_a_failed_shard_write_is_raised_and_never_recorded(tmp_path, monkeypatch
 def test_sliced_kernels_default_budget_and_refusals():
     """memory_budget_bytes=None: 4 GiB off CUDA (half the free memory on CUDA, exercised by the CUDA
     tests), the same kernel as an explicit budget; a zero or boolean budget is still refused."""
-    from dntk.features.ntk import default_gradient_budget, sliced_class_kernels
+    from dntk.features.sliced import default_gradient_budget, sliced_class_kernels
 
     assert default_gradient_budget("cpu") == 4 << 30
     model, X = _mlp().double(), torch.randn(6, 5, dtype=torch.float64)

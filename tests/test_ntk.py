@@ -126,7 +126,7 @@ def test_norm_layers_and_sequence_linear():
     assert rel(dntk.empirical_ntk(model, x, blocks="full"), torch.einsum("icp,jdp->icjd", J, J)) < 1e-10
 
 
-def test_hooks_and_func_backends_agree():
+def test_ops_and_func_backends_agree():
     torch.manual_seed(7)
     model = randomize_bn(small_cnn_bn()).double()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)

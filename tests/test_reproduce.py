@@ -15,7 +15,7 @@ from conftest import brute_force_jacobian, randomize_bn, small_cnn_bn
 from dntk.cli import main
 from dntk.errors import DNTKError
 from dntk.features import empirical_ntk, sliced_class_kernels
-from dntk.features.ntk import plan_parameter_slices
+from dntk.features.sliced import plan_parameter_slices
 from dntk.kernels import compare_with_exact
 from dntk.resources import StageTimer, exact_entk_cost, model_flops
 from dntk.spectral import subspace_diagnostics

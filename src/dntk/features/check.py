@@ -17,7 +17,7 @@ import torch.nn as nn
 from .. import samples
 from ..errors import DNTKError
 from ..validate import require_int
-from .capture import analysis_mode, parameter_table
+from .capture import OpRule, analysis_mode, parameter_table, track_rules
 from .engine import gradient_features
 from .ntk import empirical_ntk
 
@@ -64,6 +64,7 @@ class ModelCheck:
         of :func:`dntk.empirical_ntk`, float64).
     per_parameter: [{name, numel, path, relative_error, error ‖Φ_p − J_p‖, norm ‖J_p‖, passed}].
     path_shares: {path: fraction of the parameters}.
+    rules_taken: {op rule kind: recorded calls it planned} in the engine's pass (:mod:`dntk.features.capture.rules`).
     sketch: {name, k, kernel_relative_error} of the default sketch against the exact kernel (≈ √(2/k)
         scale: random, reported, not judged)."""
 
@@ -80,6 +81,7 @@ class ModelCheck:
     kernel_relative_error: float | None = None
     per_parameter: list[dict] = field(default_factory=list)
     path_shares: dict[str, float] = field(default_factory=dict)
+    rules_taken: dict[str, int] = field(default_factory=dict)
     sketch: dict | None = None
 
     def to_dict(self) -> dict:
@@ -170,7 +172,8 @@ def check_model(model: nn.Module, inputs, *, tolerance: float | None = None, ker
             classes = _plain_forward(model, inputs, n)
         base = dict(n=n, classes=classes, parameters=P, tolerance=tol, kernel_tolerance=ktol, dtype=str(dtype)[6:])
         try:
-            res = gradient_features(model, inputs, "identity", batch_size=n, progress=False)
+            with track_rules() as taken:
+                res = gradient_features(model, inputs, "identity", batch_size=n, progress=False)
         except DNTKError as e:          # the forward ran above: this is the engine declining the model
             return ModelCheck(False, refusal=str(e), **base)
         try:
@@ -193,7 +196,8 @@ def check_model(model: nn.Module, inputs, *, tolerance: float | None = None, ker
         k_err = float((K - K_ref).norm() / (K_ref.norm() or 1.0))
         worst = max(r["relative_error"] for r in rows)
         out = ModelCheck(all(r["passed"] for r in rows) and k_err <= ktol, atol=atol, max_relative_error=worst,
-                         kernel_relative_error=k_err, per_parameter=rows, path_shares=res.path_shares(), **base)
+                         kernel_relative_error=k_err, per_parameter=rows, path_shares=res.path_shares(),
+                         rules_taken=dict(taken), **base)
         if sketch is not None and P > 1:
             kk = min(k, P - 1)
             sk = gradient_features(model, inputs, sketch, k=kk, seed=seed, batch_size=n, progress=False)
@@ -203,6 +207,25 @@ def check_model(model: nn.Module, inputs, *, tolerance: float | None = None, ker
     finally:
         if device is not None:
             model.to(home)
+
+
+def check_rule(rule, model: nn.Module, inputs, **check_options) -> ModelCheck:
+    """Test an op rule (an :class:`~dntk.features.capture.OpRule` or its kind, e.g. ``"rms_norm"``) on a
+    model that uses it: :func:`check_model` on ``inputs`` (its options passed on), with the rule
+    asserted *taken* — a rule that records nothing, or whose plan always declines, would otherwise
+    pass through the exact op-vjp fallback unseen. Raises a DNTKError when the rule was not taken or
+    the features are not exact (the check's summary in the message); returns the ModelCheck."""
+    kind = rule.kind if isinstance(rule, OpRule) else str(rule)
+    res = check_model(model, inputs, **check_options)
+    if res.refusal is not None:
+        raise DNTKError(f"check_rule({kind!r}): the engine refused the model: {res.refusal}")
+    if not res.rules_taken.get(kind):
+        raise DNTKError(f"check_rule({kind!r}): the rule was not taken on this model (rules taken: "
+                        f"{res.rules_taken or 'none'}); check that it is registered, that the model calls one of its "
+                        "functions, and that its record/plan do not decline these calls")
+    if not res.exact:
+        raise DNTKError(f"check_rule({kind!r}): taken {res.rules_taken[kind]}× but not exact:\n{res.summary()}")
+    return res
 
 
 def _plain_forward(model, inputs, n: int) -> int:

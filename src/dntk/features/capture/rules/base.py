@@ -1,0 +1,111 @@
+"""Op rules: what the engine knows about one family of torch calls, in one place.
+
+A rule declares the torch functions it handles and four steps, each with its exactness argument and
+cost in the rule's docstring:
+
+``record(rec, use, func, args, kwargs, out)``
+    During the forward pass, for a call that mixes data with parameters (or parameter-derived
+    tensors): fill ``use.weight`` / ``use.bias`` (:class:`~dntk.features.capture.recorder.Source`,
+    via ``rec.source``) and ``use.data`` (the rule's own record of the data it needs later, detached),
+    or raise :class:`NotHandled` — the call then takes the generic ``op-vjp`` path, which is exact for
+    any call.
+``plan(use, layout, B)``
+    Once per batch, with the measured :class:`~dntk.features.capture.layouts.Layout` of the call's
+    first output (None for B = 1): a dict the rule reads back in ``emit``, or None when this layout
+    is not one the closed form supports (then ``op-vjp``). A plan's ``"a"`` entry, when present, is
+    the factor a [B, cols, T] of a weight gradient Σ_t g_t a_tᵀ (cached across the logits of a batch).
+``emit(use, plan, g, B, acc)``
+    Per logit: g is the output gradient split by sample, [B, ...]; hand the per-sample gradients to
+    ``acc`` (:class:`~dntk.features.capture.emit.Accumulator`: ``weight``, ``bias``, ``factored``).
+``recompute(use)``
+    The call again from ``use.data`` and the weight/bias tensors, so that its graph reaches the
+    parameters through this call alone (the op-vjp fallback of a recorded call whose layout the
+    closed form does not support).
+
+Built-in rules live in this package, one module per family (linear.py, conv.py, norms.py,
+embedding.py); a rewrite (attention.py) turns one call into recorded calls of other rules. A new
+rule is a subclass of :class:`OpRule` passed to :func:`register` — see docs/extending.md for a
+worked example, and :func:`dntk.features.check_rule` to test it against brute-force autograd with the
+rule asserted taken.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+class NotHandled(Exception):
+    """Raised by a rule's ``record`` when this particular call is not one its closed form covers (the
+    call is recorded for the generic op-vjp path instead)."""
+
+
+class OpRule:
+    """Base class of an op rule (see the package docstring). Subclasses set ``kind`` (a short name,
+    used in ``GradientCapture.rules_taken``) and ``functions`` (the torch functions handled)."""
+
+    kind: str = ""
+    functions: tuple = ()
+
+    def record(self, rec, use, func, args, kwargs, out) -> None:
+        raise NotHandled
+
+    def plan(self, use, layout, B: int) -> dict | None:
+        return None
+
+    def emit(self, use, plan: dict, g, B: int, acc) -> None:
+        raise NotImplementedError
+
+    def recompute(self, use):
+        raise NotImplementedError
+
+
+def arg(args, kwargs, i: int, name: str, default=None):
+    """Argument i of a call, positional or by keyword."""
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+_BY_FUNCTION: dict = {}
+_REWRITES: dict = {}
+
+
+def register(rule: OpRule, *, replace: bool = False) -> OpRule:
+    """Make ``rule`` handle its ``functions`` in every capture from now on. A function another rule
+    already handles is refused unless ``replace=True``. Returns the rule."""
+    from ....errors import DNTKError
+
+    if not isinstance(rule, OpRule) or not rule.kind or not rule.functions:
+        raise DNTKError("register takes an OpRule instance with a kind and at least one function")
+    taken = [f for f in rule.functions if f in _BY_FUNCTION and _BY_FUNCTION[f] is not rule]
+    if taken and not replace:
+        names = ", ".join(getattr(f, "__name__", str(f)) for f in taken)
+        raise DNTKError(f"{names} already handled by rule {_BY_FUNCTION[taken[0]].kind!r}; pass replace=True to "
+                        "override it")
+    for f in rule.functions:
+        _BY_FUNCTION[f] = rule
+    return rule
+
+
+def unregister(rule: OpRule) -> None:
+    """Remove ``rule`` from every function it handles (a test's or an experiment's rule)."""
+    for f in [f for f, r in _BY_FUNCTION.items() if r is rule]:
+        del _BY_FUNCTION[f]
+
+
+def rule_for(func) -> OpRule | None:
+    return _BY_FUNCTION.get(func)
+
+
+def register_rewrite(func, rewrite: Callable) -> None:
+    """``rewrite(rec, args, kwargs)`` replaces a call of ``func`` by recorded calls (returns the call's
+    result) or declines (returns None: the call is recorded as it is)."""
+    _REWRITES[func] = rewrite
+
+
+def rewrite_for(func) -> Callable | None:
+    return _REWRITES.get(func)
+
+
+def rules() -> dict[str, OpRule]:
+    """{kind: rule} of every registered rule."""
+    return {r.kind: r for r in _BY_FUNCTION.values()}
+

@@ -1,0 +1,110 @@
+"""``conv1d`` / ``conv2d``: the unfolded input as the weight gradient's factor.
+
+Exactness. A convolution is a linear map of the unfolded input patches a [N, cols, L]
+(``F.unfold`` with the call's kernel, stride, dilation and padding; asymmetric "same" padding padded
+explicitly first): y[:, :, l] = W a[:, :, l] (+ b). So ∂(g·y)/∂W = Σ_l g_l a_lᵀ per sample, handed to
+the projector as factors when groups = 1 and W is a parameter (``factored``); grouped and depthwise
+convs form the per-group block by an einsum over (out_g, cols_g) (``closed``), and a derived weight
+(weight standardisation) pulls the formed block back (``derived``). Cost: the unfold (cols·L per
+sample) plus the contraction; a layout with the samples anywhere but dim 0 falls back to op-vjp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..layouts import split_batch
+from .base import NotHandled, OpRule, arg, register
+
+
+@dataclass
+class ConvData:
+    a: torch.Tensor | None      # unfolded input [N, cols, L]
+    groups: int
+
+
+def _tup(v, n):
+    if isinstance(v, (tuple, list)):
+        return tuple(int(u) for u in v)
+    return (int(v),) * n
+
+
+class ConvRule(OpRule):
+    kind = "conv"
+    functions = (torch.conv1d, torch.conv2d, F.conv1d, F.conv2d)
+    _ND = {torch.conv1d: 1, torch.conv2d: 2, F.conv1d: 1, F.conv2d: 2}
+
+    def record(self, rec, use, func, args, kwargs, out):
+        nd = self._ND[func]
+        x, w, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+        if rec.roots_of(x) is not None or x.dim() != nd + 2 or not isinstance(out, torch.Tensor):
+            raise NotHandled
+        stride, padding = arg(args, kwargs, 3, "stride", 1), arg(args, kwargs, 4, "padding", 0)
+        dilation, groups = arg(args, kwargs, 5, "dilation", 1), arg(args, kwargs, 6, "groups", 1)
+        kernel = tuple(w.shape[2:])
+        stride, dilation = _tup(stride, nd), _tup(dilation, nd)
+        xx = x.detach()
+        if nd == 1:  # conv1d as a conv2d of height 1
+            xx, kernel, stride, dilation = xx.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = [(0, 0)] * len(kernel)
+            elif padding == "same":
+                pads = []
+                for k_, d_ in zip(kernel, dilation):
+                    total = d_ * (k_ - 1)
+                    pads.append((total // 2, total - total // 2))
+            else:
+                raise NotHandled
+        else:
+            p = _tup(padding, nd)
+            if nd == 1:
+                p = (0,) + p
+            pads = [(q, q) for q in p]
+        if any(lo != hi for lo, hi in pads):
+            flat_pad = []
+            for lo, hi in reversed(pads):
+                flat_pad += [lo, hi]
+            xx, sym = F.pad(xx, flat_pad), (0, 0)
+        else:
+            sym = tuple(lo for lo, _ in pads)
+        use.weight, use.bias = rec.source(w), rec.source(b)
+        use.data = ConvData(F.unfold(xx, kernel, dilation=dilation, padding=sym, stride=stride), int(groups))
+
+    def plan(self, use, lay, B):
+        if lay is not None and lay.dim != 0:
+            return None
+        ab = split_batch(use.data.a, lay, B)                       # [B, r, cols, L]
+        use.data.a = None
+        a = ab.transpose(1, 2).reshape(B, ab.shape[2], -1)         # [B, cols, r·L]
+        fac = use.data.groups == 1 and use.weight is not None and use.weight.param is not None
+        return {"layout": lay, "a": a if fac else None, "a_mat": None if fac else a}
+
+    def emit(self, use, plan, gb, B, acc):
+        gf = gb.transpose(1, 2).reshape(B, gb.shape[2], -1)             # [B, out, r·L]
+        groups = use.data.groups
+        if plan["a"] is not None:
+            acc.weight(use, gf=gf, a=plan["a"])
+        elif use.weight is not None:
+            a = plan["a_mat"]
+            w = use.weight.tensor
+            ga = gf.unflatten(1, (groups, -1))                            # [B, G, out_g, T]
+            aa = a.unflatten(1, (groups, -1))                             # [B, G, cols_g, T]
+            acc.weight(use, G=torch.einsum("bgot,bgit->bgoi", ga, aa).reshape(B, *w.shape))
+        acc.bias(use, lambda: gf.sum(-1))
+
+    def recompute(self, use):
+        w = use.weight.tensor if use.weight is not None else None
+        b = use.bias.tensor if use.bias is not None else None
+        o = use.outs[0]
+        a, G = use.data.a, use.data.groups                                  # [N, cols, L]
+        N, cols, L = a.shape
+        out = torch.einsum("goi,ngil->ngol", w.reshape(G, w.shape[0] // G, -1), a.view(N, G, cols // G, L))
+        out = out.reshape(N, w.shape[0], *o.shape[2:])
+        return out if b is None else out + b.view(1, -1, *([1] * (o.dim() - 2)))
+
+
+register(ConvRule())

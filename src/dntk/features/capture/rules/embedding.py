@@ -1,0 +1,67 @@
+"""``F.embedding``: the per-sample table gradient as a scatter-add of the output gradient.
+
+Exactness. y_t = W[i_t], so ∂(g·y)/∂W is Σ_t g_t added into row i_t (``scatter_add_`` of the sample's
+output-gradient rows by its indices), with the padding row zeroed as autograd does for
+``padding_idx``. ``max_norm`` renormalises W in place and is left to op-vjp; ``scale_grad_by_freq``
+scales by counts over the whole batch, which couples the samples, and is refused. Cost: a [B, rows,
+dim] block per logit (the table is formed per sample, O(B·numel)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ....errors import DNTKError
+from ..layouts import split_batch
+from .base import NotHandled, OpRule, arg, register
+
+
+@dataclass
+class EmbeddingData:
+    idx: torch.Tensor           # the indices, detached
+    padding_idx: int | None     # made non-negative
+
+
+class EmbeddingRule(OpRule):
+    kind = "embedding"
+    functions = (F.embedding,)
+
+    def record(self, rec, use, func, args, kwargs, out):
+        idx, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
+        padding_idx, max_norm = arg(args, kwargs, 2, "padding_idx"), arg(args, kwargs, 3, "max_norm")
+        if arg(args, kwargs, 5, "scale_grad_by_freq", False):
+            raise DNTKError("an embedding with scale_grad_by_freq=True scales its gradient by how often each index "
+                            "occurs in the whole batch, which couples the samples; per-sample gradients are not "
+                            "defined — build it with scale_grad_by_freq=False")
+        if max_norm is not None or rec.roots_of(idx) is not None:
+            raise NotHandled
+        use.weight = rec.source(w)
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += w.shape[0]
+        use.data = EmbeddingData(idx.detach().clone(), padding_idx)
+
+    def plan(self, use, lay, B):
+        if lay is not None and lay.dim >= use.outs[0].dim() - 1:
+            return None
+        return {"layout": lay}
+
+    def emit(self, use, plan, gb, B, acc):
+        w = use.weight.tensor if use.weight is not None else None
+        if w is None:
+            return
+        idx = split_batch(use.data.idx, plan["layout"], B).reshape(B, -1)
+        gg = gb.reshape(B, -1, gb.shape[-1])
+        G = torch.zeros(B, w.shape[0], w.shape[1], dtype=gg.dtype, device=gg.device)
+        G.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, w.shape[1]), gg)
+        if use.data.padding_idx is not None:
+            G[:, use.data.padding_idx] = 0
+        acc.weight(use, G=G)
+
+    def recompute(self, use):
+        return F.embedding(use.data.idx, use.weight.tensor, use.data.padding_idx)
+
+
+register(EmbeddingRule())

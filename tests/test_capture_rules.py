@@ -1,0 +1,174 @@
+"""The op-rule registry: the built-in RMSNorm rule and a rule written here as a user would (a layer
+scale ``x * gamma``), each checked against brute-force autograd with the rule asserted taken
+(:func:`dntk.features.check_rule`), the same models with the rule removed (exact through op-vjp, so
+the rule changes the path and not the numbers), and the registry's refusals. Also: every sink of the
+package satisfies the :class:`Sink` protocol."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dntk import DNTKError
+from dntk.features import check_model, check_rule, gradient_features
+from dntk.features import capture as cap
+from dntk.features.capture.layouts import split_batch
+from dntk.features.capture.rules import NotHandled, OpRule, arg, register, rule_for, unregister
+from dntk.features.check import brute_force_jacobian
+
+
+class RMSNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.norm = nn.RMSNorm(8, eps=1e-6)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):                    # x [B, T, 6]
+        return self.head(self.norm(torch.tanh(self.inp(x))).mean(1))
+
+
+class ScaleNet(nn.Module):
+    """Layer scale (ConvNeXt, CaiT): h * gamma with gamma [d] broadcast over the last axis."""
+
+    def __init__(self, seq_first=False):
+        super().__init__()
+        self.seq_first = seq_first
+        self.inp = nn.Linear(5, 4)
+        self.gamma = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):                    # x [B, T, 5]
+        h = torch.tanh(self.inp(x))
+        if self.seq_first:
+            h = h.transpose(0, 1)            # [T, B, 4]: the samples in dim 1
+        h = h * self.gamma
+        return self.head(h.mean(1 if not self.seq_first else 0))
+
+
+class LayerScaleRule(OpRule):
+    """``data * gamma`` for a 1-D parameter gamma on the last axis: per sample ∂(g·y)/∂gamma = Σ g ⊙ data
+    over every axis but the last (the chain rule; data does not depend on gamma)."""
+
+    kind = "layer_scale"
+    functions = (torch.Tensor.mul,)   # what `h * gamma` dispatches as
+
+    def record(self, rec, use, func, args, kwargs, out):
+        x, w = arg(args, kwargs, 0, "self"), arg(args, kwargs, 1, "other")
+        if (not isinstance(w, torch.Tensor) or w.dim() != 1 or rec.roots_of(x) is not None
+                or rec.roots_of(w) is None or not isinstance(out, torch.Tensor) or x.shape[-1] != w.shape[0]):
+            raise NotHandled
+        use.weight = rec.source(w)
+        use.data = x.detach().clone()
+
+    def plan(self, use, layout, B):
+        if layout is not None and layout.dim == use.outs[0].dim() - 1:
+            return None                      # the samples on gamma's own axis: op-vjp
+        return {"layout": layout}
+
+    def emit(self, use, plan, g, B, acc):
+        xb = split_batch(use.data, plan["layout"], B)
+        acc.weight(use, G=(g * xb).reshape(B, -1, xb.shape[-1]).sum(1))
+
+    def recompute(self, use):
+        return use.data * use.weight.tensor
+
+
+@pytest.fixture
+def layer_scale():
+    rule = register(LayerScaleRule())
+    try:
+        yield rule
+    finally:
+        unregister(rule)
+    assert rule_for(torch.Tensor.mul) is None
+
+
+def _x(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_rms_norm_rule_is_taken_and_exact():
+    torch.manual_seed(0)
+    model, x = RMSNet(), _x(4, 5, 6)
+    res = check_rule("rms_norm", model, x, sketch=None)
+    assert res.rules_taken["rms_norm"] == 1
+    assert {r["name"]: r["path"] for r in res.per_parameter}["norm.weight"] == "closed"
+    # the same model without the rule: exact through op-vjp, the same features to float32 rounding
+    rule = rule_for(F.rms_norm)
+    unregister(rule)
+    try:
+        slow = check_model(model, x, sketch=None)
+        assert slow.exact and "rms_norm" not in slow.rules_taken
+        assert {r["name"]: r["path"] for r in slow.per_parameter}["norm.weight"] == "op-vjp"
+        f_slow = gradient_features(model, x, "identity", batch_size=4, progress=False).features
+    finally:
+        register(rule)
+    f_fast = gradient_features(model, x, "identity", batch_size=4, progress=False).features
+    assert torch.allclose(f_fast, f_slow, rtol=1e-5, atol=1e-6 * float(f_slow.abs().max()))
+
+
+def test_a_user_rule_is_taken_exact_and_falls_back_where_its_plan_declines(layer_scale):
+    torch.manual_seed(1)
+    model, x = ScaleNet(), _x(4, 3, 5)
+    res = check_rule(layer_scale, model, x, sketch=None)
+    assert res.rules_taken == {"linear": 2, "layer_scale": 1}
+    assert {r["name"]: r["path"] for r in res.per_parameter}["gamma"] == "closed"
+    # brute force, independently of check_model: the gamma block of the identity features
+    J = brute_force_jacobian(model, x)                                  # [n, C, P]
+    feats = gradient_features(model, x, "identity", batch_size=4, progress=False)
+    specs = cap.parameter_table(model).specs
+    off = sum(s.numel for s in specs[:[s.name for s in specs].index("gamma")])
+    got = feats.features.transpose(0, 1)[..., off:off + 4]
+    assert torch.allclose(got, J[..., off:off + 4].to(got), rtol=1e-5, atol=1e-7)
+    # sequence-first ([T, B, d]: the samples in dim 1) is a layout the rule splits too
+    seq = ScaleNet(seq_first=True)
+    assert check_rule(layer_scale, seq, x, sketch=None).rules_taken["layer_scale"] == 1
+
+
+def test_a_declining_plan_goes_op_vjp_and_stays_exact(layer_scale, monkeypatch):
+    torch.manual_seed(2)
+    model, x = ScaleNet(), _x(4, 3, 5)
+    monkeypatch.setattr(LayerScaleRule, "plan", lambda self, use, layout, B: None)
+    res = check_model(model, x, sketch=None)
+    assert res.exact and "layer_scale" not in res.rules_taken
+    assert {r["name"]: r["path"] for r in res.per_parameter}["gamma"] == "op-vjp"
+    with pytest.raises(DNTKError, match="not taken"):
+        check_rule(layer_scale, model, x, sketch=None)
+
+
+def test_check_rule_catches_a_wrong_rule(layer_scale, monkeypatch):
+    """A rule that is taken but wrong (it forgets to sum over the positions) fails check_rule."""
+    torch.manual_seed(3)
+    model, x = ScaleNet(), _x(4, 3, 5)
+
+    def wrong(self, use, plan, g, B, acc):
+        xb = split_batch(use.data, plan["layout"], B)
+        acc.weight(use, G=(g * xb).reshape(B, -1, xb.shape[-1])[:, 0])
+
+    monkeypatch.setattr(LayerScaleRule, "emit", wrong)
+    with pytest.raises(DNTKError, match="not exact"):
+        check_rule(layer_scale, model, x, sketch=None)
+
+
+def test_the_registry_refuses_a_taken_function_and_a_non_rule():
+    class Other(OpRule):
+        kind = "other-linear"
+        functions = (F.linear,)
+
+    with pytest.raises(DNTKError, match="already handled by rule 'linear'"):
+        register(Other())
+    with pytest.raises(DNTKError, match="OpRule instance"):
+        register(object())
+    assert rule_for(F.linear).kind == "linear"
+
+
+def test_every_sink_satisfies_the_protocol():
+    from dntk.features.engine import _RowSink
+    from dntk.features.ntk import _ExactSink
+    from dntk.features.sliced import _SliceSink
+    from dntk.projection import make
+
+    sinks = [_RowSink(make("gaussian", k=4, seed=0), 2, "cpu"), _ExactSink(), _SliceSink({}, {})]
+    assert all(isinstance(s, cap.Sink) for s in sinks)
+    assert not isinstance(object(), cap.Sink)
