@@ -205,5 +205,21 @@ def main(argv=None):
     print(f"wrote {path}")
 
 
+def render(d: dict) -> str:
+    """The docs' zoo table from zoo.json (between the <!-- zoo-table --> markers of docs/benchmarks.md):
+    the run's settings and machine, then one row per model."""
+    a, m = d["args"], d["machine"]
+    where = f"on {m['gpu']}" if m.get("gpu") else f"{m['cpu_threads']} thread{'s' * (m['cpu_threads'] != 1)} of a {m['cores']}-core CPU"
+    head = (f"`python3 benchmarks/bench_zoo.py --threads {a['threads']}` ({a['n']} ImageNette photos at {a['size']} px "
+            f"in batches of {a['batch']}, k = {a['k']}, {where}, torch {m['torch']}; `benchmarks/results/{a['json']}`):")
+    lines = [head, "", "| model | P | fast path (factored + closed) | derived | op-vjp | dntk ms / (sample, logit) | "
+             "bare vmap(grad) ms | dntk / bare | peak MB dntk / bare | kernel rel. error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['model']} | {r['P']:,} | {r['fast']:.2%} | {r['derived']:.2%} | {r['op_vjp']:.2%} | "
+                     f"{r['ms_dntk']:.1f} | {r['ms_bare']:.1f} | **{r['ms_dntk'] / r['ms_bare']:.2f}** | "
+                     f"{r['peak_dntk_mb']:.0f} / {r['peak_bare_mb']:.0f} | {r['kernel_err']:.4f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

@@ -98,13 +98,22 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def block_files() -> list[Path]:
+    """The pages that hold rendered benchmark blocks: README.md and docs/*.md."""
+    root = Path(__file__).resolve().parents[1]
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
 def write_readme_block(name: str, body: str) -> bool:
-    """Replace what lies between the README's ``<!-- name -->`` and ``<!-- /name -->`` markers with
-    ``body`` (the benchmark tables rendered from their JSON). False when the markers are missing."""
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    text = readme.read_text()
+    """Replace what lies between the ``<!-- name -->`` and ``<!-- /name -->`` markers with ``body`` (the
+    benchmark tables rendered from their JSON), in every page that has them (README.md, docs/*.md).
+    False when no page has the markers."""
     a, b = f"<!-- {name} -->", f"<!-- /{name} -->"
-    if a not in text or b not in text:
-        return False
-    readme.write_text(text[:text.index(a) + len(a)] + "\n" + body + "\n" + text[text.index(b):])
-    return True
+    found = False
+    for page in block_files():
+        text = page.read_text()
+        if a not in text or b not in text:
+            continue
+        page.write_text(text[:text.index(a) + len(a)] + "\n" + body + "\n" + text[text.index(b):])
+        found = True
+    return found

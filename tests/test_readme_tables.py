@@ -1,47 +1,38 @@
-"""The README's benchmark tables are exactly what each benchmark's ``render`` makes of its JSON in
-benchmarks/results/ (``python3 benchmarks/<bench>.py --render`` writes them between the markers), so
-a number in the README can't drift from the measurement it reports."""
+"""The benchmark tables in README.md and docs/*.md are exactly what each benchmark's ``render`` makes of
+its JSON in benchmarks/results/ (``python3 benchmarks/render.py`` writes them between the markers), so
+a number on a page can't drift from the measurement it reports."""
 import importlib
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+render = importlib.import_module("render")
+sys.path.remove(str(ROOT / "benchmarks"))
 
 
-def _block(text: str, name: str) -> str:
-    a, b = f"<!-- {name} -->", f"<!-- /{name} -->"
-    assert a in text and b in text, f"README lost its {a} markers"
-    return text[text.index(a) + len(a):text.index(b)]
-
-
-def _render(module: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return importlib.import_module(module).render
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
-# (benchmark module, its JSON, README blocks in the order render returns them, what render takes)
-CASES = [
-    ("bench_gradients", "gradients.json", ["gradients-tables"], lambda d: d),
-    ("bench_select", "select.json", ["select-table", "gap-table"], lambda d: d),
-    ("bench_own_models", "own_models.json", ["own-models-table"], lambda d: d["rows"]),
-]
-
-
-@pytest.mark.parametrize("module,json_name,blocks,arg", CASES, ids=[c[0] for c in CASES])
-def test_readme_tables_are_rendered_from_the_benchmark_json(module, json_name, blocks, arg):
-    data = ROOT / "benchmarks" / "results" / json_name
-    if not data.exists():
+@pytest.mark.parametrize("module,json_name,blocks,arg", render.BLOCKS, ids=[b[0] for b in render.BLOCKS])
+def test_pages_hold_the_rendering_of_the_benchmark_json(module, json_name, blocks, arg):
+    if not (ROOT / "benchmarks" / "results" / json_name).exists():
         pytest.skip(f"benchmarks/results/{json_name} has not been written")
-    out = _render(module)(arg(json.loads(data.read_text())))
-    out = out if isinstance(out, tuple) else (out,)
-    text = (ROOT / "README.md").read_text()
-    assert len(out) == len(blocks)
-    for name, body in zip(blocks, out):
-        # the blank lines at the markers' edges aside, byte for byte
-        assert _block(text, name).strip("\n") == body.strip("\n"), f"README block {name} differs from {module}'s render"
+    out = render.rendered()
+    for name in blocks:
+        pages = render.checked_in(name)
+        assert pages, f"no page (README.md, docs/*.md) has the <!-- {name} --> markers"
+        for page, text in pages:
+            # the blank lines at the markers' edges aside, byte for byte
+            assert text.strip("\n") == out[name].strip("\n"), f"{page.name}: block {name} differs from {module}'s render"
+
+
+def test_a_changed_number_is_caught(tmp_path, monkeypatch):
+    """The comparison is not vacuous: a page whose block has one digit changed differs."""
+    name = render.BLOCKS[0][2][0]
+    (page, text), *_ = render.checked_in(name)
+    i = next(i for i, ch in enumerate(text) if ch.isdigit())
+    fake = tmp_path / page.name
+    a, b = f"<!-- {name} -->", f"<!-- /{name} -->"
+    fake.write_text(a + text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:] + b)
+    monkeypatch.setattr(render, "block_files", lambda: [fake])
+    assert f"{name} in {fake.name}" in render.differing()

@@ -1,4 +1,4 @@
-"""#28, the README's reproducibility section, line by line: what is bit-identical where, and what
+"""#28, docs/reproducibility.md, line by line: what is bit-identical where, and what
 results.json records so that a reader can tell two runs apart. (torchrun N × 1 process against 1 × 1:
 tests/test_distributed.py::test_two_processes_write_the_same_features_as_one.)"""
 

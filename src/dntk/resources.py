@@ -211,8 +211,8 @@ def set_threads(threads: int | None) -> int:
 def environment(device) -> dict:
     """What a result's numbers depend on beyond the config (recorded in results.json): CPU threads
     (intra- and inter-op), the device and its name, the versions of dntk, torch (and its CUDA), numpy and
-    Python, and the platform. Teacher training is not bit-identical across thread counts (the README's
-    reproducibility section says what is)."""
+    Python, and the platform. Teacher training is not bit-identical across thread counts (docs/reproducibility.md
+    says what is)."""
     import platform
 
     import numpy

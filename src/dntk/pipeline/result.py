@@ -1,4 +1,4 @@
-"""What ``dntk run`` returns and writes to ``OUT/results.json`` (schema also in the README)."""
+"""What ``dntk run`` returns and writes to ``OUT/results.json`` (schema also in docs/results-schema.md)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ tensorsketch   CountSketch with bucket h(i)+h(j) mod k on       O(T·(r+c+k log 
 =============  ==============================================  ===================  ===========================
 
 The default (``DEFAULT``) was chosen by ``benchmarks/bench_features.py`` (speed at equal error);
-the measured table is in the README.
+the measured table is in docs/benchmarks.md.
 """
 
 from .base import BlockSpec, Projector, block_seed

@@ -72,7 +72,7 @@ def _aggregate_spectra(ax, lams, ranks) -> None:
 def figure3(rows: list[dict], m: int, path) -> Path:
     """Fidelity, accuracy, MSE versus s for every method, and accuracy versus compression m/s.
 
-    rows: {"method", "s", "fidelity", "accuracy", "mse", optional "*_std"}; rows that carry the
+    rows: {"method", "s", "fidelity", "accuracy", "mse", optional ``"*_std"``}; rows that carry the
     held-out measures of ``dntk.gradients.unseen_measures`` add a second row of panels: argmax agreement
     with the all-m model on a GP-prior target and on one-hot labels, and the Nyström kernel error —
     fidelity on targets the synthetic set never saw next to fidelity on the ones it was built for."""
