@@ -31,7 +31,7 @@ from common import RESULTS, SHARED, machine, table, write_json, write_readme_blo
 import dntk  # noqa: E402
 from dntk.config import DataConfig, TeacherConfig  # noqa: E402
 from dntk.data import balanced_indices, load_configured  # noqa: E402
-from dntk.gradients import GRADIENT_METHODS, budget_curves, compare_methods, grid_search  # noqa: E402
+from dntk.gradient_distillation import GRADIENT_METHODS, budget_curves, compare_methods, grid_search  # noqa: E402
 from dntk.kernels import fit_evaluate, rank_curve, shared_normalisation  # noqa: E402
 from dntk.report import class_figure4, figure2, figure3, figure5, pareto_figure  # noqa: E402
 from dntk.spectral import ALL_POINTS, OWN_CLASS, local_global_summary, spectral_summary  # noqa: E402

@@ -164,7 +164,7 @@ def test_the_registry_refuses_a_taken_function_and_a_non_rule():
 
 
 def test_every_sink_satisfies_the_protocol():
-    from dntk.features.engine import _RowSink
+    from dntk.features.extract import _RowSink
     from dntk.features.ntk import _ExactSink
     from dntk.features.sliced import _SliceSink
     from dntk.projection import make

@@ -108,7 +108,7 @@ def test_run_with_distillation_student_and_gradient_distillation(tmp_path):
     assert res["curves"]["teacher"][-1]["m"] == res["curves"]["projected"][-1]["m"] == 60
     gd = res["gradient_distillation"]
     assert gd["s"] == [3] * 10 and gd["compression"] == pytest.approx(20.0)
-    assert len(gd["ranks"]["per-logit kernel, all m points"]) == 10
+    assert len(gd["ranks"]["all_points"]) == 10
     for name in ("figure1.png", "figure2.png", "figure3.png", "figure5.png", "figure4-class0.png"):
         assert (out / name).stat().st_size > 5_000
     assert (out / "distill-random-ipc6-seed0" / "distilled.pt").exists()

@@ -1,6 +1,6 @@
 """The spectral stage-3 baselines (issue #24): `eigen` (top-s eigenvectors of each class kernel) and
 `hybrid-eigen`, against dense numpy eigendecompositions, the Eckart–Young bound, the all-m regression,
-and the optimum lines of dntk.gradients.optimum_lines."""
+and the optimum lines of dntk.gradient_distillation.optimum_lines."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dntk.errors import DNTKError
-from dntk.gradients import (GRADIENT_METHODS, distill_gradients, eigen, hybrid_eigen, optimum_lines)
-from dntk.gradients.kernel_metrics import nystrom_kernel_error
+from dntk.gradient_distillation import (GRADIENT_METHODS, distill_gradients, eigen, hybrid_eigen, optimum_lines)
+from dntk.gradient_distillation.kernel_metrics import nystrom_kernel_error
 from dntk.kernels import PerClassKRR
 
 
@@ -68,7 +68,7 @@ def test_no_method_beats_eckart_young_on_the_training_points():
 def test_the_nystrom_oracle_is_reached_by_the_test_optimal_subspace():
     """The oracle's closed form sqrt(Σ_{i>s} σ_i⁴/Σ σ_i⁴) equals the Nyström error of the subspace it names
     (the top-s right singular vectors of X P_Φ, written as combinations of the m training gradients)."""
-    from dntk.gradients import DistilledGradients
+    from dntk.gradient_distillation import DistilledGradients
 
     F, Y, X = problem(seed=2)
     s = 3
@@ -148,7 +148,7 @@ def test_budget_curves_keep_every_seeds_measures_for_tests_between_methods():
     """unseen_seeds='all': each held-out and kernel measure is the mean of its per-seed values (kept as
     <key>_values, as the distillation-target metrics are), the GP-prior target the same for every seed;
     the eigen rows carry the optimum lines, with train error = Eckart–Young. A wrong mode is refused."""
-    from dntk.gradients import budget_curves
+    from dntk.gradient_distillation import budget_curves
 
     F, Y, X = problem(seed=4)
     g = torch.Generator().manual_seed(0)
@@ -176,7 +176,7 @@ def test_compare_methods_is_welch_where_a_side_varies_and_exact_where_neither_do
     """compare_methods against scipy's Welch test, each metric's direction, ties and the deterministic case."""
     from scipy.stats import ttest_ind
 
-    from dntk.gradients import compare_methods
+    from dntk.gradient_distillation import compare_methods
 
     rows = [_row("local-global", 5, fidelity=[0.6, 0.7, 0.8], mse=[2.0, 2.0, 2.0], nystrom_error=[0.3, 0.3, 0.3]),
             _row("eigen", 5, fidelity=[0.65, 0.65, 0.65], mse=[1.0, 1.0, 1.0], nystrom_error=[0.3, 0.3, 0.3]),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dntk import DNTKError
-from dntk.gradients import local_global, ridge_leverage_scores, select, truncation_ranks
+from dntk.gradient_distillation import local_global, ridge_leverage_scores, select, truncation_ranks
 from dntk.kernels import PerClassKRR
 from dntk.spectral import (alignment_matrix, containment_curves, coverage, coverage_gap, data_redundancy, eigh_desc,
                            local_global_structure, own_class_blocks, truncation_rank, variance_heatmap)

@@ -16,9 +16,10 @@ SRC = Path(dntk.__file__).parent
 APPLICATION = {"config", "pipeline", "cli", "__main__"}
 REPORTING = {"report"}
 LIBRARY = {"samples", "data", "models", "training", "distill", "features", "projection", "kernels", "spectral",
-           "gradients", "metrics", "store", "errors", "validate", "lock", "resources", "distributed", "deprecation"}
+           "gradient_distillation", "gradients", "metrics", "store", "errors", "validate", "lock", "resources",
+           "distributed", "deprecation"}
 # reporting draws and judges what it is given: it reads results, constants and row comparisons
-# (dntk.gradients.compare_methods), never the units that compute features, kernels or models
+# (dntk.gradient_distillation.compare_methods), never the units that compute features, kernels or models
 REPORT_MUST_NOT_IMPORT = {"features", "kernels", "projection", "training", "distill", "models", "data"}
 
 
@@ -116,3 +117,18 @@ def test_moved_names_still_answer_with_a_warning(old, new):
         assert getattr(dntk.distill, old) is getattr(stage1, new)
     with pytest.raises(AttributeError):
         dntk.distill.not_a_name  # noqa: B018
+
+
+def test_renamed_stage_names_still_answer_with_a_warning():
+    """The stage-3 package (was dntk.gradients), its evaluate function and features/engine.py keep their old
+    names for one release, each resolving to the very object of the new name."""
+    import dntk.features.engine as old_engine
+    from dntk import gradient_distillation as gd
+    from dntk.features import extract
+
+    with pytest.warns(DeprecationWarning, match="dntk.gradient_distillation"):
+        assert dntk.gradients.distill_gradients is gd.distill_gradients
+    with pytest.warns(DeprecationWarning, match="evaluate_gradient_set"):
+        assert gd.evaluate_distilled is gd.evaluate_gradient_set
+    with pytest.warns(DeprecationWarning, match="dntk.features.extract"):
+        assert old_engine.gradient_features is extract.gradient_features

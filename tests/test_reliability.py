@@ -142,7 +142,7 @@ def test_metrics_and_subset_inputs():
 def test_hybrid_reproduces_the_all_m_regression_at_every_s(ridge):
     """Case 10: hybrid was 8e-4 to 0.14 off the all-m model at s > 1 (non-orthonormal directions);
     checked on the predictions, against a dense solve of the all-m KRR."""
-    from dntk.gradients.target import hybrid
+    from dntk.gradient_distillation.target import hybrid
 
     torch.manual_seed(0)
     C, m, k, n = 3, 40, 30, 15

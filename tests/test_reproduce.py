@@ -263,7 +263,7 @@ def test_reproduce_end_to_end_report_and_resume(tmp_path):
     assert {(20, 1, "eigen"), (20, 1, "hybrid-eigen")} <= {(r["target_compression"], r["s"], r["method"])
                                                           for r in summary["algorithm1"]}
     assert all(len(r["nystrom_fraction_values"]) == r["seeds"] == 3 for r in summary["algorithm1"])
-    from dntk.gradients import compare_methods
+    from dntk.gradient_distillation import compare_methods
 
     res_t = json.loads((out / "report" / "results_teacher_base.json").read_text())
     so = summary["spectral_optimum"]

@@ -304,19 +304,19 @@ def test_package_init_files_only_import(path):
 
 
 def test_import_dntk_shows_the_whole_surface():
-    for name in ("data", "models", "training", "distill", "features", "projection", "kernels", "spectral", "gradients",
+    for name in ("data", "models", "training", "distill", "features", "projection", "kernels", "spectral", "gradient_distillation",
                  "metrics", "store", "config", "pipeline", "report"):
         assert name in dir(dntk) and getattr(dntk, name).__name__ == f"dntk.{name}"
     assert dntk.run is dntk.pipeline.run and dntk.RunConfig is dntk.config.RunConfig
     assert dntk.gradient_features is dntk.features.gradient_features
-    assert callable(dntk.kernels.PerClassKRR) and callable(dntk.gradients.distill_gradients)
+    assert callable(dntk.kernels.PerClassKRR) and callable(dntk.gradient_distillation.distill_gradients)
     assert callable(dntk.distill.distill_dataset) and callable(dntk.training.load_or_train_teacher)
     with pytest.raises(AttributeError):
         dntk.not_a_thing  # noqa: B018
     # no name means two things: stage 1 distillers and stage 3 methods are distinct constants
     assert set(dntk.distill.DISTILLERS) == {"random", "kcenter", "wmdd", "kernel-greedy", "kernel-herding"}
-    assert dntk.gradients.GRADIENT_METHODS == ("local-global",) + dntk.gradients.SELECTION_METHODS + \
-        dntk.gradients.TARGET_METHODS + dntk.gradients.SPECTRAL_METHODS
+    assert dntk.gradient_distillation.GRADIENT_METHODS == ("local-global",) + dntk.gradient_distillation.SELECTION_METHODS + \
+        dntk.gradient_distillation.TARGET_METHODS + dntk.gradient_distillation.SPECTRAL_METHODS
 
 
 def test_results_json_schema_is_documented():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dntk.gradients import (DistilledGradients, distill_gradients, gp_prior_targets, heldout_target_metrics, hybrid,
+from dntk.gradient_distillation import (DistilledGradients, distill_gradients, gp_prior_targets, heldout_target_metrics, hybrid,
                             nystrom_kernel_error, posterior_variance, posterior_variance_error, principal_angles,
                             target_direction)
 from dntk.kernels import PerClassKRR
@@ -116,7 +116,7 @@ def test_principal_angles_and_heldout_targets():
 
 
 def test_budget_curves_carry_the_unseen_measures_and_figure3_draws_them(tmp_path):
-    from dntk.gradients import GRADIENT_METHODS, budget_curves
+    from dntk.gradient_distillation import GRADIENT_METHODS, budget_curves
     from dntk.report import figure3
 
     F, Y, Ft = _data()
@@ -134,8 +134,8 @@ def test_budget_curves_carry_the_unseen_measures_and_figure3_draws_them(tmp_path
 def test_the_shared_all_m_reference_changes_no_number_and_is_reused():
     """unseen_measures with one AllM reused across sets equals fresh computations per set, and the
     reference really computes the all-m side once (its cache holds one entry per class and target)."""
-    from dntk.gradients import distill_gradients, unseen_measures
-    from dntk.gradients.kernel_metrics import AllM
+    from dntk.gradient_distillation import distill_gradients, unseen_measures
+    from dntk.gradient_distillation.kernel_metrics import AllM
 
     F, Y, Ft = _data()
     labels_tr, labels_te = torch.arange(40) % 3, torch.arange(25) % 3

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import dntk
 from dntk import metrics
 from dntk.errors import DNTKError
-from dntk.gradients import distill_gradients, hybrid, local_global, select, target_direction
+from dntk.gradient_distillation import distill_gradients, hybrid, local_global, select, target_direction
 from dntk.kernels import PerClassKRR
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -365,7 +365,7 @@ def _raw_error_cases():
                                                    "n_clusters must be an integer"),
         "select(list features)": (lambda: select(F_.tolist(), Y, 2), "features must be a torch tensor or a numpy array"),
         "local_global(Y 1-D)": (lambda: local_global(F_, Y[:, 0], n_clusters=2), "targets must have 2 dimensions"),
-        "ridge_leverage_scores(str ridge)": (lambda: dntk.gradients.ridge_leverage_scores(K[0], "x"), "ridge must be"),
+        "ridge_leverage_scores(str ridge)": (lambda: dntk.gradient_distillation.ridge_leverage_scores(K[0], "x"), "ridge must be"),
         "gradient_features(classes='a')": (lambda: dntk.gradient_features(_linear(), torch.randn(2, 12), "identity",
                                                                           classes="a", progress=False), "classes must be"),
         "gradient_features(meta model)": (lambda: dntk.gradient_features(meta, torch.randn(2, 12), "identity",
@@ -373,9 +373,9 @@ def _raw_error_cases():
         "empirical_ntk(meta model)": (lambda: dntk.empirical_ntk(meta, torch.randn(2, 12)), "meta device"),
         "krr_curve(m_values=[0])": (lambda: dntk.kernels.krr_curve(Y, Y, None, ridge=1e-3, m_values=[0],
                                                                     kernels=(K, K)), "an m value must be an integer ≥ 1"),
-        "posterior_variance(ridge=-1)": (lambda: dntk.gradients.posterior_variance(F_[0], F_[0], -1.0), "ridge must be"),
-        "gp_prior_targets(seed=1.7)": (lambda: dntk.gradients.gp_prior_targets(F_, F_, seed=1.7), "seed must be"),
-        "principal_angles(r=0)": (lambda: dntk.gradients.principal_angles(F_, select(F_, Y, 2), r=0), "r must be"),
+        "posterior_variance(ridge=-1)": (lambda: dntk.gradient_distillation.posterior_variance(F_[0], F_[0], -1.0), "ridge must be"),
+        "gp_prior_targets(seed=1.7)": (lambda: dntk.gradient_distillation.gp_prior_targets(F_, F_, seed=1.7), "seed must be"),
+        "principal_angles(r=0)": (lambda: dntk.gradient_distillation.principal_angles(F_, select(F_, Y, 2), r=0), "r must be"),
         "accuracy(1-D predictions)": (lambda: metrics.accuracy(torch.randn(5), torch.zeros(5, dtype=torch.long)),
                                       "not their argmax"),
     }

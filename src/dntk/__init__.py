@@ -11,7 +11,7 @@ The public surface, in pipeline order (each a subpackage, loaded on first use)::
     dntk.projection    make(name, k, seed): identity / gaussian / rademacher / sjlt / tensorsketch
     dntk.kernels       PerClassKRR, class_scale (ν_c), krr_curve, rank_curve, fit_evaluate
     dntk.spectral      spectra, truncation ranks, local–global structure, coverage gap
-    dntk.gradients     stage 3: distill_gradients (Algorithm 1 and baselines), budget_curves, grid_search
+    dntk.gradient_distillation  stage 3: distill_gradients (Algorithm 1 and baselines), budget_curves, grid_search
     dntk.metrics       fidelity, accuracy, MSE, conditioning, kernel errors
     dntk.store         digests, atomic writes, cached results, FeatureStore
     dntk.config        RunConfig and the per-stage settings the CLI flags come from
@@ -33,7 +33,8 @@ from .errors import DNTKError
 
 __version__ = "0.1.0"
 
-SUBPACKAGES = ("samples", "data", "models", "training", "distill", "features", "projection", "kernels", "spectral", "gradients",
+SUBPACKAGES = ("samples", "data", "models", "training", "distill", "features", "projection", "kernels", "spectral",
+               "gradient_distillation", "gradients",
                "metrics", "store", "config", "pipeline", "report", "resources", "errors")
 _SHORTCUTS = {"train": "training", "gradient_features": "features", "empirical_ntk": "features", "FeatureResult": "features",
               "check_model": "features",

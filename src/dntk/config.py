@@ -24,8 +24,8 @@ import torch
 from .data.sources import DATASETS
 from .distill.methods import DISTILLERS
 from .errors import DNTKError, is_int_at_least
-from .gradients.evaluation import GRADIENT_METHODS, NEEDS_BUDGET
-from .gradients.local_global import MODES
+from .gradient_distillation.evaluation import GRADIENT_METHODS, NEEDS_BUDGET
+from .gradient_distillation.local_global import MODES
 from .projection.registry import DEFAULT as DEFAULT_PROJECTOR
 from .projection.registry import NAMES as PROJECTORS
 

@@ -17,7 +17,7 @@ __all__ = ["distill_dataset", "DISTILLERS", "wmdd", "WMDDConfig", "barycenter", 
 from ..deprecation import moved
 
 # the stage-1 glue moved to the application layer (dntk.pipeline.stage1); evaluate_distilled, which trains
-# a student on the set, is now student_evaluation there (stage 3's evaluate_distilled is another function)
+# a student on the set, is now student_evaluation there (stage 3 has dntk.gradient_distillation.evaluate_gradient_set)
 __getattr__ = moved(__name__, {"training_points": "dntk.pipeline.stage1:training_points",
                                "TrainingPoints": "dntk.pipeline.stage1:TrainingPoints",
                                "distilled_folder": "dntk.pipeline.stage1:distilled_folder",

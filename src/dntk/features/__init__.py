@@ -2,7 +2,7 @@
 
 from .capture import GradientCapture, OpRule, parameter_table, register, unregister
 from .check import ModelCheck, brute_force_jacobian, check_model, check_rule
-from .engine import gradient_features
+from .extract import gradient_features
 from .ntk import empirical_ntk
 from .result import FeatureResult
 from .sliced import sliced_class_kernels

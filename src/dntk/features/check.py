@@ -18,7 +18,7 @@ from .. import samples
 from ..errors import DNTKError
 from ..validate import require_int
 from .capture import OpRule, analysis_mode, parameter_table, track_rules
-from .engine import gradient_features
+from .extract import gradient_features
 from .ntk import empirical_ntk
 
 # What counts as exact, by the model's (lowest-precision trainable) dtype. A parameter p passes when

@@ -14,7 +14,7 @@ from .. import samples
 from ..errors import DNTKError, require_int
 from .capture import GradientCapture
 from ..validate import real_model
-from .engine import as_inputs, model_device, refuse_nonfinite
+from .extract import as_inputs, model_device, refuse_nonfinite
 
 BLOCKS = ("per_class", "full", "trace")
 

@@ -11,7 +11,7 @@ from .. import samples
 from ..errors import DNTKError, require_int
 from ..validate import real_model
 from .capture import GradientCapture
-from .engine import as_inputs, model_device
+from .extract import as_inputs, model_device
 from .ntk import _check_inputs, _ExactSink, _num_outputs, _run_finite
 
 

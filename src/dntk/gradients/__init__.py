@@ -1,18 +1,43 @@
-"""Gradient distillation (stage 3): Algorithm 1, the selection baselines, and their evaluation."""
+"""Deprecated: stage 3 is :mod:`dntk.gradient_distillation` (the package's old name said "gradients",
+which dntk computes in :mod:`dntk.features`). Every name resolves there, with a DeprecationWarning, until
+0.2; ``import dntk.gradients.<module>`` no longer works — import from dntk.gradient_distillation."""
 
-from .evaluation import (COMPARED_METRICS, GRADIENT_METHODS, SPECTRAL_METHODS, TARGET_METHODS, budget_curves,
-                         compare_methods, distill_gradients, evaluate_distilled,
-                         grid_search, pareto_front, unseen_measures)
-from .kernel_metrics import (gp_prior_targets, heldout_target_metrics, nystrom_kernel_error, optimum_lines,
-                             posterior_variance,
-                             posterior_variance_error, principal_angles)
-from .local_global import MODES, DistilledGradients, local_global, synthesize, truncation_ranks
-from .selection import SELECTION_METHODS, ridge_leverage_scores, select
-from .target import eigen, hybrid, hybrid_eigen, target_direction
+from ..deprecation import moved
 
-__all__ = ["local_global", "synthesize", "truncation_ranks", "DistilledGradients", "select", "ridge_leverage_scores",
-           "SELECTION_METHODS", "GRADIENT_METHODS", "MODES", "distill_gradients", "evaluate_distilled",
-           "budget_curves", "grid_search", "pareto_front", "TARGET_METHODS", "target_direction", "hybrid",
-           "SPECTRAL_METHODS", "eigen", "hybrid_eigen",
-           "nystrom_kernel_error", "optimum_lines", "posterior_variance", "posterior_variance_error", "principal_angles",
-           "gp_prior_targets", "heldout_target_metrics", "unseen_measures", "compare_methods", "COMPARED_METRICS"]
+__getattr__ = moved(__name__, {
+    "local_global": "dntk.gradient_distillation:local_global",
+    "synthesize": "dntk.gradient_distillation:synthesize",
+    "truncation_ranks": "dntk.gradient_distillation:truncation_ranks",
+    "DistilledGradients": "dntk.gradient_distillation:DistilledGradients",
+    "select": "dntk.gradient_distillation:select",
+    "ridge_leverage_scores": "dntk.gradient_distillation:ridge_leverage_scores",
+    "SELECTION_METHODS": "dntk.gradient_distillation:SELECTION_METHODS",
+    "GRADIENT_METHODS": "dntk.gradient_distillation:GRADIENT_METHODS",
+    "MODES": "dntk.gradient_distillation:MODES",
+    "distill_gradients": "dntk.gradient_distillation:distill_gradients",
+    "evaluate_gradient_set": "dntk.gradient_distillation:evaluate_gradient_set",
+    "budget_curves": "dntk.gradient_distillation:budget_curves",
+    "grid_search": "dntk.gradient_distillation:grid_search",
+    "pareto_front": "dntk.gradient_distillation:pareto_front",
+    "TARGET_METHODS": "dntk.gradient_distillation:TARGET_METHODS",
+    "target_direction": "dntk.gradient_distillation:target_direction",
+    "hybrid": "dntk.gradient_distillation:hybrid",
+    "SPECTRAL_METHODS": "dntk.gradient_distillation:SPECTRAL_METHODS",
+    "eigen": "dntk.gradient_distillation:eigen",
+    "hybrid_eigen": "dntk.gradient_distillation:hybrid_eigen",
+    "nystrom_kernel_error": "dntk.gradient_distillation:nystrom_kernel_error",
+    "optimum_lines": "dntk.gradient_distillation:optimum_lines",
+    "posterior_variance": "dntk.gradient_distillation:posterior_variance",
+    "posterior_variance_error": "dntk.gradient_distillation:posterior_variance_error",
+    "principal_angles": "dntk.gradient_distillation:principal_angles",
+    "gp_prior_targets": "dntk.gradient_distillation:gp_prior_targets",
+    "heldout_target_metrics": "dntk.gradient_distillation:heldout_target_metrics",
+    "unseen_measures": "dntk.gradient_distillation:unseen_measures",
+    "compare_methods": "dntk.gradient_distillation:compare_methods",
+    "COMPARED_METRICS": "dntk.gradient_distillation:COMPARED_METRICS",
+    "evaluation": "dntk.gradient_distillation:evaluation",
+    "kernel_metrics": "dntk.gradient_distillation:kernel_metrics",
+    "selection": "dntk.gradient_distillation:selection",
+    "target": "dntk.gradient_distillation:target",
+    "evaluate_distilled": "dntk.gradient_distillation.evaluation:evaluate_gradient_set",
+}, remove_in="0.2")

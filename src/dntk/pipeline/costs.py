@@ -166,23 +166,30 @@ def stage_costs(cfg, res_t, res_s, book: dict, model, train_set, test_set, exact
     dntk_jacobians = (m + N_te) * C
     dntk_flops = (stages[1]["flops"] or 0) + (m + N_te) * (F + C * B) + C * (2 * m * m * k + m ** 3 / 3 + 2 * N_te * m * k)
     s100 = max(1, round(m / 100))            # the paper's 100× point (Algorithm 1's thresholds pick their own s)
-    reductions = {
-        "data (n_real / m)": n_real / m,
-        "parameters (P / k)": P / k,
-        f"gradients (m / s at the paper's 100× point, s = {s100})": m / s100,
-        f"train-side representation: exact n_real·C·P numbers / DNTK s·C·k (s = {s100})": (n_real * P) / (s100 * k),
-    }
+    reductions = {"data": n_real / m, "parameters": P / k, "gradients": m / s100,
+                  "train_representation": (n_real * P) / (s100 * k)}
     if full is not None:
         dntk_bytes = 4 * (m + N_te) * C * k
-        reductions["Jacobian storage: exact (n_real + n_test)·C·P / DNTK (m + n_test)·C·k"] = full["jacobian_bytes"] / dntk_bytes
-        reductions["kernel storage (float64): exact C·(n_real² + n_real·n_test) / DNTK C·(m² + m·n_test)"] = \
-            (n_real ** 2 + n_real * N_te) / (m ** 2 + m * N_te)
-        reductions["FLOPs: exact eNTK / DNTK (WMDD + features + kernels)"] = full["flops"] / dntk_flops
-        reductions["per-logit Jacobians: exact / DNTK"] = full["per_logit_jacobians"] / dntk_jacobians
+        reductions["jacobian_storage"] = full["jacobian_bytes"] / dntk_bytes
+        reductions["kernel_storage"] = (n_real ** 2 + n_real * N_te) / (m ** 2 + m * N_te)
+        reductions["flops"] = full["flops"] / dntk_flops
+        reductions["jacobians"] = full["per_logit_jacobians"] / dntk_jacobians
     return {"model_flops": fl, "flops_counter": "torch.utils.flop_counter.FlopCounterMode: matmuls and convolutions "
             "only", "parameters": P, "k": k, "stages": stages, "exact_full": full, "dntk_flops": dntk_flops,
             "n_test_all": N_te, "n_test_run": n_test,
-            "reductions": reductions, "process_peak_rss_mb": process_peak_rss_mb()}
+            "reductions": reductions, "reduction_labels": reduction_labels(s100),
+            "process_peak_rss_mb": process_peak_rss_mb()}
+
+
+def reduction_labels(s100: int) -> dict[str, str]:
+    """What each key of ``costs["reductions"]`` divides by what (for the report's table)."""
+    return {"data": "data (n_real / m)", "parameters": "parameters (P / k)",
+            "gradients": f"gradients (m / s at the paper's 100× point, s = {s100})",
+            "train_representation": f"train-side representation: exact n_real·C·P numbers / DNTK s·C·k (s = {s100})",
+            "jacobian_storage": "Jacobian storage: exact (n_real + n_test)·C·P / DNTK (m + n_test)·C·k",
+            "kernel_storage": "kernel storage (float64): exact C·(n_real² + n_real·n_test) / DNTK C·(m² + m·n_test)",
+            "flops": "FLOPs: exact eNTK / DNTK (WMDD + features + kernels)",
+            "jacobians": "per-logit Jacobians: exact / DNTK"}
 
 
 def probe(rc, n_images: int = 8) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from ..data import balanced_indices
 from ..features import sliced_class_kernels
-from ..gradients import distill_gradients
+from ..gradient_distillation import distill_gradients
 from ..kernels import PerClassKRR, compare_with_exact, shared_normalisation
 from ..spectral import second_moment_spectrum, subspace_diagnostics
 from ..store import cached, digest

@@ -1,8 +1,8 @@
 """Stage 3 of ``dntk run``, orchestrated: shared normalisation → spectra → gradient distillation →
 its kernel model beside the all-m model → held-out targets (one-hot labels, a GP-prior function) and
-kernel-level metrics (:mod:`dntk.gradients.kernel_metrics`) → budget curves (Figure 3) → local–global structure
+kernel-level metrics (:mod:`dntk.gradient_distillation.kernel_metrics`) → budget curves (Figure 3) → local–global structure
 (Figure 4) → rank curve (Figure 5). Every number is computed by :mod:`dntk.kernels`,
-:mod:`dntk.spectral` and :mod:`dntk.gradients`; the figures are drawn afterwards in one call to
+:mod:`dntk.spectral` and :mod:`dntk.gradient_distillation`; the figures are drawn afterwards in one call to
 :func:`dntk.report.gradient_stage_figures`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..gradients import (GRADIENT_METHODS, budget_curves, distill_gradients, evaluate_distilled, gp_prior_targets,
+from ..gradient_distillation import (GRADIENT_METHODS, budget_curves, distill_gradients, evaluate_gradient_set, gp_prior_targets,
                          heldout_target_metrics, nystrom_kernel_error, posterior_variance_error, principal_angles)
 from ..kernels import fit_evaluate, one_hot, rank_curve, shared_normalisation
 from ..spectral import local_global_summary, spectral_summary
@@ -54,7 +54,7 @@ def gradient_stage(train, Y, labels_train, test, logits_test, labels_test, *, cf
     dg = distill_gradients(cfg.method, F.features, Y, budget=cfg.budget, tau_v=cfg.tau_v, tau_g=cfg.tau_g,
                            n_clusters=n_clusters, mode=cfg.mode, seed=seed, ridge=ridge)
     timings["distill"] = time.perf_counter() - t
-    res = evaluate_distilled(dg, Ft.features, **evaluation)
+    res = evaluate_gradient_set(dg, Ft.features, **evaluation)
     full = fit_evaluate(F, Y, Ft, normalize=None, **evaluation)
     t = time.perf_counter()
     C = Y.shape[1]

@@ -7,7 +7,7 @@ every rule through a table."""
 
 from __future__ import annotations
 
-from ..gradients import compare_methods
+from ..gradient_distillation import compare_methods
 from ..spectral import ALL_POINTS, OWN_CLASS
 
 # the paper's numbers, for the side-by-side table and the rules below
@@ -20,9 +20,7 @@ RULES = {
     "base_model_gap": (0.05, 0.15),  # (iv) the kernel-model accuracy gap that reads as the paper's ~10%
     "orders": 100.0,                 # (v) "several orders of magnitude": each saving ≥ 100×
 }
-FLOPS_KEY = "FLOPs: exact eNTK / DNTK (WMDD + features + kernels)"
-STORAGE_KEY = "Jacobian storage: exact (n_real + n_test)·C·P / DNTK (m + n_test)·C·k"
-KERNEL_KEY = "kernel storage (float64): exact C·(n_real² + n_real·n_test) / DNTK C·(m² + m·n_test)"
+FLOPS_KEY, STORAGE_KEY, KERNEL_KEY = "flops", "jacobian_storage", "kernel_storage"   # keys of costs["reductions"]
 COMPRESSIONS = (20, 50, 100)   # Figure 3's m/s (dntk.pipeline.stage3.FIG3_COMPRESSIONS, asserted equal in the tests)
 
 
@@ -111,7 +109,7 @@ def claims(res_t: dict, res_s: dict, costs: dict) -> list[dict]:
 def spectral_optimum(res: dict) -> dict | None:
     """Algorithm 1 against the top-s eigenvectors (``eigen``) at every budget of Figure 3, on the
     distillation targets, the held-out targets and the kernel-level measures
-    (:func:`dntk.gradients.compare_methods`), with the counts and a conclusion a user can act on. None
+    (:func:`dntk.gradient_distillation.compare_methods`), with the counts and a conclusion a user can act on. None
     when the run had no stage 3 or its rows lack either method."""
     rows = (res.get("gradient_distillation") or {}).get("figure3_rows") or []
     table = compare_methods(rows, "local-global", "eigen")
@@ -142,7 +140,7 @@ def spectral_optimum(res: dict) -> dict | None:
                          "reduction" if fractions else "") + ".")
     else:
         advice.append("On the kernel-level measures neither method dominated here: compare them on your data "
-                      "(`dntk.gradients.compare_methods`).")
+                      "(`dntk.gradient_distillation.compare_methods`).")
     advice = " ".join(advice)
     return {"rows": table, "wins": {str(s): {k: len(v) for k, v in w.items()} for s, w in sorted(wins.items())},
             "verdict": verdict, "advice": advice,

@@ -174,7 +174,8 @@ def write_reproduce_report(summary: dict, folder) -> Path:
             ["kernel bytes (float64)", _bytes(full["kernel_bytes"])]])
     L += ["### Reduction factors", "", f"Both sides on all {co.get('n_test_all', '–'):,} test images (this run evaluated "
           f"{co.get('n_test_run', '–'):,}; the DNTK side at the full test split follows the stage formulas above).", ""]
-    L += _table(["compression", "factor"], [[k, f"{v:,.1f}×"] for k, v in co["reductions"].items()])
+    labels = co.get("reduction_labels") or {}
+    L += _table(["compression", "factor"], [[labels.get(k, k), f"{v:,.1f}×"] for k, v in co["reductions"].items()])
     path = folder / "report.md"
     atomic_write_text("\n".join(L) + "\n", path)
     return path

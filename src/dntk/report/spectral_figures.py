@@ -11,15 +11,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..spectral.summary import SPECTRUM_LABELS  # noqa: E402
+
 
 def figure2(spectra: dict[str, list], ranks: dict[str, list], path, *, class_names=None, tau_v=0.95) -> Path:
     """Per-class eigenvalue spectra (normalised by the largest) with truncation ranks marked.
 
-    spectra: panel title -> list of C eigenvalue arrays (descending); ranks: same keys -> C ranks."""
+    spectra: panel key (titled by ``SPECTRUM_LABELS``, else the key itself) -> list of C eigenvalue arrays
+    (descending); ranks: same keys -> C ranks."""
     fig, axes = plt.subplots(1, len(spectra), figsize=(6.5 * len(spectra), 4), squeeze=False)
-    for ax, (title, lams) in zip(axes[0], spectra.items()):
+    for ax, (key, lams) in zip(axes[0], spectra.items()):
+        title = SPECTRUM_LABELS.get(key, key)
         if len(lams) > AGGREGATE_ABOVE:
-            _aggregate_spectra(ax, lams, ranks[title])
+            _aggregate_spectra(ax, lams, ranks[key])
             ax.set_title(f"{title}: {len(lams)} classes, truncation ranks at {tau_v:.0%} variance")
             continue
         cmap = plt.get_cmap("tab10")
@@ -27,8 +31,8 @@ def figure2(spectra: dict[str, list], ranks: dict[str, list], path, *, class_nam
             lam = np.clip(np.asarray(lam, dtype=float), 1e-300, None)
             name = class_names[c] if class_names else str(c)
             ax.semilogy(np.arange(1, len(lam) + 1), lam / lam[0], color=cmap(c % 10), lw=1,
-                        label=f"{name} (r={ranks[title][c]})")
-            r = ranks[title][c]
+                        label=f"{name} (r={ranks[key][c]})")
+            r = ranks[key][c]
             if r and r <= len(lam):
                 ax.plot([r], [lam[r - 1] / lam[0]], "o", color=cmap(c % 10), ms=4)
         ax.set_xscale("log")
@@ -73,7 +77,7 @@ def figure3(rows: list[dict], m: int, path) -> Path:
     """Fidelity, accuracy, MSE versus s for every method, and accuracy versus compression m/s.
 
     rows: {"method", "s", "fidelity", "accuracy", "mse", optional ``"*_std"``}; rows that carry the
-    held-out measures of ``dntk.gradients.unseen_measures`` add a second row of panels: argmax agreement
+    held-out measures of ``dntk.gradient_distillation.unseen_measures`` add a second row of panels: argmax agreement
     with the all-m model on a GP-prior target and on one-hot labels, and the Nyström kernel error —
     fidelity on targets the synthetic set never saw next to fidelity on the ones it was built for."""
     heldout = any("gp_agreement" in r for r in rows)
@@ -198,7 +202,7 @@ def figure5(rows: list[dict], path) -> Path:
 
 
 def pareto_figure(rows: list[dict], front: list[dict], path, *, x: str = "s", y: str = "accuracy") -> Path:
-    """Every (τ_v, τ_g, H) configuration and the Pareto frontier (``dntk.gradients.pareto_front``)."""
+    """Every (τ_v, τ_g, H) configuration and the Pareto frontier (``dntk.gradient_distillation.pareto_front``)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([r[x] for r in rows], [r[y] for r in rows], s=12, alpha=0.5, label="(τ_v, τ_g, H) configurations")
     ax.plot([r[x] for r in front], [r[y] for r in front], "r-o", ms=4, label="Pareto frontier")

@@ -9,8 +9,8 @@ import torch
 from .analysis import (containment_curves, coverage_gap, data_redundancy, eigh_desc, local_global_structure,
                        own_class_blocks, truncation_rank, variance_heatmap)
 
-ALL_POINTS = "per-logit kernel, all m points"
-OWN_CLASS = "own-class blocks"
+ALL_POINTS, OWN_CLASS = "all_points", "own_class"   # the keys of "spectra" / "ranks"
+SPECTRUM_LABELS = {ALL_POINTS: "per-logit kernel, all m points", OWN_CLASS: "own-class blocks"}   # their titles
 
 
 def spectral_summary(features, labels: torch.Tensor, *, tau_v: float = 0.95, eps: float = 0.05) -> dict:

@@ -25,7 +25,7 @@ synthetic ones (U: the set's coefficient vectors), X [n, k] held-out (test) grad
   the same u (ŷ' = Uᵀy') and compared with the all-m model on y' (see :func:`heldout_target_metrics`).
 
 These say what a fidelity on the distillation targets cannot: a single direction can reproduce one
-regression exactly (:func:`dntk.gradients.target_direction`) and still lose the kernel.
+regression exactly (:func:`dntk.gradient_distillation.target_direction`) and still lose the kernel.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def distill_gradients(method: str, F: torch.Tensor, Y: torch.Tensor, *, budget: 
                       seed: int = 0, coverage_mode: str = "union", gap: str = "full", ridge: float = 1e-4):
     """Synthetic gradients per class kernel by ``method`` (one of ``GRADIENT_METHODS``).
 
-    F [C, m, k] features, Y [m, C] targets → :class:`~dntk.gradients.DistilledGradients`.
+    F [C, m, k] features, Y [m, C] targets → :class:`~dntk.gradient_distillation.DistilledGradients`.
     ``local-global`` is Algorithm 1 (budget mode when ``budget`` is given); the selection baselines
     need ``budget`` (s gradients per class), as do ``eigen`` (the top-s eigenvectors of each class kernel) and
     ``hybrid-eigen`` (the target direction + the top s − 1 on its complement); ``target-direction`` (default
@@ -67,7 +67,7 @@ def distill_gradients(method: str, F: torch.Tensor, Y: torch.Tensor, *, budget: 
     raise DNTKError(f"unknown gradient distillation {method!r}; valid names: none, {', '.join(GRADIENT_METHODS)}")
 
 
-def evaluate_distilled(dg, F_test, logits_test, labels_test, *, ridge: float, targets_test=None) -> dict:
+def evaluate_gradient_set(dg, F_test, logits_test, labels_test, *, ridge: float, targets_test=None) -> dict:
     """Metrics of the kernel model on the synthetic set ``dg`` (absolute ridge, no renormalisation)."""
     return fit_evaluate(dg.features, dg.targets, F_test, logits_test, labels_test, ridge=ridge, normalize=None,
                         targets_test=targets_test)
@@ -79,7 +79,7 @@ def unseen_measures(dg, F, F_test, labels_train, labels_test, *, ridge: float, s
     accuracy, argmax agreement with the all-m model), on a GP-prior function and on every
     ``other_targets`` {name: (y_train [m, C], y_test [n, C])} — e.g. a second network's logits —
     (agreement, relative MSE against the all-m model on those targets), and the kernel-level errors
-    (:mod:`dntk.gradients.kernel_metrics`). ``reference``: an :class:`AllM` of (F, F_test, ridge), so
+    (:mod:`dntk.gradient_distillation.kernel_metrics`). ``reference``: an :class:`AllM` of (F, F_test, ridge), so
     a sweep computes the all-m side once."""
     ref = reference if reference is not None else AllM(F, F_test, ridge)
     C = F.shape[0]
@@ -123,7 +123,7 @@ def budget_curves(F, Y, F_test, logits_test, labels_test, *, ridge, budgets, met
             for seed in seeds:
                 dg = distill_gradients(method, F, Y, budget=s, tau_v=tau_v, tau_g=tau_g, n_clusters=n_clusters,
                                        mode=mode, seed=seed, ridge=ridge)
-                runs.append(evaluate_distilled(dg, F_test, logits_test, labels_test, ridge=ridge,
+                runs.append(evaluate_gradient_set(dg, F_test, logits_test, labels_test, ridge=ridge,
                                                targets_test=targets_test))
                 if unseen_labels is not None and (unseen_seeds == "all" or not unseen):
                     unseen.append(unseen_measures(dg, F, F_test, *unseen_labels, ridge=ridge, seed=seeds[0],
@@ -168,7 +168,7 @@ def grid_search(F, Y, F_test, logits_test, labels_test, *, ridge, tau_vs=(0.45, 
                 dg = local_global(F, Y, tau_v=tv, tau_g=tg, n_clusters=H, mode=mode, seed=seed)
                 if min(dg.sizes) == 0:
                     continue
-                res = evaluate_distilled(dg, F_test, logits_test, labels_test, ridge=ridge, targets_test=targets_test)
+                res = evaluate_gradient_set(dg, F_test, logits_test, labels_test, ridge=ridge, targets_test=targets_test)
                 rows.append({"tau_v": tv, "tau_g": tg, "n_clusters": H, "s": sum(dg.sizes) / len(dg.sizes), **res})
     return {"rows": rows, "pareto": pareto_front(rows, "s", "accuracy")}
 

@@ -10,7 +10,7 @@ reproduces that model *exactly* with the same ridge: the one-point KRR predicts
 φ(x)ᵀφ̂ (φ̂ᵀφ̂ + λ)⁻¹ ŷ = φ(x)ᵀw · αᵀy / (αᵀKα + λ‖α‖²) = φ(x)ᵀw, since αᵀ(K + λI)α = αᵀy.
 So s = 1 suffices for the regression it was built from — which is why fidelity on the distillation
 targets cannot show whether a compressed kernel serves any other question (see
-:mod:`dntk.gradients.kernel_metrics`).
+:mod:`dntk.gradient_distillation.kernel_metrics`).
 
 - ``target-direction`` with s > 1: u_1 = α/‖α‖, then the Krylov (partial-least-squares) directions
   K y, K² y, … orthonormalised against the previous ones — the directions along which y is best
@@ -161,7 +161,7 @@ def eigen(features: torch.Tensor, targets: torch.Tensor, s: int) -> DistilledGra
 
     features [C, m, k] (already divided by √ν_c), targets [m, C]. The compressed training kernel is the
     Eckart–Young optimum U Λ_s Uᵀ; on other points the top-s eigenvectors are not guaranteed optimal (see
-    :func:`dntk.gradients.kernel_metrics.nystrom_oracle`)."""
+    :func:`dntk.gradient_distillation.kernel_metrics.nystrom_oracle`)."""
     F, Y = _check_inputs(features, targets, "eigen")
     C, m, _ = F.shape
     s = _budget(s, m, "eigen", optional=False)
