@@ -172,3 +172,26 @@ def test_every_sink_satisfies_the_protocol():
     sinks = [_RowSink(make("gaussian", k=4, seed=0), 2, "cpu"), _ExactSink(), _SliceSink({}, {})]
     assert all(isinstance(s, cap.Sink) for s in sinks)
     assert not isinstance(object(), cap.Sink)
+
+
+def test_check_rule_tests_the_rule_object_and_the_registry_restores_what_it_replaced():
+    """Review findings: an unregistered rule object of a built-in kind is refused, not passed on the built-in's
+    behalf; a second rule of one kind is refused; unregistering a replacing rule restores the replaced one."""
+    from dntk.features.capture.rules.norms import RMSNormRule
+
+    torch.manual_seed(4)
+    model, x = RMSNet(), _x(4, 5, 6)
+    with pytest.raises(DNTKError, match="not the one registered"):
+        check_rule(RMSNormRule(), model, x, sketch=None)
+
+    class OtherLinear(OpRule):
+        kind = "linear"
+        functions = (torch.Tensor.mul,)
+
+    with pytest.raises(DNTKError, match="already has kind 'linear'"):
+        register(OtherLinear())
+    builtin = rule_for(F.rms_norm)
+    mine = register(RMSNormRule(), replace=True)
+    assert rule_for(F.rms_norm) is mine and check_rule(mine, model, x, sketch=None).exact
+    unregister(mine)
+    assert rule_for(F.rms_norm) is builtin

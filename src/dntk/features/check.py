@@ -216,6 +216,13 @@ def check_rule(rule, model: nn.Module, inputs, **check_options) -> ModelCheck:
     pass through the exact op-vjp fallback unseen. Raises a DNTKError when the rule was not taken or
     the features are not exact (the check's summary in the message); returns the ModelCheck."""
     kind = rule.kind if isinstance(rule, OpRule) else str(rule)
+    if isinstance(rule, OpRule):
+        from .capture.rules import rule_for
+
+        stale = [getattr(f, "__name__", str(f)) for f in rule.functions if rule_for(f) is not rule]
+        if stale:   # another rule of the same kind would be the one tested
+            raise DNTKError(f"check_rule({kind!r}): this rule object is not the one registered for {', '.join(stale)}; "
+                            "register it first (dntk.features.register(rule, replace=True))")
     res = check_model(model, inputs, **check_options)
     if res.refusal is not None:
         raise DNTKError(f"check_rule({kind!r}): the engine refused the model: {res.refusal}")

@@ -65,6 +65,7 @@ def arg(args, kwargs, i: int, name: str, default=None):
 
 
 _BY_FUNCTION: dict = {}
+_REPLACED: dict = {}   # function -> the rules register(replace=True) displaced, restored by unregister
 _REWRITES: dict = {}
 
 
@@ -77,18 +78,29 @@ def register(rule: OpRule, *, replace: bool = False) -> OpRule:
         raise DNTKError("register takes an OpRule instance with a kind and at least one function")
     taken = [f for f in rule.functions if f in _BY_FUNCTION and _BY_FUNCTION[f] is not rule]
     if taken and not replace:
-        names = ", ".join(getattr(f, "__name__", str(f)) for f in taken)
+        names = ", ".join(sorted({getattr(f, "__name__", str(f)) for f in taken}))
         raise DNTKError(f"{names} already handled by rule {_BY_FUNCTION[taken[0]].kind!r}; pass replace=True to "
                         "override it")
+    same_kind = [r for r in set(_BY_FUNCTION.values()) if r.kind == rule.kind and r is not rule
+                 and not set(r.functions) <= set(rule.functions)]
+    if same_kind:
+        raise DNTKError(f"another rule already has kind {rule.kind!r} (rules_taken counts by kind); choose another kind")
     for f in rule.functions:
+        if f in _BY_FUNCTION and _BY_FUNCTION[f] is not rule:
+            _REPLACED.setdefault(f, []).append(_BY_FUNCTION[f])
         _BY_FUNCTION[f] = rule
     return rule
 
 
 def unregister(rule: OpRule) -> None:
-    """Remove ``rule`` from every function it handles (a test's or an experiment's rule)."""
+    """Remove ``rule`` from every function it handles (a test's or an experiment's rule); a rule it replaced
+    (``register(..., replace=True)``) handles the function again."""
     for f in [f for f, r in _BY_FUNCTION.items() if r is rule]:
-        del _BY_FUNCTION[f]
+        previous = _REPLACED.get(f)
+        if previous:
+            _BY_FUNCTION[f] = previous.pop()
+        else:
+            del _BY_FUNCTION[f]
 
 
 def rule_for(func) -> OpRule | None:
