@@ -34,29 +34,42 @@ class TrailingNormData:
     nd: int                     # len(normalized_shape): the affine spans the last nd axes
 
 
-class _ChannelNorm(OpRule):
-    """Shared plan/emit/recompute of the norms whose affine is per channel (axis 1)."""
+class _AffineNorm(OpRule):
+    """y = x̂ ⊙ w (+ b): emit and recompute shared by every norm; a family says which axes of a per-sample
+    gradient [B, ...] are summed (``reduce``) and how the affine broadcasts against x̂ (``view``)."""
+
+    def reduce(self, use, t):
+        raise NotImplementedError
+
+    def view(self, use, p, xh):
+        raise NotImplementedError
+
+    def emit(self, use, plan, gb, B, acc):
+        xh = split_batch(use.data.xhat, plan["layout"], B)
+        if use.weight is not None:
+            acc.weight(use, G=self.reduce(use, gb * xh))
+        acc.bias(use, lambda: self.reduce(use, gb))
+
+    def recompute(self, use):
+        xh = use.data.xhat
+        out = xh if use.weight is None else xh * self.view(use, use.weight.tensor, xh)
+        return out if use.bias is None else out + self.view(use, use.bias.tensor, xh)
+
+
+class _ChannelNorm(_AffineNorm):
+    """The norms whose affine is per channel (axis 1)."""
 
     def plan(self, use, lay, B):
         if lay is not None and lay.dim == use.data.channel:
             return None
         return {"layout": lay}
 
-    def emit(self, use, plan, gb, B, acc):
+    def reduce(self, use, t):
         ch = use.data.channel + 1
-        keep = lambda t: t.sum([d for d in range(1, t.dim()) if d != ch])  # noqa: E731
-        xh = split_batch(use.data.xhat, plan["layout"], B)
-        if use.weight is not None:
-            acc.weight(use, G=keep(gb * xh))
-        acc.bias(use, lambda: keep(gb))
+        return t.sum([d for d in range(1, t.dim()) if d != ch])
 
-    def recompute(self, use):
-        w = use.weight.tensor if use.weight is not None else None
-        b = use.bias.tensor if use.bias is not None else None
-        xh = use.data.xhat
-        shape = [1, -1] + [1] * (xh.dim() - 2)
-        out = xh if w is None else xh * w.view(shape)
-        return out if b is None else out + b.view(shape)
+    def view(self, use, p, xh):
+        return p.view([1, -1] + [1] * (xh.dim() - 2))
 
 
 class BatchNormRule(_ChannelNorm):
@@ -92,28 +105,20 @@ class GroupNormRule(_ChannelNorm):
         use.data = ChannelNormData(F.group_norm(x.detach(), G, None, None, eps))
 
 
-class _TrailingNorm(OpRule):
-    """Shared plan/emit/recompute of the norms whose affine spans the last nd axes."""
+class _TrailingNorm(_AffineNorm):
+    """The norms whose affine spans the last nd axes."""
 
     def plan(self, use, lay, B):
         if lay is not None and lay.dim >= use.outs[0].dim() - use.data.nd:
             return None
         return {"layout": lay}
 
-    def emit(self, use, plan, gb, B, acc):
+    def reduce(self, use, t):
         nd = use.data.nd
-        xh = split_batch(use.data.xhat, plan["layout"], B)
-        red = lambda t: t.sum(list(range(1, t.dim() - nd))) if t.dim() - nd > 1 else t  # noqa: E731
-        if use.weight is not None:
-            acc.weight(use, G=red(gb * xh))
-        acc.bias(use, lambda: red(gb))
+        return t.sum(list(range(1, t.dim() - nd))) if t.dim() - nd > 1 else t
 
-    def recompute(self, use):
-        w = use.weight.tensor if use.weight is not None else None
-        b = use.bias.tensor if use.bias is not None else None
-        xh = use.data.xhat
-        out = xh if w is None else xh * w
-        return out if b is None else out + b
+    def view(self, use, p, xh):
+        return p
 
 
 def _normalized_shape(shape):
