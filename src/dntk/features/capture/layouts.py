@@ -24,6 +24,29 @@ class Layout:
     order: str  # "major" | "minor"
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def measure_eps(dtype: torch.dtype) -> float:
+    """The unit the layout thresholds scale with: the dtype's eps, but float32's for half precision. A half
+    dtype's own eps (bf16 2^-7) would make the support threshold 1e3·eps·max exceed the maximum, so no entry
+    would be checked and any layout would "match" (silently wrong features for a sequence-first layer).
+    Float32's unit is safe there because :func:`measure_layouts` weights samples by powers of two: a
+    gradient entry that feeds one sample is then exactly w× the plain one in any floating dtype (scaling by
+    2 commutes with rounding, barring overflow), and an entry that feeds two differs by a share of it."""
+    return float(torch.finfo(torch.float32 if dtype in HALF else dtype).eps)
+
+
+def value_tol(dtype: torch.dtype) -> float:
+    """Relative tolerance (of max|logit| + 1) for logits that must agree when a batch is rerun, reordered or
+    split into single samples: float64 1e-9, float32 1e-4, half precision 16·eps (bf16 0.125, fp16 0.016) —
+    a batch and a single sample take other kernels, whose roundings differ by a few units of the dtype, and
+    these checks look for samples that mix, not for rounding."""
+    if dtype == torch.float64:
+        return 1e-9
+    return 16 * float(torch.finfo(dtype).eps) if dtype in HALF else 1e-4
+
+
 def split_batch(t: torch.Tensor, layout, B: int) -> torch.Tensor:
     """[..., N = B·r at layout.dim, ...] → [B, ...] with the r entries in the old place, so that
     dim i of t is dim i + 1 of the result."""
@@ -136,9 +159,15 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0) -> tuple[li
                                 "NaN/inf and the model for overflow (e.g. run in float64)")
             layouts.append(None)
             continue
-        eps = torch.finfo(g1.dtype).eps
-        support = mag > top * 1e3 * eps   # non-finite entries are left out; the layout carries them to their samples
-        tol = 1e-3 * mag + top * 1e2 * eps
+        eps, tiny = measure_eps(g1.dtype), float(torch.finfo(g1.dtype).tiny)
+        # non-finite entries are left out (the layout carries them to their samples), and so are entries near
+        # the subnormal range, where rounding does not commute with scaling by 2 (float16 below 6.1e-5)
+        support = mag > max(top * 1e3 * eps, 4 * tiny)
+        if not bool(support.any()):
+            raise DNTKError(f"the gradients of a layer's output are all below {4 * tiny:.2g}, near the subnormal range of "
+                            f"{str(g1.dtype).replace('torch.', '')}, where the samples they belong to cannot be told "
+                            "apart; run the model in float32 (or bfloat16, which has float32's range)")
+        tol = 1e-3 * mag + top * 1e2 * eps + tiny
         qs = [bits[j][i] for j in range(nbits)]
         ids = spell_samples(g1, qs, support, tol, B, i)
         found, matches = None, 0
