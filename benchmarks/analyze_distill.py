@@ -154,5 +154,37 @@ def main():
     write_json("distill_analysis.json", {"machine": machine(), "rows": rows})
 
 
+LABELS = {"random": "random", "penultimate": "nearest k-means centres, penultimate features (WMDD's space)",
+          "barycenter": "nearest WMDD's barycenter points",
+          "pooled activations": "nearest k-means centres, pooled activations of every stage",
+          "teacher margin": "smallest teacher margin (hard examples)",
+          "NTK features (oracle)": "nearest k-means centres, NTK features of all training images (oracle)",
+          "kernel-model error (oracle)": "images the kernel model gets most wrong (oracle, kernel-aware)"}
+
+
+def render(d: dict) -> str:
+    """The benchmarks page's table of ways to pick real images (block ``distill-analysis-table``) from
+    distill_analysis.json: fidelity per IPC, and its gain over a random pick."""
+    rows = [r for r in d["rows"] if r["ipc"] is not None]
+    ipcs = sorted({r["ipc"] for r in rows})
+    lines = ["`python3 benchmarks/analyze_distill.py` (`benchmarks/results/distill_analysis.json`; "
+             f"{max(r['seeds'] for r in rows)} seeds):", "",
+             "| real images chosen by | " + " | ".join(f"IPC {i} fidelity (gain vs random)" for i in ipcs) + " |",
+             "|---|" + "---|" * len(ipcs)]
+    for name in dict.fromkeys(r["selection"] for r in rows):
+        cells = []
+        for i in ipcs:
+            r = next((x for x in rows if x["ipc"] == i and x["selection"] == name), None)
+            cells.append("–" if r is None else f"{r['fidelity']:.4f}" + (
+                "" if name == "random" else f" ({r['fidelity_gain_over_random']:+.4f})"))
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    real = next((r for r in d["rows"] if r["ipc"] is None), None)
+    acc = [r["accuracy"] for r in rows if r["ipc"] == max(ipcs)]
+    if real:
+        lines += ["", f"KRR accuracy at IPC {max(ipcs)} over every choice: {min(acc):.3f}–{max(acc):.3f}, against "
+                  f"{real['accuracy']:.3f} with all {real['m']:,} real images."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

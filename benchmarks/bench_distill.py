@@ -229,5 +229,47 @@ def main():
                                 "partial": False})
 
 
+NAMES = {"random": "random", "kcenter": "k-center", "wmdd": "WMDD {it} it.", "wmdd-official": "WMDD {it:,} it., WMDD's lr/r_bn",
+         "wmdd-lr05": "WMDD {it:,} it., ours"}
+
+
+def render(d: dict) -> str:
+    """The benchmarks page's stage-1 table (block ``distill-table``) from distill.json: one row per IPC and method
+    (means ± population std over the seeds), the all-real reference, and each WMDD set against the random real
+    subsets (Welch's t) and against the very subset it started from (``paired_summary``)."""
+    summ = d["summary"]
+    lines = [f"`python3 benchmarks/bench_distill.py` (teacher {d['teacher_val_accuracy']:.1%} on the test split, "
+             f"students {d['student_epochs']} epochs; `benchmarks/results/distill.json`):", "",
+             "| IPC | m | method | seeds | KRR fidelity | KRR accuracy | student acc. (fixed / relabelled) | distill time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in summ:
+        if r["ipc"] is None:
+            lines.append(f"| – | {r['m']:,} | {r['method']} | 1 | {r['fidelity']:.4f} | {r['accuracy']:.4f} | "
+                         f"(teacher {r['student_accuracy']:.3f}) | – |")
+            continue
+        name = NAMES.get(r["method"], r["method"]).format(it=r.get("wmdd_iterations") or 0)
+        where = "CPU" if r["distill_device"] == "cpu" else r["distill_device"].replace("NVIDIA ", "")
+        lines.append(f"| {r['ipc']} | {r['m']} | {name} | {r['seeds']} | {r['fidelity']:.4f} ± {r['fidelity_std']:.4f} | "
+                     f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f} | {r['student_accuracy']:.3f} / "
+                     f"{r['student_accuracy_relabel']:.3f} | {r['distill_seconds']:.0f} s {where} |")
+    lines += ["", "WMDD against random real subsets (difference of means, Welch's t over the seeds) and against the "
+              "random subset each WMDD set was initialised from (mean paired gain ± std, seeds up):", ""]
+    lines += ["| IPC | method | Δ fidelity vs random | Welch t | paired Δ fidelity | seeds up | Δ accuracy vs random |",
+              "|---|---|---|---|---|---|---|"]
+    paired = {(p["ipc"], p["method"]): p for p in d.get("paired_summary") or []}
+    for r in summ:
+        if r["ipc"] is None or not r["method"].startswith("wmdd"):
+            continue
+        rnd = next(x for x in summ if x["ipc"] == r["ipc"] and x["method"] == "random")
+        se = (r["fidelity_std"] ** 2 / max(r["seeds"] - 1, 1) + rnd["fidelity_std"] ** 2 / max(rnd["seeds"] - 1, 1)) ** 0.5
+        t = (r["fidelity"] - rnd["fidelity"]) / se if se > 0 else float("nan")
+        p = paired.get((r["ipc"], r["method"]))
+        name = NAMES.get(r["method"], r["method"]).format(it=r.get("wmdd_iterations") or 0)
+        lines.append(f"| {r['ipc']} | {name} | {r['fidelity'] - rnd['fidelity']:+.4f} | {t:.1f} | "
+                     + (f"{p['fidelity_gain']:+.4f} ± {p['fidelity_gain_std']:.4f} | {p['seeds_fidelity_up']} of {p['seeds']}"
+                        if p else "– | –") + f" | {r['accuracy'] - rnd['accuracy']:+.4f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

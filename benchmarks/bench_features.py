@@ -325,5 +325,53 @@ def main():
     print(f"wrote {path}")
 
 
+def _extrapolated(r) -> bool:
+    return "extrapolated" in (r.get("timing") or "")
+
+
+def render(d: dict) -> tuple[str, str]:
+    """From features.json: the benchmarks page's table with its summary and targets (block
+    ``features-table``) and the projector comparison of docs/engine.md (``projectors-table``, 32 px, k = 4096)."""
+    rows, summ, m = d["rows"], d["summary"], d["machine"]
+    lines = [f"`python3 benchmarks/bench_features.py` ({m['cpu_threads']} threads of a {m['cores']}-core CPU, torch "
+             f"{m['torch']}; `benchmarks/results/features.json`):", "",
+             "| input | k | method | ms / (sample, logit) | peak MB | kernel rel. error |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["method"].replace("(default)", "").strip()
+        name = f"**{name} (default)**" if r["method"].endswith("(default)") else name
+        cells = [f"{r['size']} px", "–" if r["k"] is None else str(r["k"]), name + (" †" if _extrapolated(r) else ""),
+                 f"{r['ms']:,.2f}", "–" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}",
+                 "–" if r.get("error") is None else f"{r['error']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    exact = {r["size"]: r["exact_ntk_s"] for r in rows if r.get("exact_ntk_s")}
+    lines += ["", "† timed on a fraction and extrapolated; their errors are the closed-form expectation of a dense "
+              "Gaussian map. Peak MB = rise of peak RSS during the measurement. Exact per-class eNTK of the images: "
+              + ", ".join(f"{v:.0f} s ({k} px)" for k, v in sorted(exact.items())) + ".", ""]
+    for key, s in summ.items():
+        lines.append(f"- {key.replace('px_k', ' px, k = ')}: the default is {s['speedup_vs_recipe']:,.0f}× faster than the "
+                     f"recipe, {s['cost_vs_bare_gradients']:.2f}× the bare-gradient cost, error {s['error_default']:.4f} "
+                     f"vs dense Gaussian {s['error_dense_gaussian']:.4f}, peak {s['peak_mb_default']:.0f} MB")
+    at = {k: v for k, v in summ.items() if k.endswith("k4096")}
+    fast = min(v["speedup_vs_recipe"] for v in at.values())
+    err_ok = all(v["error_default"] <= v["error_dense_gaussian"] for v in at.values())
+    cost = max(v["cost_vs_bare_gradients"] for v in at.values())
+    lines += ["", f"Targets at k = 4096: ≥ 200× faster than the recipe — {'met' if fast >= 200 else 'not met'} (at least "
+              f"{fast:,.0f}×); error no worse than the dense Gaussian's — {'met' if err_ok else 'not met'}; cost within 2× of "
+              f"bare gradients — {'met' if cost <= 2 else 'not met'} (at most {cost:.2f}×)."]
+    small = [r for r in rows if r["size"] == min(r["size"] for r in rows) and r["k"] == 4096]
+    proj = ["| projector | ms / (sample, logit), ResNet-18, 32 px, k = 4096 | kernel rel. error |", "|---|---|---|"]
+    for r in small:
+        if r["method"].startswith("common"):
+            continue
+        name = r["method"].replace("dntk ", "").replace(" (default)", "")
+        bold = r["method"].endswith("(default)")
+        ms, err = f"{r['ms']:,.1f}" + (" †" if _extrapolated(r) else ""), f"{r['error']:.3f}"
+        proj.append(f"| {'**`' + name + '`** (default)' if bold else '`' + name + '`'} | "
+                    f"{'**' + ms + '**' if bold else ms} | {'**' + err + '**' if bold else err} |")
+    proj += ["", "From `benchmarks/results/features.json` († extrapolated from a fraction of the parameter rows; dense "
+             "errors are the closed-form expectation)."]
+    return "\n".join(lines), "\n".join(proj)
+
+
 if __name__ == "__main__":
     main()

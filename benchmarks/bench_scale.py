@@ -158,5 +158,44 @@ def main():
                               "evaluation": eval_rows, "peak_growth": growth, "gpu": gpu, "folder": str(root)})
 
 
+def render(d: dict) -> str:
+    """The benchmarks page's two tables (block ``scale-tables``) from scale.json: extraction across processes and
+    threads, then stored against streamed evaluation as n_test grows, with what follows from them."""
+    sc, ev, m = d["scaling"], d["evaluation"], d["machine"]
+    lines = [f"`python3 benchmarks/bench_scale.py` (m = {d['m']:,} training and {sc[0]['images'] - d['m']:,} test images, k = {d['k']}, a "
+             f"{m['cores']}-core CPU, torch {m['torch']}; `benchmarks/results/scale.json`):", "",
+             "| setting | extraction s | per-sample per-logit gradients / s | vs 1 × 2 threads | rank-0 peak MB |",
+             "|---|---|---|---|---|"]
+    for r in sc:
+        ratio = f"{r['speed_vs_1x2']:.2f}"
+        lines.append(f"| {r['setting']}{' (torchrun, gloo)' if r['processes'] > 1 else ''} | {r['extraction_s']:.1f} | "
+                     f"{r['throughput']:.0f} | {'**' + ratio + '**' if r['processes'] > 1 else ratio} | {r['rank0_peak_mb']:.0f} |")
+    one = next(r for r in sc if r["processes"] == 1 and r["threads"] == 1)
+    two = next(r for r in sc if r["processes"] == 2)
+    same = all(d["bit_identical_1x1_vs_2x1"].values())
+    lines += ["", f"Against one single-threaded process, two processes' parallel efficiency is {two['throughput']:.0f} / "
+              f"(2 · {one['throughput']:.0f}) = {two['throughput'] / (2 * one['throughput']):.2f}. The features of 2 processes "
+              f"are {'bit-identical to' if same else 'not bit-identical to'} one process's (relative difference against "
+              f"1 × 2 threads: train {d['relative_difference_vs_1x2']['train']:.1e}, test "
+              f"{d['relative_difference_vs_1x2']['test']:.1e}).", "",
+              "| n_test | `--test-features` | peak MB | test features on disk | fidelity | mse |", "|---|---|---|---|---|---|"]
+    first = {r["test_features"]: r for r in ev if r["n_test"] == min(e["n_test"] for e in ev)}
+    for r in ev:
+        grow = r["peak_mb"] - first[r["test_features"]]["peak_mb"]
+        disk = r["test_feature_bytes_on_disk"]
+        peak = f"{r['peak_mb']:.0f}" + (f" ({grow:+.0f})" if grow else "")
+        lines.append(f"| {r['n_test']:,} | {r['test_features']} | {peak} | {f'{disk / 1e6:.0f} MB' if disk else 0} | "
+                     f"{r['fidelity']:.4f} | {r['mse']:.9f} |")
+    pg = d["peak_growth"]
+    n0, n1 = min(e["n_test"] for e in ev), max(e["n_test"] for e in ev)
+    worst = max(abs(a["mse"] - b["mse"]) / abs(a["mse"]) for a in ev for b in ev
+                if a["n_test"] == b["n_test"] and a is not b)
+    lines += ["", f"For {n1 / n0:.0f}× the test images streaming's peak grows {pg['stream'][1] / pg['stream'][0] - 1:+.1%} "
+              f"and storing's {pg['store'][1] / pg['store'][0] - 1:+.1%}, with the same metrics (mse equal to "
+              f"{worst:.0e} relative)." + ("" if d["gpu"].get("available") else
+                                           " No GPU was available to the run, so its GPU rows were not measured.")]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

@@ -108,5 +108,17 @@ def main():
     write_json(name, out)
 
 
+def render(d: dict) -> str:
+    """docs/run.md's sentence on the two training pipelines (block ``train-steps``) from train_steps.json."""
+    rows = d["rows"].values()
+    step = [r["ratio step (device/classic)"] for r in rows]
+    aug = [r["ratio aug (device/classic)"] for r in rows]
+    m = d["machine"]
+    return (f"`python3 benchmarks/bench_train.py` on the {d['device'].upper()} ({m['cpu_threads']} thread"
+            f"{'s' * (m['cpu_threads'] != 1)}, {d['size']} px, {len(step)} recipes; `benchmarks/results/train_steps.json`): "
+            f"the device pipeline's whole step takes {min(step):.2f}–{max(step):.2f}× the classic's, its augmentation "
+            f"{min(aug):.2f}–{max(aug):.2f}× — a training step here is all convolution.")
+
+
 if __name__ == "__main__":
     main()

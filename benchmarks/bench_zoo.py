@@ -205,9 +205,10 @@ def main(argv=None):
     print(f"wrote {path}")
 
 
-def render(d: dict) -> str:
-    """The docs' zoo table from zoo.json (between the <!-- zoo-table --> markers of docs/benchmarks.md):
-    the run's settings and machine, then one row per model."""
+def render(d: dict) -> tuple[str, str, str]:
+    """From zoo.json: the docs' zoo table (block ``zoo-table``: the run's settings and machine, then one row per
+    model), its summary against the targets (``zoo-summary``) and the README's one-sentence headline
+    (``zoo-headline``)."""
     a, m = d["args"], d["machine"]
     where = f"on {m['gpu']}" if m.get("gpu") else f"{m['cpu_threads']} thread{'s' * (m['cpu_threads'] != 1)} of a {m['cores']}-core CPU"
     head = (f"`python3 benchmarks/bench_zoo.py --threads {a['threads']}` ({a['n']} ImageNette photos at {a['size']} px "
@@ -218,7 +219,26 @@ def render(d: dict) -> str:
         lines.append(f"| {r['model']} | {r['P']:,} | {r['fast']:.2%} | {r['derived']:.2%} | {r['op_vjp']:.2%} | "
                      f"{r['ms_dntk']:.1f} | {r['ms_bare']:.1f} | **{r['ms_dntk'] / r['ms_bare']:.2f}** | "
                      f"{r['peak_dntk_mb']:.0f} / {r['peak_bare_mb']:.0f} | {r['kernel_err']:.4f} |")
-    return "\n".join(lines)
+    rows = d["rows"]
+    ratio = {r["model"]: r["ms_dntk"] / r["ms_bare"] for r in rows}
+    fast = [r for r in rows if r["fast"] >= 0.999]
+    quick = sorted((x for x in ratio.items() if x[1] <= 1.0), key=lambda x: x[1])
+    slow = sorted((x for x in ratio.items() if x[1] > 1.0), key=lambda x: x[1])
+    mem = {r["model"]: r["peak_dntk_mb"] / r["peak_bare_mb"] for r in rows}
+    hi, lo = max(mem.items(), key=lambda x: x[1]), min(mem.items(), key=lambda x: x[1])
+    fmt = lambda xs: ", ".join(f"{m} {v:.2f}×" for m, v in xs)  # noqa: E731
+    summary = "\n".join([
+        f"- **Fast-path share** (≥ 99.9% of P factored or closed form): {len(fast)} of {len(rows)} models"
+        + ("" if len(fast) == len(rows) else " — not "
+           + ", ".join(f"{r['model']} ({r['fast']:.1%} fast, {r['derived']:.1%} derived)" for r in rows if r["fast"] < 0.999)) + ".",
+        f"- **Speed** (≤ 1× the bare per-sample gradients): {len(quick)} of {len(rows)} models — {fmt(quick)}"
+        + (f"; above 1×: {fmt(slow)}" if slow else "") + ".",
+        f"- **Peak memory** against the bare gradients': from {lo[1]:.2f}× ({lo[0]}) to {hi[1]:.2f}× ({hi[0]})."])
+    best = sorted(ratio.items(), key=lambda x: x[1])[:2]
+    headline = (f"`{head.split('`')[1]}`: at most as slow as bare per-sample gradients on {len(quick)} of {len(rows)} "
+                f"models while also projecting ({fmt(best)}"
+                + (f"; above: {fmt(slow)}" if slow else "") + "), within the rounding of brute-force autograd.")
+    return "\n".join(lines), summary, headline
 
 
 if __name__ == "__main__":

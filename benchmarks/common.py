@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the shared data folder: DNTK_DATA, as for the tests (default ../shared/data beside the repository)
+SHARED = Path(os.environ.get("DNTK_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def _status_kb(field: str) -> int:

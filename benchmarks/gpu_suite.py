@@ -1075,5 +1075,23 @@ def main(argv=None):
     return p
 
 
+def render(manifest: dict) -> str:
+    """The benchmarks page's pack line and plan table (block ``gpu-plan``) from the pack's manifest, checked in as
+    benchmarks/results/gpu_pack.json: what the pack measured (size, pixel error against the library's decoded
+    images) and the plan ``plan`` prints for it at the default budget."""
+    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
+    n, size = tr["images"] + va["images"], tr["bytes"] + va["bytes"]
+    err = max((tr, va), key=lambda x: x["mean_abs_error"])
+    o = options(["plan"])
+    lines = [f"**Pack** (`gpu_suite.py pack`, `benchmarks/results/gpu_pack.json`): {tr['images']:,} + {va['images']:,} images at "
+             f"{manifest['image_size']} px, {manifest['format'].upper()} quality {manifest['quality']}, {size / 2 ** 20:.1f} MiB, "
+             f"{size / n / 1024:.1f} KiB per image; against the library's decoded uint8, mean |error| up to "
+             f"{err['mean_abs_error']:.2f} of 255 (max {max(tr['max_abs_error'], va['max_abs_error'])}, PSNR "
+             f"{min(tr['psnr_db'], va['psnr_db']):.1f} dB).", "",
+             f"**Plan** (`python3 benchmarks/gpu_suite.py plan`, budget {o.budget:.0f} s):", "",
+             plan_table(make_plan(o, manifest), o.budget)]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the data-dependent tests read DNTK_DATA (default ../shared/data beside the repository): a folder holding the
+# ImageFolder tree imagenette2-224-sample (train/ and val/); without it they skip and say where they looked
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("DNTK_DATA") or DEFAULT_DATA)
 SAMPLE = SHARED_DATA / "imagenette2-224-sample"
 
 
@@ -62,5 +66,7 @@ def randomize_bn(model: nn.Module, seed=0):
 @pytest.fixture
 def sample_root():
     if not SAMPLE.exists():
-        pytest.skip(f"shared sample data not found at {SAMPLE}")
+        where = f"DNTK_DATA={os.environ['DNTK_DATA']}" if os.environ.get("DNTK_DATA") else f"the default {DEFAULT_DATA}"
+        pytest.skip(f"needs the ImageNette sample: {SAMPLE} does not exist ({where}); set DNTK_DATA to the folder "
+                    "that holds imagenette2-224-sample/")
     return SAMPLE

@@ -36,3 +36,13 @@ def test_a_changed_number_is_caught(tmp_path, monkeypatch):
     fake.write_text(a + text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:] + b)
     monkeypatch.setattr(render, "block_files", lambda: [fake])
     assert f"{name} in {fake.name}" in render.differing()
+
+
+def test_every_marked_block_has_a_renderer(tmp_path, monkeypatch):
+    """No page keeps a marked block that nothing renders (a hand-filled table between markers), and such a
+    block is caught."""
+    assert not [b for b in render.differing() if "rendered by nothing" in b]
+    fake = tmp_path / "page.md"
+    fake.write_text("<!-- hand-table -->\n| a | 1.23 |\n<!-- /hand-table -->\n")
+    monkeypatch.setattr(render, "block_files", lambda: [fake])
+    assert "hand-table: marked on a page but rendered by nothing in BLOCKS" in render.differing()

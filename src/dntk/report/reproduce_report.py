@@ -181,6 +181,52 @@ def write_reproduce_report(summary: dict, folder) -> Path:
     return path
 
 
+def docs_summary(summary: dict, probe: dict | None = None) -> str:
+    """The docs' digest of a reproduce run (the ``reproduce-table`` block of docs/benchmarks.md, rendered by
+    benchmarks/render.py): the claims, DNTK against the exact eNTK, the theory diagnostics, the cost of every
+    stage with the reduction factors, and — given ``probe`` (``probe-<setting>.json``) — the probed setting's
+    cost. Formatting only, like :func:`write_reproduce_report`; ``report.md`` has everything."""
+    st, tb = summary["settings"], summary["teacher_base"]
+    L = [f"| the paper's claim | ours ({st['image_size']} px, teacher {tb['teacher_accuracy']:.1%}, {st['distill'].upper()} "
+         f"IPC {st['ipc']}, {tb['counts']['n_test']:,} test images) | holds |", "|---|---|---|"]
+    L += [f"| {c['claim']} | {c['ours']} | {c['holds']} |" for c in summary["claims"]] + [""]
+    co = summary["costs"]
+    labels = co.get("reduction_labels") or {}
+    L += ["Reduction factors (`costs[\"reductions\"]`): " + "; ".join(
+        f"{labels.get(k, k)} **{v:,.0f}×**" for k, v in co["reductions"].items()) + ".", ""]
+    ex = summary.get("exact")
+    if ex:
+        L += [f"DNTK against the exact eNTK on {ex['n_train']} {st['distill'].upper()} images + {ex['n_test']} validation "
+              f"images (exact per-class eNTK of P = {ex['exact']['parameters']:,} by {ex['exact']['groups']} parameter slices):", ""]
+        L += _table(["model", "kernel rel. error", "agreement with the exact model", "fidelity", "accuracy"],
+                    [[r["name"], _f(r.get("kernel_relative_error"), 3), _f(r["agreement_with_exact"], 3),
+                      _f(r["fidelity"], 3), _f(r["accuracy"], 3)] for r in ex["rows"]])
+    th = summary.get("theory")
+    if th:
+        L += [f"Proposition 3.6 / Theorem 3.3 (fractions of tr Σ_g, Σ_g from {th['sigma_images']:,} real train images; "
+              "held-out: the validation images):", ""]
+        L += _table(["subspace", "dim", "residual", "PCA tail", "misalignment gap", "held-out residual", "task misalignment"],
+                    [[name, _f(v["dim"], 0), _f(v["residual"]), _f(v["pca_tail"]), _f(v["gap"]),
+                      _f(v["heldout_residual"]), _f(v.get("task_misalignment"))] for name, v in th["subspaces"].items()])
+    L += [f"Cost per stage (FLOPs from `{co['flops_counter']}`; wall time on {st.get('threads') or 'the default'} threads):", ""]
+    rows = [[s["stage"] + (f" ({s['note']})" if s.get("note") else ""), _f(s["jacobians"]), _f(s["flops"]),
+             _seconds(s["seconds"]), "–" if s["peak_rss_mb"] is None else f"{s['peak_rss_mb'] / 1000:.1f} GB"]
+            for s in co["stages"]]
+    full = co.get("exact_full")
+    if full:
+        rows.append([f"**exact eNTK, all {full['n_train']:,} train × {full['n_test']:,} test (extrapolated)**",
+                     f"{_f(full['per_logit_jacobians'])} ({_bytes(full['jacobian_bytes'])})", _f(full["flops"]),
+                     _seconds(full["seconds"]), "–"])
+    L += _table(["stage", "per-logit Jacobians", "FLOPs", "wall time", "peak RSS"], rows)
+    if probe:
+        parts = "; ".join(f"{s['stage']} {_seconds(s['seconds'])}" for s in probe["stages"])
+        ef = probe.get("exact_full") or {}
+        L += [f"The `{probe['setting']}` setting on this machine (`--probe {probe['images_measured']}`, extrapolated): "
+              f"{_seconds(probe['total_seconds'])} in all ({parts}); the exact eNTK of every image "
+              f"{_seconds(ef.get('seconds'))} and {_bytes(ef.get('jacobian_bytes'))} of Jacobians.", ""]
+    return "\n".join(L).rstrip("\n")
+
+
 def write_probe_report(probe: dict, path) -> Path:
     """A markdown table of :func:`dntk.pipeline.reproduce.probe`'s extrapolated stage costs."""
     L = [f"# `{probe['setting']}` measured on {probe['images_measured']} images on {probe['device']}, extrapolated", "",
