@@ -195,3 +195,48 @@ def test_check_rule_tests_the_rule_object_and_the_registry_restores_what_it_repl
     assert rule_for(F.rms_norm) is mine and check_rule(mine, model, x, sketch=None).exact
     unregister(mine)
     assert rule_for(F.rms_norm) is builtin
+
+
+def test_an_incomplete_rule_is_refused_and_a_rule_bug_is_named_as_the_rules():
+    """A rule without emit/recompute is refused at register (it would fail mid-extraction with a bare
+    NotImplementedError); an exception inside a user rule's record or emit is reported as that rule's bug,
+    not as a failing model forward."""
+
+    class NoEmit(OpRule):
+        kind = "no-emit"
+        functions = (torch.Tensor.mul,)
+
+        def record(self, rec, use, func, args, kwargs, out):
+            raise NotHandled
+
+    with pytest.raises(DNTKError, match="does not define emit, recompute"):
+        register(NoEmit())
+    assert rule_for(torch.Tensor.mul) is None
+
+    class Broken(LayerScaleRule):
+        kind = "broken-scale"
+
+        def record(self, rec, use, func, args, kwargs, out):
+            return {}["no such key"]
+
+    rule = register(Broken())
+    try:
+        torch.manual_seed(5)
+        with pytest.raises(DNTKError, match=r"op rule 'broken-scale' \(Broken\) failed in record \(KeyError") as e:
+            gradient_features(ScaleNet(), _x(4, 3, 5), "identity", progress=False)
+        assert "forward pass failed" not in str(e.value)
+    finally:
+        unregister(rule)
+
+    class BrokenEmit(LayerScaleRule):
+        kind = "broken-emit"
+
+        def emit(self, use, plan, g, B, acc):
+            raise ValueError("shape mix-up")
+
+    rule = register(BrokenEmit())
+    try:
+        with pytest.raises(DNTKError, match=r"op rule 'broken-emit' \(BrokenEmit\) failed in emit \(ValueError: shape mix-up"):
+            gradient_features(ScaleNet(), _x(4, 3, 5), "identity", progress=False)
+    finally:
+        unregister(rule)

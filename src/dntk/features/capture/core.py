@@ -19,6 +19,7 @@ from .layouts import Layout, LayoutError, measure_layouts, split_batch
 from .params import (PATHS, analysis_mode, check_logits, compiled_parts, parameter_table, random_forward_message,
                      resolve_classes, rng_states)
 from .recorder import Recorder, Use
+from .rules import run_step
 
 
 _WATCHERS: list[dict] = []   # open track_rules() counters
@@ -264,10 +265,10 @@ class GradientCapture:
         if u.rule is not None and not (B > 1 and lay is not None and not isinstance(lay, Layout)):
             if B > 1 and lay is None:
                 return {"via": "none"}   # no gradient reached the call in this batch
-            plan = u.rule.plan(u, lay, B)
+            plan = run_step(u.rule, "plan", u, lay, B)
         if plan is None:
             if u.cut is None:
-                u.cut = [u.rule.recompute(u)]
+                u.cut = [run_step(u.rule, "recompute", u)]
             return {"via": "op-vjp", "layouts": lays}
         for counter in (self.rules_taken, *_WATCHERS):
             counter[u.kind] = counter.get(u.kind, 0) + 1
@@ -280,7 +281,7 @@ class GradientCapture:
             acc.op_vjp(u, plan["layouts"], g_u, B)
             return
         g = g_u[0] if g_u[0] is not None else torch.zeros_like(u.outs[0])
-        u.rule.emit(u, plan, split_batch(g, plan["layout"], B), B, acc)
+        run_step(u.rule, "emit", u, plan, split_batch(g, plan["layout"], B), B, acc)
 
     # -- generic torch.func backend ----------------------------------------------------------------
     def _run_func(self, x, classes, sink):

@@ -232,7 +232,7 @@ class Recorder(TorchFunctionMode):
         rule = rules.rule_for(func)
         if rule is not None:
             try:
-                rule.record(self, use, func, args, kwargs, out)
+                rules.run_step(rule, "record", self, use, func, args, kwargs, out)
                 use.kind, use.rule = rule.kind, rule
             except rules.NotHandled:
                 use.weight, use.bias, use.data = None, None, None

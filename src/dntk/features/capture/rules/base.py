@@ -59,6 +59,21 @@ class OpRule:
         raise NotImplementedError
 
 
+def run_step(rule: OpRule, step: str, *args):
+    """``rule.<step>(*args)``. Any exception but NotHandled or a DNTKError is the rule's own bug, not the
+    model's: raised as a DNTKError naming the rule and the step (else it would read as a failing forward)."""
+    from ....errors import DNTKError
+
+    try:
+        return getattr(rule, step)(*args)
+    except (NotHandled, DNTKError):
+        raise
+    except Exception as e:
+        raise DNTKError(f"op rule {rule.kind!r} ({type(rule).__name__}) failed in {step} ({type(e).__name__}: {e}): a "
+                        "bug in the rule, not in the model — fix the rule, or unregister it "
+                        "(dntk.features.unregister) so that its calls take the generic op-vjp path") from e
+
+
 def arg(args, kwargs, i: int, name: str, default=None):
     """Argument i of a call, positional or by keyword."""
     return args[i] if len(args) > i else kwargs.get(name, default)
@@ -85,6 +100,11 @@ def register(rule: OpRule, *, replace: bool = False) -> OpRule:
                  and not set(r.functions) <= set(rule.functions)]
     if same_kind:
         raise DNTKError(f"another rule already has kind {rule.kind!r} (rules_taken counts by kind); choose another kind")
+    missing = [m for m in ("record", "emit", "recompute") if getattr(type(rule), m) is getattr(OpRule, m)]
+    if missing:
+        raise DNTKError(f"rule {rule.kind!r} does not define {', '.join(missing)}: a rule records its calls (record), "
+                        "hands their per-sample gradients to the accumulator (emit) and recomputes a call for the op-vjp "
+                        "fallback (recompute) — see docs/extending.md")
     for f in rule.functions:
         if f in _BY_FUNCTION and _BY_FUNCTION[f] is not rule:
             _REPLACED.setdefault(f, []).append(_BY_FUNCTION[f])
