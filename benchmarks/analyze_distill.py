@@ -41,6 +41,8 @@ from common import machine, table, write_json  # noqa: E402
 
 from dntk.distill.wmdd import barycenter, class_features  # noqa: E402
 from dntk.kernels import PerClassKRR, fit_evaluate  # noqa: E402
+from dntk.store import model_checksum  # noqa: E402
+from dntk.training import evaluate  # noqa: E402
 
 
 def pooled_activations(model, X, batch=256) -> torch.Tensor:
@@ -94,7 +96,7 @@ def main():
     torch.set_num_threads(2)
     teacher, tr, te = teacher_and_data()
     X, y = tr.tensors()
-    real = features(teacher, X, "distill-real-all")      # the same store bench_distill.py fills
+    real = features(teacher, X, "train-all")      # the same store bench_distill.py and bench_select.py fill
     fte = features(teacher, te.tensors()[0], "val")
     F, L = real.features, real.logits
     C = tr.num_classes
@@ -151,7 +153,8 @@ def main():
             ("fidelity_gain_over_random", "gain vs random", "{:+.4f}"), ("accuracy", "KRR accuracy", "{:.4f}"),
             ("accuracy_std", "±", "{:.4f}"), ("mse", "logit MSE", "{:.3f}")]
     print(table(rows, cols))
-    write_json("distill_analysis.json", {"machine": machine(), "rows": rows})
+    write_json("distill_analysis.json", {"machine": machine(), "teacher_checksum": model_checksum(teacher),
+                                         "teacher_test_accuracy": evaluate(teacher, te)[0], "rows": rows})
 
 
 LABELS = {"random": "random", "penultimate": "nearest k-means centres, penultimate features (WMDD's space)",

@@ -124,13 +124,15 @@ def main():
             else:
                 out = ROOT / f"distill-{method}-ipc{ipc}-seed{seed}"
                 opts = {"iterations": args.iterations} if method == "wmdd" else {}
-                done = (out / "distilled.pt").exists() and json.loads((out / "manifest.json").read_text()).get(
-                    "settings", {}).get("iterations", args.iterations) == args.iterations
+                man = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+                # reused only when made from this teacher with these iterations (else distilled again)
+                done = ((out / "distilled.pt").exists() and man.get("teacher_checksum") == ck
+                        and man.get("settings", {}).get("iterations", args.iterations) == args.iterations)
                 ds = (dntk.distill.load_distilled(out) if done else
                       distill_dataset(method, teacher, tr, ipc, out, seed=seed, teacher_checksum=ck, **opts))
             manifest = json.loads((out / "manifest.json").read_text())
             name = method.replace(":", "-")
-            key = f"{name}-ipc{ipc}-seed{seed}-{digest(ds.images)}"
+            key = f"{name}-ipc{ipc}-seed{seed}-{digest(ds.images)}-{ck[:12]}"   # the student depends on the teacher too
             k = krr(teacher, ds.images, fte, te, key)
             acc = student_accuracy(ds, teacher, te, args.student_epochs, seed, key + f"-e{args.student_epochs}")
             acc_relabel = student_accuracy(ds, teacher, te, args.student_epochs, seed,
@@ -155,11 +157,13 @@ def main():
     real = paired = None
     if not args.skip_real:
         X, _ = tr.tensors()
-        real = krr(teacher, X, fte, te, "real-all")
+        fa = features(teacher, X, "train-all", progress=False)   # every training image: bench_select shares the store
+        real = fit_evaluate(fa, fa.logits, fte, fte.logits, te.labels, ridge=1e-4)
+        del fa
         real.update({"ipc": None, "m": len(tr), "method": "all real images", "student_accuracy": teacher_acc})
         # paired comparison: each WMDD set against the random real subset it was initialised from
         # (rows of the all-real features: no new Jacobians), which cancels the luck of the draw
-        fr = features(teacher, X, "distill-real-all", progress=False)   # stored by krr() above
+        fr = features(teacher, X, "train-all", progress=False)   # stored by krr() above (bench_select fills it too)
         paired = []
         for r in results:
             if "init_index" in r:
@@ -223,7 +227,8 @@ def main():
                                      ("seeds_fidelity_up", "seeds up", "{}"), ("accuracy_gain", "Δ accuracy", "{:+.4f}"),
                                      ("accuracy_gain_std", "±", "{:.4f}"), ("seeds_accuracy_up", "seeds up", "{}")]))
     wmdd_image_figure(tr, RESULTS / "distill_wmdd_images.png")
-    write_json("distill.json", {"machine": machine(), "teacher_val_accuracy": teacher_acc, "wmdd_iterations": args.iterations,
+    write_json("distill.json", {"machine": machine(), "teacher_val_accuracy": teacher_acc, "teacher_checksum": ck,
+                                "wmdd_iterations": args.iterations,
                                 "student_epochs": args.student_epochs, "rows": results, "summary": summary,
                                 "verdict": verdict, "paired": paired, "paired_summary": paired_summary,
                                 "partial": False})
