@@ -25,6 +25,7 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -59,10 +60,59 @@ def builders(size: int) -> dict:
             "timm deit3_small (cls token, layer scale)": lambda: timm.create_model(
                 "deit3_small_patch16_224", pretrained=False, num_classes=10, img_size=size),
             "timm convnext_atto": lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10),
+            "timm vit_tiny": lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
+                                                       img_size=size),
         })
     except ImportError:
         print("[warn] timm not installed: timm models skipped")
     return out
+
+
+VOCAB, SEQ, HIDDEN = 1000, 64, 256
+
+
+class LSTMClassifier(torch.nn.Module):
+    """A 2-layer LSTM text classifier: embedding (padding 0), LSTM, masked mean over the tokens, a linear head."""
+
+    def __init__(self, vocab=VOCAB, hidden=HIDDEN, C=10):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, hidden, padding_idx=0)
+        self.lstm = torch.nn.LSTM(hidden, hidden, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(hidden, C)
+
+    def forward(self, input_ids, attention_mask):
+        h, _ = self.lstm(self.emb(input_ids))
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def text_builders() -> dict:
+    """Token-id classifiers (random init from a config: no download), C = 10, hidden 256, sequences of 64."""
+    out = {"lstm 2-layer (tokens)": lambda: LSTMClassifier()}
+    try:
+        import transformers as tf
+
+        out.update({
+            "hf bert (tokens)": lambda: tf.BertForSequenceClassification(tf.BertConfig(
+                vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=4, intermediate_size=4 * HIDDEN,
+                max_position_embeddings=128, num_labels=10, attn_implementation="eager")),
+            "hf gpt2 (tokens)": lambda: tf.GPT2ForSequenceClassification(tf.GPT2Config(
+                vocab_size=VOCAB, n_embd=HIDDEN, n_layer=4, n_head=4, n_positions=128, num_labels=10, pad_token_id=0,
+                attn_implementation="eager")),
+        })
+    except ImportError:
+        print("[warn] transformers not installed: Hugging Face models skipped")
+    return out
+
+
+def token_batch(n: int, seq: int = SEQ, seed: int = 0) -> dict:
+    """n sequences of random token ids (1..VOCAB-1), lengths uniform in [seq/2, seq], padded with 0 to seq:
+    {"input_ids", "attention_mask"} [n, seq]."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, seq), generator=g)
+    lengths = torch.randint(seq // 2, seq + 1, (n,), generator=g)
+    mask = (torch.arange(seq) < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
 
 
 def wake(model):
@@ -118,12 +168,17 @@ def bare_gradients(model, x, C, batch):
 
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b for n, b in model.named_buffers()}
+    n = dntk.samples.count(x)
     for c in range(C):
         def f(p, xi, c=c):
-            return functional_call(model, (p, buffers), (xi.unsqueeze(0),))[0, c]
+            if isinstance(xi, dict):   # token inputs: keyword arguments, as the engine passes them
+                out = functional_call(model, (p, buffers), (), {k: v.unsqueeze(0) for k, v in xi.items()})
+            else:
+                out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+            return dntk.samples.logits_of(out)[0, c]
 
-        for s in range(0, x.shape[0], batch):
-            g = vmap(grad(f), in_dims=(None, 0))(params, x[s: s + batch])
+        for s in range(0, n, batch):
+            g = vmap(grad(f), in_dims=(None, 0))(params, dntk.samples.take(x, slice(s, s + batch)))
             del g
 
 
@@ -140,6 +195,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--n", type=int, default=16, help="images timed per model")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions of each side, alternated; the table gives medians")
+    ap.add_argument("--seq", type=int, default=SEQ, help="tokens per sequence of the text models (padded)")
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--models", default=None, help="comma-separated subset of the model names")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -148,51 +205,67 @@ def main(argv=None):
     ap.add_argument("--data-root", default=None,
                     help="ImageFolder whose val split gives the images (default: ../shared/data/imagenette2-224-sample)")
     args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error(f"--reps must be ≥ 1, got {args.reps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = args.device
     if torch.device(dev).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {dev}: no CUDA device here")
     torch.manual_seed(0)
-    x_all = real_images(max(args.n, 4), args.size, root=args.data_root).to(dev)
     C = 10
     rows = []
-    todo = builders(args.size)
+    todo = {name: (build, "image") for name, build in builders(args.size).items()}
+    todo.update({name: (build, "tokens") for name, build in text_builders().items()})
     if args.models:
         keep = args.models.split(",")
         todo = {k: v for k, v in todo.items() if any(k.startswith(w) for w in keep)}
-    for name, build in todo.items():
+    x_img = real_images(max(args.n, 4), args.size, root=args.data_root).to(dev) if any(
+        kind == "image" for _, kind in todo.values()) else None
+    x_tok = dntk.samples.to(token_batch(max(args.n, 4), args.seq), dev)
+    for name, (build, kind) in todo.items():
         torch.manual_seed(0)
-        model = calibrate(wake(build()).to(dev), x_all[: args.n])
-        x = x_all[: args.n]
+        x_all = x_img if kind == "image" else x_tok
+        x = dntk.samples.take(x_all, slice(0, args.n))
+        model = wake(build()).to(dev)
+        model = calibrate(model, x) if kind == "image" else model.eval()
         P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        dntk.gradient_features(model, x[:2], make("tensorsketch", k=args.k, seed=0), progress=False)  # warm-up
-        with peak(dev) as mem_d:
-            sync(dev)
-            t = time.perf_counter()
-            r = dntk.gradient_features(model, x, make("tensorsketch", k=args.k, seed=0), batch_size=args.batch,
-                                       progress=False)
-            sync(dev)
-            t_d = time.perf_counter() - t
-        with peak(dev) as mem_b:
-            sync(dev)
-            t = time.perf_counter()
-            bare_gradients(model, x, C, args.batch)
-            sync(dev)
-            t_b = time.perf_counter() - t
+        dntk.gradient_features(model, dntk.samples.take(x, slice(0, 2)), make("tensorsketch", k=args.k, seed=0),
+                               progress=False)  # warm-up
+        t_d, t_b = [], []
+        for rep in range(args.reps):   # alternated, so a slow spell of the machine hits both sides
+            with peak(dev) as mem_d:
+                sync(dev)
+                t = time.perf_counter()
+                r = dntk.gradient_features(model, x, make("tensorsketch", k=args.k, seed=0), batch_size=args.batch,
+                                           progress=False)
+                sync(dev)
+                t_d.append(time.perf_counter() - t)
+            with peak(dev) as mem_b:
+                sync(dev)
+                t = time.perf_counter()
+                bare_gradients(model, x, C, args.batch)
+                sync(dev)
+                t_b.append(time.perf_counter() - t)
+            if rep == 0:
+                peak_d, peak_b = mem_d["peak_mb"], mem_b["peak_mb"]
         shares = r.path_shares()
-        err = kernel_error(model, x_all[:4], args.k)
-        row = {"model": name, "P": P, "fast": shares.get("factored", 0) + shares.get("closed", 0),
+        err = kernel_error(model, dntk.samples.take(x_all, slice(0, 4)), args.k)
+        ms = lambda ts: [1000 * t / (args.n * C) for t in ts]  # noqa: E731
+        row = {"model": name, "inputs": kind, "P": P, "fast": shares.get("factored", 0) + shares.get("closed", 0),
                "derived": shares.get("derived", 0.0), "op_vjp": shares.get("op-vjp", 0.0),
-               "ms_dntk": 1000 * t_d / (args.n * C), "ms_bare": 1000 * t_b / (args.n * C),
-               "peak_dntk_mb": mem_d["peak_mb"], "peak_bare_mb": mem_b["peak_mb"], "kernel_err": err,
+               "ms_dntk": statistics.median(ms(t_d)), "ms_bare": statistics.median(ms(t_b)),
+               "ms_dntk_reps": ms(t_d), "ms_bare_reps": ms(t_b),
+               "peak_dntk_mb": peak_d, "peak_bare_mb": peak_b, "kernel_err": err,
                "paths": r.paths, "device": str(dev),
                "peak_kind": "GPU memory allocated" if torch.device(dev).type == "cuda" else "RSS rise"}
         row["ratio"] = row["ms_dntk"] / row["ms_bare"]
+        ratios = [a / b for a, b in zip(t_d, t_b)]
+        row["ratio_spread"] = [min(ratios), max(ratios)]
         rows.append(row)
         print(f"{name}: P={P:,} fast={row['fast']:.4f} derived={row['derived']:.4f} op-vjp={row['op_vjp']:.4f} "
-              f"dntk {row['ms_dntk']:.2f} ms vs bare {row['ms_bare']:.2f} ms ({row['ratio']:.2f}×), "
-              f"peak {row['peak_dntk_mb']:.0f} / {row['peak_bare_mb']:.0f} MB, kernel error {err:.4f}", flush=True)
+              f"dntk {row['ms_dntk']:.2f} ms vs bare {row['ms_bare']:.2f} ms ({row['ratio']:.2f}×, per rep "
+              f"{min(ratios):.2f}–{max(ratios):.2f}), peak {peak_d:.0f} / {peak_b:.0f} MB, kernel error {err:.4f}", flush=True)
         del model, r
     cols = [("model", "model", ""), ("P", "P", "{:,}"), ("fast", "fast path", "{:.2%}"),
             ("derived", "derived", "{:.2%}"), ("op_vjp", "op-vjp", "{:.2%}"),
@@ -211,8 +284,13 @@ def render(d: dict) -> tuple[str, str, str]:
     (``zoo-headline``)."""
     a, m = d["args"], d["machine"]
     where = f"on {m['gpu']}" if m.get("gpu") else f"{m['cpu_threads']} thread{'s' * (m['cpu_threads'] != 1)} of a {m['cores']}-core CPU"
-    head = (f"`python3 benchmarks/bench_zoo.py --threads {a['threads']}` ({a['n']} ImageNette photos at {a['size']} px "
-            f"in batches of {a['batch']}, k = {a['k']}, {where}, torch {m['torch']}; `benchmarks/results/{a['json']}`):")
+    reps = a.get("reps", 1)
+    text = any(r.get("inputs") == "tokens" for r in d["rows"])
+    head = (f"`python3 benchmarks/bench_zoo.py --threads {a['threads']}` ({a['n']} ImageNette photos at {a['size']} px"
+            + (f" or {a['n']} token sequences of up to {a['seq']} tokens, padded" if text else "")
+            + f", in batches of {a['batch']}, k = {a['k']}, {where}, torch {m['torch']}"
+            + (f"; times are medians of {reps} alternated repetitions" if reps > 1 else "")
+            + f"; `benchmarks/results/{a['json']}`):")
     lines = [head, "", "| model | P | fast path (factored + closed) | derived | op-vjp | dntk ms / (sample, logit) | "
              "bare vmap(grad) ms | dntk / bare | peak MB dntk / bare | kernel rel. error |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:

@@ -117,3 +117,115 @@ def test_gradients_near_float16_subnormals_are_refused():
     model = Tiny().to(torch.float16)
     with pytest.raises(DNTKError, match="subnormal range of float16"):
         gradient_features(model, torch.randn(4, 5, 6).to(torch.float16), "identity", batch_size=4, progress=False)
+
+
+# ---- review findings (helper review of the first version of this fix) ----------------------------------
+
+class DetachedMix(nn.Module):
+    """Couples the samples through a detached batch mean: the gradient cannot see it, only the logits can."""
+
+    def __init__(self, a, scale=1.0):
+        super().__init__()
+        self.a, self.scale, self.lin, self.head = a, scale, nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.scale * self.head(torch.tanh(h - self.a * h.mean(0, keepdim=True).detach()))
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 1.0), (torch.float16, 0.1)], ids=["bf16", "fp16-small-logits"])
+def test_value_only_coupling_is_refused_in_half_precision(dtype, scale):
+    """A detached batch mean moving the logits by a few per cent: the alone-vs-batch logit check must see it
+    in half precision too (16·eps·(max + 1) let it through, the features 16–93× the dtype's rounding off)."""
+    torch.manual_seed(0)
+    model, x = DetachedMix(0.1, scale).to(dtype), torch.randn(16, 6).to(dtype)
+    with pytest.raises(DNTKError, match="depends on the rest of its batch"):
+        gradient_features(model, x, "identity", batch_size=16, progress=False)
+
+
+class SeqFirstGain(nn.Module):
+    """x [B, T, 7] → [T, B, ·]; channel 0 a per-(sample, step) gain, so one entry dominates the gradient."""
+
+    def __init__(self, k=1.0):
+        super().__init__()
+        self.k, self.lin, self.head = k, nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        xt = x.transpose(0, 1)
+        return self.k * self.head((self.lin(xt[..., 1:]) * xt[..., :1]).mean(0))
+
+
+@pytest.mark.parametrize("dtype,gain,k", [(torch.float16, 0.1, 0.01), (torch.float32, 1e-5, 1.0)], ids=["fp16", "fp32"])
+def test_layouts_that_fit_only_the_checked_entries_are_not_guessed(dtype, gain, k):
+    """The checked entries (one sample's, at one step) fit several layouts while the other entries carry
+    gradient: each entry is classified instead of the first candidate taken (18% and 40% off before)."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 7)
+    x[:, :, 0] = gain
+    x[0, 0, 0] = 1.0
+    x[1, :, 1:] *= 10
+    model = SeqFirstGain(k).eval()
+    ref = brute_force_jacobian(model.double(), x.double()).float()
+    model = model.to(dtype)
+    own = rel(brute_force_jacobian(model, x.to(dtype)).float(), ref)
+    err = rel(gradient_features(model, x.to(dtype), "identity", batch_size=2, progress=False).features
+              .permute(1, 0, 2).float(), ref)
+    assert err <= 3 * own + 1e-6, (err, own)
+
+
+class MeanPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):                          # [B, T, 6], batch first
+        return self.head(torch.tanh(self.lin(x)).mean(1))
+
+
+class Amp(nn.Module):
+    """A gain of k² applied as two multiplies: the Linear's output gradient is ~k² (near float16's 65504)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.lin, self.head = k, nn.Linear(6, 6, bias=False), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.lin(x) * self.k * self.k)
+
+
+@pytest.mark.parametrize("make,shape,factor", [(MeanPool, (2, 2048, 6), 1.0), (lambda: Amp(300.0), (4, 6), 1e-4)],
+                         ids=["tiny-gradients", "near-overflow"])
+def test_float16_passes_are_rescaled_not_refused(make, shape, factor):
+    """float16 gradients near the subnormal range (a mean over 2,048 steps) or near overflow (the weight-2
+    pass above 65504) are measured with the cotangent scaled by a power of two, which commutes with
+    rounding: exact to the dtype's rounding, where they were refused."""
+    torch.manual_seed(1)
+    model, x = make().eval(), torch.randn(*shape) * factor
+    ref = brute_force_jacobian(model.double(), x.double()).float()
+    model = model.half()
+    own = rel(brute_force_jacobian(model, x.half()).float(), ref)
+    err = rel(gradient_features(model, x.half(), "identity", batch_size=shape[0], progress=False).features
+              .permute(1, 0, 2).float(), ref)
+    assert err <= 3 * own + 1e-3, (err, own)
+
+
+def test_a_bfloat16_body_with_a_float32_head_is_judged_at_bfloat16_rounding():
+    """The agreement checks take the coarsest dtype of the model, not the logits' (a float32 tolerance
+    refused this exact model as batch-dependent)."""
+
+    class Bf16Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.lin(x.transpose(0, 1).to(self.lin.weight.dtype)))
+            return self.head(h.to(self.head.weight.dtype).mean(0))
+
+    torch.manual_seed(0)
+    model, x = Bf16Body().eval(), torch.randn(10, 4, 6)
+    ref = brute_force_jacobian(model.double(), x.double()).float()
+    model.float().lin.to(torch.bfloat16)
+    own = rel(brute_force_jacobian(model, x).float(), ref)
+    err = rel(gradient_features(model, x, "identity", batch_size=3, progress=False).features.permute(1, 0, 2).float(), ref)
+    assert err <= 3 * own + 1e-3, (err, own)

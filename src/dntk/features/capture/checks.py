@@ -12,8 +12,14 @@ import torch
 
 from ... import samples
 from ...errors import DNTKError
-from .layouts import HALF, Layout, differs, sample_ids, to_device, value_tol
+from .layouts import HALF, Layout, agree_tol, coarsest, differs, sample_ids, to_device
 from .params import analysis_mode, check_logits, random_forward_message
+
+
+def model_dtype(cap, logits) -> torch.dtype:
+    """The coarsest floating dtype of the model's parameters and its logits: a bfloat16 body with a float32
+    head rounds like bfloat16, so its agreement checks need bfloat16's tolerance."""
+    return coarsest(logits.dtype, *(p.dtype for p in cap.model.parameters()))
 
 
 def check_repeatable(cap, x, logits):
@@ -22,7 +28,7 @@ def check_repeatable(cap, x, logits):
     with torch.no_grad(), analysis_mode(cap.model):
         again = check_logits(samples.call(cap.model, samples.map_leaves(torch.clone, x)), samples.count(x))
     ref = logits.detach()
-    tol = value_tol(ref.dtype) * (float(ref.abs().max()) + 1.0)
+    tol = float(agree_tol(ref, model_dtype(cap, ref)))
     if bool(torch.isfinite(ref).all()) and float((again - ref).abs().max()) > tol:
         raise DNTKError(random_forward_message("the same input run twice gave different logits"))
 
@@ -46,7 +52,7 @@ def still_holds(cap, x, logits, probe: list, layouts: list, B: int) -> bool:
     the tolerance would have to be as loose as the rounding, and :func:`~.layouts.measure_layouts`, whose
     weights are powers of two, is exact."""
     dev, dt = logits.device, logits.dtype
-    if dt in HALF or any(p is not None and p.dtype in HALF for p in probe):
+    if model_dtype(cap, logits) in HALF or any(p is not None and p.dtype in HALF for p in probe):
         return False
     rtol = 1e-8 if dt == torch.float64 else 1e-4
     if B * rtol > 0.05:
@@ -88,14 +94,14 @@ def still_holds(cap, x, logits, probe: list, layouts: list, B: int) -> bool:
     ref = logits.detach()[perm_dev]
     if again.shape != ref.shape:
         return False
-    ftol = value_tol(dt) * (ref.abs().amax() + 1.0)
+    ftol = agree_tol(ref, model_dtype(cap, ref))
     bad = bad | (torch.isfinite(ref).all() & ((again - ref).abs().amax() > ftol))
     for i in (0, j):
         alone, grads = cap._alone(x, i, r, with_grad=bool(leaves))
         ref = logits[i:i + 1].detach()
         if alone.shape != ref.shape:
             return False
-        tol = value_tol(dt) * (ref.abs().amax() + 1.0)
+        tol = agree_tol(ref, model_dtype(cap, ref))
         bad = bad | (torch.isfinite(ref).all() & ((alone - ref).abs().amax() > tol))
         if grads is not None:
             bad = bad | differs(grads, [None if g is None else g[i:i + 1] for g in base[n_out:]]).to(dev)
@@ -151,7 +157,7 @@ def check_alone(cap, x, logits, n: int = 4):
             # clone: a model may modify its input
             alone = samples.call(cap.model, samples.map_leaves(torch.clone, samples.take(x, slice(i, i + 1))))
             ref = logits[i : i + 1].detach()
-            tol = value_tol(ref.dtype) * (float(ref.abs().max()) + 1.0)
+            tol = float(agree_tol(ref, model_dtype(cap, ref)))
             if not torch.isfinite(ref).all():
                 continue
             if alone.shape != ref.shape or float((alone - ref).abs().max()) > tol:

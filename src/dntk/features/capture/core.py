@@ -181,7 +181,7 @@ class GradientCapture:
             if layouts is None:
                 probe = outs + leaves
                 try:
-                    measured, unique, unused = measure_layouts(logits, probe)
+                    measured, unique, unused = measure_layouts(logits, probe, checked=len(outs))
                     for j in range(len(outs), len(probe)):
                         if measured[j] is not None and measured[j] != Layout(0, "major"):
                             raise LayoutError(j)

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 
 class NotHandled(Exception):
     """Raised by a rule's ``record`` when this particular call is not one its closed form covers (the
@@ -66,8 +68,8 @@ def run_step(rule: OpRule, step: str, *args):
 
     try:
         return getattr(rule, step)(*args)
-    except (NotHandled, DNTKError):
-        raise
+    except (NotHandled, DNTKError, MemoryError, torch.OutOfMemoryError):
+        raise   # out of memory is the run's size, not the rule's bug
     except Exception as e:
         raise DNTKError(f"op rule {rule.kind!r} ({type(rule).__name__}) failed in {step} ({type(e).__name__}: {e}): a "
                         "bug in the rule, not in the model — fix the rule, or unregister it "
