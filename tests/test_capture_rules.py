@@ -240,3 +240,41 @@ def test_an_incomplete_rule_is_refused_and_a_rule_bug_is_named_as_the_rules():
             gradient_features(ScaleNet(), _x(4, 3, 5), "identity", progress=False)
     finally:
         unregister(rule)
+
+
+class Conv1DNet(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2's projections) is ``torch.addmm(b, x.view(-1, in), W)``."""
+
+    def __init__(self, seq_first=False):
+        super().__init__()
+        self.seq_first = seq_first
+        self.w1, self.b1 = nn.Parameter(torch.randn(6, 8) * 0.3), nn.Parameter(torch.randn(8) * 0.1)
+        self.w2, self.b2 = nn.Parameter(torch.randn(8, 3) * 0.3), nn.Parameter(torch.randn(3) * 0.1)
+
+    def forward(self, x):                                   # [B, T, 6]
+        if self.seq_first:
+            x = x.transpose(0, 1).contiguous()              # [T, B, 6]: rows t·B + b after the view
+        h = torch.tanh(torch.addmm(self.b1, x.reshape(-1, 6), self.w1)).view(*x.shape[:2], 8)
+        return torch.addmm(self.b2, h.mean(0 if self.seq_first else 1), self.w2)
+
+
+@pytest.mark.parametrize("seq_first", [False, True], ids=["rows-b-major", "rows-b-minor"])
+def test_the_addmm_rule_is_taken_and_exact(seq_first):
+    """``torch.addmm`` with parameter weight and bias (GPT-2's Conv1D) takes the factored/closed path and
+    matches brute-force autograd, with the samples' rows in either order."""
+    torch.manual_seed(6)
+    model, x = Conv1DNet(seq_first), _x(5, 4, 6)
+    res = check_rule(rule_for(torch.addmm), model, x, sketch=None)
+    assert res.exact and res.rules_taken.get("addmm") == 2
+    assert {p["path"] for p in res.per_parameter} == {"factored", "closed"}
+
+
+def test_addmm_with_a_scale_goes_op_vjp_and_stays_exact():
+    class Scaled(Conv1DNet):
+        def forward(self, x):
+            h = torch.tanh(torch.addmm(self.b1, x.reshape(-1, 6), self.w1, beta=0.5)).view(*x.shape[:2], 8)
+            return torch.addmm(self.b2, h.mean(1), self.w2, alpha=2.0)
+
+    torch.manual_seed(7)
+    res = check_model(Scaled(), _x(4, 3, 6), sketch=None)
+    assert res.exact and {p["path"] for p in res.per_parameter} == {"op-vjp"}

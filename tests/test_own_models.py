@@ -513,3 +513,21 @@ def test_hundred_classes(tmp_path):
     figs = sorted(p.name for p in (tmp_path / "c100").glob("figure4-class*.png"))
     assert len(figs) == 20                            # one file per class only for the first 20
     assert (tmp_path / "c100" / "figure2.png").exists()
+
+
+def test_hf_gpt2_classifier_is_exact_and_its_conv1d_projections_take_the_addmm_rule():
+    """GPT-2's projections are Hugging Face ``Conv1D`` (torch.addmm): with the addmm rule they are factored,
+    not op-vjp, and the per-sample gradients of padded token batches match brute-force autograd."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32, num_labels=3,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    model = transformers.GPT2ForSequenceClassification(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 40, (4, 9), generator=g)
+    mask = (torch.arange(9) < torch.tensor([9, 5, 7, 3])[:, None]).long()
+    res = dntk.check_model(model, {"input_ids": ids * mask, "attention_mask": mask}, sketch=None)
+    assert res.exact, res.refusal
+    assert res.rules_taken.get("addmm", 0) >= 4        # c_attn, c_proj, c_fc, mlp c_proj
+    conv1d = [p for p in res.per_parameter if ".attn.c_attn." in p["name"] or ".mlp.c_fc." in p["name"]]
+    assert conv1d and all(p["path"] in ("factored", "closed") for p in conv1d)

@@ -1,4 +1,4 @@
-"""``F.linear`` and ``x @ W``: the weight gradient as factors, never formed.
+"""``F.linear``, ``x @ W`` and ``torch.addmm(b, x, W)``: the weight gradient as factors, never formed.
 
 Exactness. For y_t = W a_t (+ b) over the positions t of one sample, ∂(g·y)/∂W = Σ_t g_t a_tᵀ and
 ∂/∂b = Σ_t g_t — the chain rule, with g the output gradient of that sample (split by the measured
@@ -97,5 +97,33 @@ class MatmulRule(OpRule):
         return torch.matmul(use.data.x, use.weight.tensor)
 
 
+class AddmmRule(MatmulRule):
+    """``torch.addmm(b, x [N, in], W [in, out])`` = x @ W + b with parameters W and b (Hugging Face's
+    ``Conv1D``, GPT-2's projections): the matmul rule's factors for W, Σ_t g_t for b. Only β = α = 1 and a
+    data x; anything else is recorded whole (op-vjp)."""
+
+    kind = "addmm"
+    functions = (torch.addmm,)
+
+    def record(self, rec, use, func, args, kwargs, out):
+        b, x, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "mat1"), arg(args, kwargs, 2, "mat2")
+        if (kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3
+                or not isinstance(x, torch.Tensor) or rec.roots_of(x) is not None or x.dim() != 2
+                or not isinstance(w, torch.Tensor) or rec.roots_of(w) is None
+                or not isinstance(b, torch.Tensor) or rec.roots_of(b) is None or b.dim() != 1
+                or not isinstance(out, torch.Tensor)):
+            raise NotHandled
+        use.weight, use.bias = rec.source(w), rec.source(b)
+        use.data = LinearData(x.detach().clone())
+
+    def emit(self, use, plan, gb, B, acc):
+        super().emit(use, plan, gb, B, acc)
+        acc.bias(use, lambda: _g_rows(gb, B).sum(-1))
+
+    def recompute(self, use):
+        return torch.addmm(use.bias.tensor, use.data.x, use.weight.tensor)
+
+
 register(LinearRule())
 register(MatmulRule())
+register(AddmmRule())
