@@ -74,3 +74,25 @@ def test_results_record_versions_device_threads_and_data_keys(tmp_path):
 
     assert env["data"] == {"train": data_fingerprint(train), "test": data_fingerprint(test)}
     assert env["data"]["train"] != env["data"]["test"]
+
+
+def test_a_store_resumed_at_another_thread_count_says_so(tmp_path, capsys):
+    """Each shard records the threads, device and world it was computed with; results.json keeps them per
+    store (environment.features_computed_with) and the run warns when a resumed extraction mixed thread
+    counts. The mixed store still holds features equal to one run's (bit for bit for this small CNN)."""
+    assert main(["train", "--epochs", "2", "--quiet", "--out", str(tmp_path / "t")]) == 0
+    ckpt = str(tmp_path / "t" / "teacher" / "best.pt")
+    out = tmp_path / "r"
+    args = [*RUN[:1], *RUN[2:], "--checkpoint", ckpt, "--feature-chunk", "16", "--out", str(out)]
+    assert main([*args, "--threads", "1", "--quiet"]) == 0
+    assert _results(out)["environment"]["features_computed_with"]["train"] == {"threads": [1], "device": ["cpu"],
+                                                                               "world": [1]}
+    ref = _features(out, "train").features.clone()
+    (folder,) = [p for p in out.glob("features-train-*") if p.is_dir()]
+    for f in folder.glob("shard-000000.*"):   # as if the first run had stopped before this shard
+        f.unlink()
+    capsys.readouterr()
+    assert main([*args, "--threads", "2"]) == 0
+    assert _results(out)["environment"]["features_computed_with"]["train"]["threads"] == [1, 2]
+    assert "computed under several threads settings" in capsys.readouterr().out
+    assert torch.equal(_features(out, "train").features, ref)

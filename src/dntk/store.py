@@ -354,7 +354,8 @@ class FeatureStore:
         return [i for i in range(count) if not self.complete(i)]
 
     # -- writing -------------------------------------------------------------------------------------
-    def _write_shard(self, i: int, start: int, stop: int, result, rank: int = 0, seconds: float | None = None) -> None:
+    def _write_shard(self, i: int, start: int, stop: int, result, rank: int = 0, seconds: float | None = None,
+                     computed_with: dict | None = None) -> None:
         files = {"features": result.features.float().numpy(), "logits": result.logits.float().numpy()}
         if result.labels is not None:
             files["labels"] = result.labels.long().numpy()
@@ -371,7 +372,8 @@ class FeatureStore:
             arrays[what] = [list(array.shape), str(array.dtype)]
         atomic_json({"index": i, "start": start, "stop": stop, "identity": digest(self.manifest["identity"]),
                      "rank": rank, "sha1": sums, "arrays": arrays, "classes": list(result.classes),
-                     "paths": result.paths, "num_params": result.num_params, "seconds": seconds},
+                     "paths": result.paths, "num_params": result.num_params, "seconds": seconds,
+                     "computed_with": computed_with},
                     self._path(i, "json"))
 
     def extract(self, model, X, projector, *, identity: dict | None = None, batch_size: int = 32,
@@ -399,6 +401,11 @@ class FeatureStore:
         with hold(self.folder, rank=rank):   # a second extraction into this folder at once is refused, naming us
             self._open(identity, n)
             done = []
+            # what the numbers depend on at float rounding, not in value: recorded per shard, so a store resumed
+            # at another thread count or device says so (computed_with)
+            from .features.extract import model_device
+            dev = torch.device(device) if device is not None else model_device(model)
+            with_ = {"threads": torch.get_num_threads(), "device": dev.type, "world": world}
             # each shard is written (saved, hashed, recorded) by a writer thread while the next one is computed;
             # one write at a time, its error raised before the next write starts or at the end; an interrupted
             # write leaves no completion record, so that shard is recomputed on resume
@@ -416,7 +423,7 @@ class FeatureStore:
                     if pending is not None:
                         pending.result()
                     pending = writer.submit(self._write_shard, i, start, stop, result, rank,
-                                            seconds=time.perf_counter() - t0)
+                                            seconds=time.perf_counter() - t0, computed_with=with_)
                     done.append(i)
                 if pending is not None:
                     pending.result()
@@ -518,6 +525,20 @@ class FeatureStore:
         start, stop, over = self._range(start, stop, "read_logits")
         return torch.from_numpy(np.concatenate([np.asarray(self._array(i, "logits")[max(start, s) - s:min(stop, e) - s])
                                                 for i, s, e in over]))
+
+    def computed_with(self) -> dict:
+        """{"threads": [...], "device": [...], "world": [...]}: the distinct settings the completed shards were
+        computed with (sorted; empty lists for shards recorded before this was kept). Features are bit-identical
+        only within one setting; across thread counts or devices they agree to float rounding (see the docs'
+        *Reproducibility*), so a store resumed under another setting holds a mix."""
+        out = {"threads": set(), "device": set(), "world": set()}
+        for i in range(len(self.manifest["shards"])):
+            rec = self._record(i)
+            w = (rec or {}).get("computed_with") or {}
+            for key in out:
+                if key in w:
+                    out[key].add(w[key])
+        return {key: sorted(v, key=str) for key, v in out.items()}
 
     def extraction_seconds(self) -> float | None:
         """Wall seconds the shards took to compute, summed over shards (whichever invocation or rank computed

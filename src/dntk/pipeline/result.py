@@ -45,8 +45,10 @@ class RunResult:
         :class:`dntk.resources.StageTimer`).
     environment: what the numbers depend on beyond the config (:func:`dntk.resources.environment`): threads,
         interop_threads, device, device_name, dntk, torch, cuda, numpy, python and platform versions,
-        world_size (torchrun processes) and data {train, test}: content keys of the two splits
-        (:func:`dntk.training.teacher.data_fingerprint`).
+        world_size (torchrun processes), data {train, test}: content keys of the two splits
+        (:func:`dntk.training.teacher.data_fingerprint`), and features_computed_with {train, test}: the
+        thread counts, devices and world sizes the stored feature shards were computed with
+        (:meth:`dntk.store.FeatureStore.computed_with`; more than one of a kind after a resumed extraction).
     """
 
     config: dict

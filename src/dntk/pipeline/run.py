@@ -186,7 +186,7 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
             ftr, fte = train.read(projector=projector), test.read(projector=projector)
             curve = krr_curve(y_train, fte.logits, y_test, ridge=cfg.kernel.ridge, m_values=grid, train=ftr, test=fte,
                               targets_test=targets_of(fte.logits, y_test), device=cfg.device)
-        return {"curve": curve, "train": train, "ftr": ftr, "fte": fte, "test_logits": fte.logits,
+        return {"curve": curve, "train": train, "test_store": test, "ftr": ftr, "fte": fte, "test_logits": fte.logits,
                 "y_train": y_train, "paths": ftr.path_shares()}
 
     base_km = kernel_model(base, base_checksum, "")
@@ -256,8 +256,16 @@ def _run(cfg: RunConfig, *, model: torch.nn.Module | None = None, train_set=None
         report.figure1(_figure1_curves(curves, cfg, projector, points), out / "figure1.png", teacher_accuracy=base_acc,
                        title=f"{cfg.data.dataset} · {cfg.teacher.model} · per-class KRR (ridge {cfg.kernel.ridge:g}, "
                              f"trace-normalised)")
+    stores = {"train": base_km["train"], "test": base_km.get("test_store")}
+    made_with = {name: st_.computed_with() for name, st_ in stores.items() if st_ is not None}
+    mixed = sorted({key for w in made_with.values() for key in ("threads", "device") if len(w[key]) > 1})
+    if mixed:
+        log(f"warning: the stored features were computed under several {' and '.join(mixed)} settings "
+            f"({made_with}; an extraction resumed under other settings): equal to float rounding, not bit-identical "
+            "to one run — delete the feature folders and rerun for features of one setting")
     result.environment = {**environment(cfg.device), "world_size": ranks.world,
-                          "data": {"train": data_fingerprint(train_set), "test": data_fingerprint(test_set)}}
+                          "data": {"train": data_fingerprint(train_set), "test": data_fingerprint(test_set)},
+                          "features_computed_with": made_with}
     result.timings_s = dict(st.timings)
     result.peak_memory_mb = process_peak_rss_mb()
     result.stage_memory_mb = {"rss": dict(st.peak_rss_mb), "gpu": dict(st.peak_gpu_mb)}
