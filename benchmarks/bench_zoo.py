@@ -282,6 +282,8 @@ def main(argv=None):
                "paths": r.paths, "device": str(dev),
                "peak_kind": "GPU memory allocated" if torch.device(dev).type == "cuda" else "RSS rise"}
         row["ratio"] = row["ms_dntk"] / row["ms_bare"]
+        es = r.engine_seconds   # the last repetition's phases (FeatureResult.engine_seconds)
+        row["engine_share"] = {k_: v / max(sum(es.values()), 1e-12) for k_, v in es.items()}
         ratios = [a / b for a, b in zip(t_d, t_b)]
         row["ratio_spread"] = [min(ratios), max(ratios)]
         rows.append(row)
@@ -315,10 +317,17 @@ def render(d: dict) -> tuple[str, str, str]:
             + f"; `benchmarks/results/{a['json']}`):")
     lines = [head, "", "| model | P | fast path (factored + closed) | derived | op-vjp | dntk ms / (sample, logit) | "
              "bare vmap(grad) ms | dntk / bare | peak MB dntk / bare | kernel rel. error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    shares = all("engine_share" in r for r in d["rows"])
+    if shares:   # the engine's time split: recording (forward + layout checks) against computing
+        lines[2] += " record / check / compute |"
+        lines[3] += "---|"
     for r in d["rows"]:
         lines.append(f"| {r['model']} | {r['P']:,} | {r['fast']:.2%} | {r['derived']:.2%} | {r['op_vjp']:.2%} | "
                      f"{r['ms_dntk']:.1f} | {r['ms_bare']:.1f} | **{r['ms_dntk'] / r['ms_bare']:.2f}** | "
-                     f"{r['peak_dntk_mb']:.0f} / {r['peak_bare_mb']:.0f} | {r['kernel_err']:.4f} |")
+                     f"{r['peak_dntk_mb']:.0f} / {r['peak_bare_mb']:.0f} | {r['kernel_err']:.4f} |"
+                     + (" {:.0%} / {:.0%} / {:.0%} |".format(r["engine_share"]["record"], r["engine_share"]["check"],
+                                                           1 - r["engine_share"]["record"] - r["engine_share"]["check"])
+                        if shares else ""))
     rows = d["rows"]
     ratio = {r["model"]: r["ms_dntk"] / r["ms_bare"] for r in rows}
     fast = [r for r in rows if r["fast"] >= 0.999]

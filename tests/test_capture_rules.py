@@ -278,3 +278,21 @@ def test_addmm_with_a_scale_goes_op_vjp_and_stays_exact():
     torch.manual_seed(7)
     res = check_model(Scaled(), _x(4, 3, 6), sketch=None)
     assert res.exact and {p["path"] for p in res.per_parameter} == {"op-vjp"}
+
+
+def test_engine_seconds_account_for_the_call_and_no_more():
+    """FeatureResult.engine_seconds splits the engine's wall time into its phases (record, check, backward,
+    emit, project): every phase ≥ 0, the forward and the backward passes > 0, and their sum within the
+    call's own wall time (they are disjoint spans of it)."""
+    import time
+
+    torch.manual_seed(8)
+    model, x = ScaleNet(), _x(6, 3, 5)
+    t = time.perf_counter()
+    res = gradient_features(model, x, "tensorsketch", k=16, batch_size=3, progress=False)
+    wall = time.perf_counter() - t
+    s = res.engine_seconds
+    assert set(s) == {"record", "check", "backward", "emit", "project"}
+    assert all(v >= 0 for v in s.values()) and s["record"] > 0 and s["backward"] > 0
+    assert sum(s.values()) <= wall
+    assert gradient_features(model, x, "identity", backend="func", progress=False).engine_seconds == {}

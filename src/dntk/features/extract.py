@@ -139,7 +139,8 @@ def gradient_features(model: nn.Module, inputs, projector: Projector | str = DEF
     resolved = list(range(logits_all[0].shape[1])) if classes is None else [int(c) for c in classes]
     labels = torch.cat(labels_all) if labels_all and len(labels_all) == len(feats) else None
     return FeatureResult(torch.cat(feats, 1), torch.cat(logits_all), labels, resolved, projector,
-                         paths=capture.path_summary(), num_params={s.name: s.numel for s in capture.specs})
+                         paths=capture.path_summary(), num_params={s.name: s.numel for s in capture.specs},
+                         engine_seconds=dict(capture.seconds) if capture.backend == "ops" else {})
 
 
 class _RowSink:

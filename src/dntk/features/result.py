@@ -33,6 +33,10 @@ class FeatureResult:
         for the whole-model torch.func backend, ``none`` when no gradient reached it; see
         :mod:`dntk.features.capture`.
     num_params: {parameter name: element count}.
+    engine_seconds: wall seconds of the per-call engine per phase — ``record`` (the recorded forward),
+        ``check`` (layout measurement or verification, samples run alone), ``backward`` (per-logit backward
+        passes), ``emit`` (the rules' per-sample gradients), ``project`` (the projector) — over every batch;
+        empty for ``backend="func"``.
     """
 
     features: torch.Tensor
@@ -42,6 +46,7 @@ class FeatureResult:
     projector: Projector | None
     paths: dict[str, str] = field(default_factory=dict)
     num_params: dict[str, int] = field(default_factory=dict)
+    engine_seconds: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return self.features.shape[1]

@@ -4,6 +4,8 @@ gradient by its op rule or op-vjp, handed to a :class:`Sink`."""
 
 from __future__ import annotations
 
+import time
+
 from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
@@ -78,6 +80,11 @@ class GradientCapture:
         self._passes = 0
         self.measured = 0      # batches whose layouts were measured (measure_layouts + samples run alone)
         self.verified = 0      # batches that reused cached layouts, verified by _still_holds
+        # wall seconds per phase, over every batch: the recorded forward (and the hidden-use check), the layout
+        # measurement or verification and the samples run alone, the per-logit backward passes, the rules'
+        # emits (plans included), and the sink (projection). Host timers: on CUDA, kernels still queued count
+        # toward the phase that waits for them.
+        self.seconds = {"record": 0.0, "check": 0.0, "backward": 0.0, "emit": 0.0, "project": 0.0}
         self.remeasured = 0    # batches the cached layouts did not explain (measured afresh: refused if they mix)
 
     @property
@@ -112,6 +119,8 @@ class GradientCapture:
         model, table = self.model, self.table
         self._passes += 1
         rec = Recorder(table, self._passes)
+        clock = time.perf_counter
+        t0 = clock()
         B = samples.count(x)
         with analysis_mode(model), torch.enable_grad():
             leaves = []   # the floating inputs, differentiated for the sample-mixing check; integer inputs are data
@@ -168,6 +177,8 @@ class GradientCapture:
         if not logits.requires_grad or not outs:
             return logits.detach()  # no trainable parameter reaches the logits: every gradient is zero
 
+        t1 = clock()
+        self.seconds["record"] += t1 - t0
         layouts = [None] * len(outs)
         if B > 1:
             sig = (B, tuple((u.name, u.roots, tuple(tuple(o.shape) for o in u.outs)) for u in uses))
@@ -204,6 +215,8 @@ class GradientCapture:
                     # unambiguous and structural: reused for the same call pattern, each later batch verified by
                     # _still_holds (two weighted backward passes and one sample alone instead of a measurement)
                     self._layouts[sig] = layouts
+        t2 = clock()
+        self.seconds["check"] += t2 - t1
         per_use, k = [], 0
         for u in uses:
             per_use.append(layouts[k : k + len(u.outs)])
@@ -216,8 +229,12 @@ class GradientCapture:
                 factors.setdefault(u.weight.param, []).append(plan["a"])
         a_cat = {n: (fs[0] if len(fs) == 1 else torch.cat(fs, -1)) for n, fs in factors.items()}
 
+        t_emit = clock() - t2
         for ci, c in enumerate(classes):
+            ta = clock()
             gs = torch.autograd.grad(logits[:, c].sum(), outs, retain_graph=True, allow_unused=True)
+            tb = clock()
+            self.seconds["backward"] += tb - ta
             acc = Accumulator(rec.aliases, self._note)
             k = 0
             for u, plan in zip(uses, plans):
@@ -226,6 +243,8 @@ class GradientCapture:
                 if all(g is None for g in g_u) and plan.get("a") is None:
                     continue  # unreachable from the logits: zero gradient (factored uses still add zero columns)
                 self._emit(u, plan, g_u, B, acc)
+            tc = clock()
+            t_emit += tc - tb
             for name, gl in acc.factors.items():
                 if isinstance(name, tuple):  # x @ W: the column side changes with the logit, so no a-side cache
                     rows = torch.cat([r for r, _ in gl], -1)
@@ -235,6 +254,8 @@ class GradientCapture:
                     sink.outer(ci, name, gl[0] if len(gl) == 1 else torch.cat(gl, -1), a_cat[name])
             for name, blk in acc.blocks.items():
                 sink.block(ci, name, blk)
+            self.seconds["project"] += clock() - tc
+        self.seconds["emit"] += t_emit
         return logits.detach()
 
     # the checks (dntk.features.capture.checks), as methods so a test can replace one
