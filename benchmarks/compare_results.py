@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 
 # key renames of #23 (names that say their stage): sentence keys → short constant keys
@@ -37,8 +38,8 @@ def leaves(obj, path=(), out_dir=None):
         for i, v in enumerate(obj):
             out.update(leaves(v, path + (i,), out_dir))
         return out if obj else {path: []}
-    if isinstance(obj, str) and out_dir:
-        obj = obj.replace(out_dir, "<out>")
+    if isinstance(obj, str) and out_dir:   # the folder as a whole path component only ("/b" is not in "/best.pt")
+        obj = re.sub(re.escape(out_dir.rstrip("/")) + r"(?=/|$|[\s'\"),;])", "<out>", obj)
     return {path: obj}
 
 
