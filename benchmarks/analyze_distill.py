@@ -170,8 +170,10 @@ def render(d: dict) -> str:
     distill_analysis.json: fidelity per IPC, and its gain over a random pick."""
     rows = [r for r in d["rows"] if r["ipc"] is not None]
     ipcs = sorted({r["ipc"] for r in rows})
-    lines = ["`python3 benchmarks/analyze_distill.py` (`benchmarks/results/distill_analysis.json`; "
-             f"{max(r['seeds'] for r in rows)} seeds):", "",
+    who = (f"teacher {d['teacher_checksum'][:12]}, {d['teacher_test_accuracy']:.1%} test accuracy; "
+           if d.get("teacher_checksum") else "")
+    lines = [f"`python3 benchmarks/analyze_distill.py --seeds 0 1 2 3 4 5` ({who}"
+             f"`benchmarks/results/distill_analysis.json`; {max(r['seeds'] for r in rows)} seeds):", "",
              "| real images chosen by | " + " | ".join(f"IPC {i} fidelity (gain vs random)" for i in ipcs) + " |",
              "|---|" + "---|" * len(ipcs)]
     for name in dict.fromkeys(r["selection"] for r in rows):

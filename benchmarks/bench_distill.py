@@ -243,8 +243,11 @@ def render(d: dict) -> str:
     (means ± population std over the seeds), the all-real reference, and each WMDD set against the random real
     subsets (Welch's t) and against the very subset it started from (``paired_summary``)."""
     summ = d["summary"]
-    lines = [f"`python3 benchmarks/bench_distill.py` (teacher {d['teacher_val_accuracy']:.1%} on the test split, "
-             f"students {d['student_epochs']} epochs; `benchmarks/results/distill.json`):", "",
+    who = (f"teacher {d['teacher_checksum'][:12]}, {d['teacher_val_accuracy']:.1%} test accuracy, its epoch chosen on "
+           "held-out training images" if d.get("teacher_checksum") else
+           f"teacher {d['teacher_val_accuracy']:.1%} on the test split it was selected on (before #28)")
+    lines = [f"`python3 benchmarks/bench_distill.py` ({who}; students {d['student_epochs']} epochs; "
+             "`benchmarks/results/distill.json`):", "",
              "| IPC | m | method | seeds | KRR fidelity | KRR accuracy | student acc. (fixed / relabelled) | distill time |",
              "|---|---|---|---|---|---|---|---|"]
     for r in summ:
