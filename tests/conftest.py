@@ -70,3 +70,19 @@ def sample_root():
         pytest.skip(f"needs the ImageNette sample: {SAMPLE} does not exist ({where}); set DNTK_DATA to the folder "
                     "that holds imagenette2-224-sample/")
     return SAMPLE
+
+
+@pytest.fixture
+def captures(monkeypatch):
+    """Every GradientCapture made during the test, to read its counters."""
+    made = []
+    from dntk.features import capture as cap
+
+    real = cap.GradientCapture.__init__
+
+    def init(self, *a, **k):
+        real(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(cap.GradientCapture, "__init__", init)
+    return made

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 
 from dntk.errors import DNTKError
-from dntk.features import capture as cap
 from dntk.features import gradient_features
 from dntk.features.capture.layouts import Layout, measure_layouts
 
@@ -53,19 +52,6 @@ class ConvBN(nn.Module):
 
 
 CASES = [(SeqFirstLinear, (6, 4, 6)), (SeqFirstEncoder, (6, 5, 8)), (ConvBN, (6, 3, 6, 6))]
-
-
-@pytest.fixture
-def captures(monkeypatch):
-    made = []
-    real = cap.GradientCapture.__init__
-
-    def init(self, *a, **k):
-        real(self, *a, **k)
-        made.append(self)
-
-    monkeypatch.setattr(cap.GradientCapture, "__init__", init)
-    return made
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])

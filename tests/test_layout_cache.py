@@ -16,20 +16,6 @@ from dntk.models import build_model
 from test_train_pipeline import SyncCounter
 
 
-@pytest.fixture
-def captures(monkeypatch):
-    """Every GradientCapture made during the test, to read its counters."""
-    made = []
-    real = cap.GradientCapture.__init__
-
-    def init(self, *a, **k):
-        real(self, *a, **k)
-        made.append(self)
-
-    monkeypatch.setattr(cap.GradientCapture, "__init__", init)
-    return made
-
-
 def _brute(model, X, proj_features_of):
     """Per-sample, per-logit gradients by plain autograd, one sample at a time: [C, n, P]."""
     params = [p for p in model.parameters() if p.requires_grad]

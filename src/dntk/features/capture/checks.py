@@ -52,7 +52,8 @@ def still_holds(cap, x, logits, probe: list, layouts: list, B: int) -> bool:
     the tolerance would have to be as loose as the rounding, and :func:`~.layouts.measure_layouts`, whose
     weights are powers of two, is exact."""
     dev, dt = logits.device, logits.dtype
-    if model_dtype(cap, logits) in HALF or any(p is not None and p.dtype in HALF for p in probe):
+    mdt = model_dtype(cap, logits)
+    if mdt in HALF or any(p is not None and p.dtype in HALF for p in probe):
         return False
     rtol = 1e-8 if dt == torch.float64 else 1e-4
     if B * rtol > 0.05:
@@ -94,14 +95,14 @@ def still_holds(cap, x, logits, probe: list, layouts: list, B: int) -> bool:
     ref = logits.detach()[perm_dev]
     if again.shape != ref.shape:
         return False
-    ftol = agree_tol(ref, model_dtype(cap, ref))
+    ftol = agree_tol(ref, mdt)
     bad = bad | (torch.isfinite(ref).all() & ((again - ref).abs().amax() > ftol))
     for i in (0, j):
         alone, grads = cap._alone(x, i, r, with_grad=bool(leaves))
         ref = logits[i:i + 1].detach()
         if alone.shape != ref.shape:
             return False
-        tol = agree_tol(ref, model_dtype(cap, ref))
+        tol = agree_tol(ref, mdt)
         bad = bad | (torch.isfinite(ref).all() & ((alone - ref).abs().amax() > tol))
         if grads is not None:
             bad = bad | differs(grads, [None if g is None else g[i:i + 1] for g in base[n_out:]]).to(dev)
@@ -152,12 +153,13 @@ def check_alone_gradients(cap, x, logits, leaves, n: int = 4):
 def check_alone(cap, x, logits, n: int = 4):
     """The logits of a few samples computed alone must equal their logits in the batch (catches
     models whose outputs mix samples through values the gradient test cannot see)."""
+    mdt = model_dtype(cap, logits)
     with torch.no_grad(), analysis_mode(cap.model):
         for i in range(min(n, samples.count(x))):
             # clone: a model may modify its input
             alone = samples.call(cap.model, samples.map_leaves(torch.clone, samples.take(x, slice(i, i + 1))))
             ref = logits[i : i + 1].detach()
-            tol = float(agree_tol(ref, model_dtype(cap, ref)))
+            tol = float(agree_tol(ref, mdt))
             if not torch.isfinite(ref).all():
                 continue
             if alone.shape != ref.shape or float((alone - ref).abs().max()) > tol:

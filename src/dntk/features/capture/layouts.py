@@ -8,6 +8,7 @@ them, so it is unit-tested directly (tests/test_layout_cache.py, tests/test_capt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -146,7 +147,7 @@ def half_scale(grads: list) -> float:
     top = max(tops, default=0.0)
     if top == 0.0:
         return 1.0
-    j = max(-13, min(13, round(8 - torch.log2(torch.tensor(top)).item())))
+    j = max(-13, min(13, round(8 - math.log2(top))))
     return float(2.0 ** j)
 
 
