@@ -302,32 +302,52 @@ def main(argv=None):
     print(f"wrote {path}")
 
 
-def render(d: dict) -> tuple[str, str, str]:
-    """From zoo.json: the docs' zoo table (block ``zoo-table``: the run's settings and machine, then one row per
-    model), its summary against the targets (``zoo-summary``) and the README's one-sentence headline
-    (``zoo-headline``)."""
+def _where(d: dict) -> str:
+    m = d["machine"]
+    return (f"on {m['gpu']}" if m.get("gpu") else
+            f"{m['cpu_threads']} thread{'s' * (m['cpu_threads'] != 1)} of a {m['cores']}-core CPU")
+
+
+def render(runs) -> tuple[str, str, str]:
+    """From zoo.json (the targets' run: 2 threads) and, when given, the same benchmark at 1 thread
+    (zoo_1thread.json; ``runs`` is (main, other or None)): the docs' zoo table (block ``zoo-table``: the
+    settings and machine, one row per model, the other run's ratio beside), its summary against the targets
+    (``zoo-summary``) and the README's one-sentence headline (``zoo-headline``)."""
+    d, d1 = runs if isinstance(runs, tuple) else (runs, None)
     a, m = d["args"], d["machine"]
-    where = f"on {m['gpu']}" if m.get("gpu") else f"{m['cpu_threads']} thread{'s' * (m['cpu_threads'] != 1)} of a {m['cores']}-core CPU"
     reps = a.get("reps", 1)
     text = any(r.get("inputs") == "tokens" for r in d["rows"])
-    head = (f"`python3 benchmarks/bench_zoo.py --threads {a['threads']}` ({a['n']} ImageNette photos at {a['size']} px"
+    cmd = lambda x: f"`python3 benchmarks/bench_zoo.py --threads {x['args']['threads']}`"  # noqa: E731
+    head = (f"{cmd(d)} ({a['n']} ImageNette photos at {a['size']} px"
             + (f" or {a['n']} token sequences of up to {a['seq']} tokens, padded" if text else "")
-            + f", in batches of {a['batch']}, k = {a['k']}, {where}, torch {m['torch']}"
+            + f", in batches of {a['batch']}, k = {a['k']}, {_where(d)}, torch {m['torch']}"
             + (f"; times are medians of {reps} alternated repetitions" if reps > 1 else "")
-            + f"; `benchmarks/results/{a['json']}`):")
+            + f"; `benchmarks/results/{Path(a['json']).name}`"
+            + (f"; the last column from {cmd(d1)}, {_where(d1)}, `benchmarks/results/{Path(d1['args']['json']).name}`"
+               if d1 else "") + "):")
+    other = {r["model"]: r for r in d1["rows"]} if d1 else {}
     lines = [head, "", "| model | P | fast path (factored + closed) | derived | op-vjp | dntk ms / (sample, logit) | "
-             "bare vmap(grad) ms | dntk / bare | peak MB dntk / bare | kernel rel. error |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "bare vmap(grad) ms | dntk / bare (per rep) | peak MB dntk / bare | kernel rel. error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     shares = all("engine_share" in r for r in d["rows"])
     if shares:   # the engine's time split: recording (forward + layout checks) against computing
         lines[2] += " record / check / compute |"
         lines[3] += "---|"
+    if d1:
+        lines[2] += f" dntk / bare, {d1['machine']['cpu_threads']} thread{'s' * (d1['machine']['cpu_threads'] != 1)} |"
+        lines[3] += "---|"
     for r in d["rows"]:
+        spread = r.get("ratio_spread")
         lines.append(f"| {r['model']} | {r['P']:,} | {r['fast']:.2%} | {r['derived']:.2%} | {r['op_vjp']:.2%} | "
-                     f"{r['ms_dntk']:.1f} | {r['ms_bare']:.1f} | **{r['ms_dntk'] / r['ms_bare']:.2f}** | "
-                     f"{r['peak_dntk_mb']:.0f} / {r['peak_bare_mb']:.0f} | {r['kernel_err']:.4f} |"
+                     f"{r['ms_dntk']:.1f} | {r['ms_bare']:.1f} | **{r['ms_dntk'] / r['ms_bare']:.2f}**"
+                     + (f" ({spread[0]:.2f}–{spread[1]:.2f})" if spread and reps > 1 else "") + " | "
+                     f"{r['peak_dntk_mb']:.0f} / {r['peak_bare_mb']:.0f} ({r['peak_dntk_mb'] / r['peak_bare_mb']:.2f}×) | "
+                     f"{r['kernel_err']:.4f} |"
                      + (" {:.0%} / {:.0%} / {:.0%} |".format(r["engine_share"]["record"], r["engine_share"]["check"],
                                                            1 - r["engine_share"]["record"] - r["engine_share"]["check"])
-                        if shares else ""))
+                        if shares else "")
+                     + ((f" {other[r['model']]['ms_dntk'] / other[r['model']]['ms_bare']:.2f} |" if r["model"] in other
+                         else " — |") if d1 else ""))
     rows = d["rows"]
     ratio = {r["model"]: r["ms_dntk"] / r["ms_bare"] for r in rows}
     fast = [r for r in rows if r["fast"] >= 0.999]
@@ -335,19 +355,27 @@ def render(d: dict) -> tuple[str, str, str]:
     slow = sorted((x for x in ratio.items() if x[1] > 1.0), key=lambda x: x[1])
     mem = {r["model"]: r["peak_dntk_mb"] / r["peak_bare_mb"] for r in rows}
     hi, lo = max(mem.items(), key=lambda x: x[1]), min(mem.items(), key=lambda x: x[1])
+    over = sorted((x for x in mem.items() if x[1] > 1.0), key=lambda x: -x[1])
     fmt = lambda xs: ", ".join(f"{m} {v:.2f}×" for m, v in xs)  # noqa: E731
-    summary = "\n".join([
+    summary = [
         f"- **Fast-path share** (≥ 99.9% of P factored or closed form): {len(fast)} of {len(rows)} models"
         + ("" if len(fast) == len(rows) else " — not "
-           + ", ".join(f"{r['model']} ({r['fast']:.1%} fast, {r['derived']:.1%} derived)" for r in rows if r["fast"] < 0.999)) + ".",
-        f"- **Speed** (≤ 1× the bare per-sample gradients): {len(quick)} of {len(rows)} models — {fmt(quick)}"
-        + (f"; above 1×: {fmt(slow)}" if slow else "") + ".",
-        f"- **Peak memory** against the bare gradients': from {lo[1]:.2f}× ({lo[0]}) to {hi[1]:.2f}× ({hi[0]})."])
+           + ", ".join(f"{r['model']} ({r['fast']:.1%} fast, {r['op_vjp']:.1%} op-vjp, {r['derived']:.1%} derived)"
+                       for r in rows if r["fast"] < 0.999)) + ".",
+        f"- **Speed** (≤ 1× the bare per-sample gradients, {_where(d)}): {len(quick)} of {len(rows)} models — {fmt(quick)}"
+        + (f"; above 1×: {fmt(slow)}" if slow else "") + "."]
+    if d1:
+        r1 = {r["model"]: r["ms_dntk"] / r["ms_bare"] for r in d1["rows"]}
+        slow1 = sorted((x for x in r1.items() if x[1] > 1.0), key=lambda x: x[1])
+        summary.append(f"- **Speed, {_where(d1)}**: {sum(v <= 1.0 for v in r1.values())} of {len(r1)} models ≤ 1×"
+                       + (f"; above 1×: {fmt(slow1)}" if slow1 else "") + ".")
+    summary.append(f"- **Peak memory** against the bare gradients': from {lo[1]:.2f}× ({lo[0]}) to {hi[1]:.2f}× ({hi[0]})"
+                   + (f"; above 1×: {fmt(over)}" if over else "; at most 1× on every model") + ".")
     best = sorted(ratio.items(), key=lambda x: x[1])[:2]
-    headline = (f"`{head.split('`')[1]}`: at most as slow as bare per-sample gradients on {len(quick)} of {len(rows)} "
+    headline = (f"{cmd(d)} ({_where(d)}): at most as slow as bare per-sample gradients on {len(quick)} of {len(rows)} "
                 f"models while also projecting ({fmt(best)}"
                 + (f"; above: {fmt(slow)}" if slow else "") + "), within the rounding of brute-force autograd.")
-    return "\n".join(lines), summary, headline
+    return "\n".join(lines), "\n".join(summary), headline
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ BLOCKS = [
     ("bench_select", "select.json", ["select-table", "gap-table"], lambda d: d),
     ("bench_own_models", "own_models.json", ["own-models-table"], lambda d: d["rows"]),
     ("bench_students", "students.json", ["students-table"], lambda d: d),
-    ("bench_zoo", "zoo.json", ["zoo-table", "zoo-summary", "zoo-headline"], lambda d: d),
+    ("bench_zoo", "zoo.json", ["zoo-table", "zoo-summary", "zoo-headline"],
+     lambda d: (d, json.loads((RESULTS / "zoo_1thread.json").read_text()) if (RESULTS / "zoo_1thread.json").exists()
+                else None)),
     ("bench_features", "features.json", ["features-table", "projectors-table"], lambda d: d),
     ("bench_scale", "scale.json", ["scale-tables"], lambda d: d),
     ("bench_distill", "distill.json", ["distill-table"], lambda d: d),

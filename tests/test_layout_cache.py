@@ -97,14 +97,54 @@ def test_a_later_batch_that_mixes_is_refused(captures, monkeypatch, detached):
     assert not torch.allclose(wrong[:, 16:17].double(), ref, rtol=1e-3, atol=1e-4)
 
 
-def test_token_inputs_are_measured_every_batch(captures):
-    """Integer inputs can mix samples where no gradient flows: such batches are never served from the cache."""
+def test_token_batches_are_verified_with_every_sample_run_alone(captures):
+    """Integer inputs: the layouts are cached like float ones (later batches verified, not measured), and
+    every sample of every batch is still run alone; the features are those of brute-force autograd."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(11, 5), nn.Flatten(), nn.Linear(15, 4))
+    model = nn.Sequential(nn.Embedding(11, 5), nn.Flatten(), nn.Linear(15, 4)).double()
     ids = torch.randint(0, 11, (12, 3))
-    dntk.gradient_features(model, ids, dntk.projection.make("identity"), progress=False, batch_size=4)
+    feats = dntk.gradient_features(model, ids, dntk.projection.make("identity"), progress=False, batch_size=4).features
     c = captures[-1]
-    assert (c.measured, c.verified) == (3, 0)
+    assert (c.measured, c.verified, c.remeasured) == (1, 2, 0)
+    ref = _brute(model, ids, None)
+    assert torch.allclose(feats.double(), ref, rtol=1e-6, atol=1e-7 * float(ref.abs().max()))
+
+
+class CountsOtherSamples(nn.Module):
+    """A sample holding token 10 gets an offset from the number of samples in its batch holding token 7: an
+    integer coupling no gradient sees, invariant under a permutation of the batch, and invisible in samples
+    that hold no 10 (so in sample 0 here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(11, 5), nn.Linear(15, 4)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        sevens = (ids == 7).any(1).sum().to(h.dtype)
+        return self.head((h + (ids == 10).any(1).to(h.dtype)[:, None, None] * sevens).flatten(1))
+
+
+def test_token_coupling_in_a_verified_batch_is_refused(captures, monkeypatch):
+    """The coupling sits in the third batch (verified from the cache) in a sample the verification's random
+    single sample misses: refused, because every sample of a token batch runs alone. Without that (the
+    negative control) the batch passes and its features are silently not the model's on single inputs."""
+    import random
+
+    torch.manual_seed(0)
+    model = CountsOtherSamples().double()
+    ids = torch.randint(0, 7, (12, 3))                  # no 7 or 10 anywhere ...
+    j = random.Random(7919 + 3).randrange(1, 4)          # the sample still_holds runs alone in batch 3 (pass 3)
+    t = 8 + next(i for i in (1, 2, 3) if i != j)         # ... but a 10 in another sample of batch 3
+    ids[t, 0], ids[8 + ({1, 2, 3} - {j, t - 8}).pop(), 1] = 10, 7
+    with pytest.raises(DNTKError, match="depends on the rest of its batch"):
+        dntk.gradient_features(model, ids, dntk.projection.make("identity"), progress=False, batch_size=4)
+    c = captures[-1]
+    assert (c.measured, c.verified) == (1, 2)           # refused in a verified batch, not a measured one
+    real = cap.GradientCapture._check_alone
+    monkeypatch.setattr(cap.GradientCapture, "_check_alone",
+                        lambda self, x, logits, n=4: real(self, x, logits, n) if self.verified == 0 else None)
+    dntk.gradient_features(model, ids, dntk.projection.make("identity"), progress=False, batch_size=4)   # no error
 
 
 def test_a_verified_batch_reads_back_once(captures, monkeypatch):

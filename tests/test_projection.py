@@ -154,6 +154,28 @@ def test_factored_and_materialised_paths_agree(name):
     assert rel(out1, out2) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tensorsketch_materialised_outer_path_is_the_signed_block_bitwise(dtype):
+    """The materialised tensorsketch path folds the signs s_row(i)·s_col(j) into the factors; a sign flip is
+    exact, so the sketch is bitwise the one of projecting bmm(g, aᵀ) (the path asserted taken), also across
+    logits that reuse the cached column side."""
+    torch.manual_seed(3)
+    rows, cols, T, B, k = 9, 14, 5, 4, 64
+    spec = dntk.projection.BlockSpec("w", rows * cols, (rows, cols))
+    p = make("tensorsketch", k=k, seed=2, outer_path="materialise").bind([spec])
+    a = torch.randn(B, cols, T, dtype=dtype)
+    cache = {}
+    for _ in range(2):
+        g = torch.randn(B, rows, T, dtype=dtype)
+        out1, out2 = torch.zeros(B, k, dtype=dtype), torch.zeros(B, k, dtype=dtype)
+        before = p.calls["materialise"]
+        p.project_outer("w", g, a, out1, cache)
+        assert p.calls["materialise"] == before + 1 and p.calls["fft"] == 0
+        p.project("w", torch.bmm(g, a.transpose(1, 2)).reshape(B, -1), out2)
+        assert torch.equal(out1, out2)
+        assert out1.abs().sum() > 0
+
+
 def test_tensorsketch_fft_path_is_taken_and_exact_on_resnet_layer():
     """On ResNet-18's layer4 the FFT path is the cheaper one; it must equal the materialised sketch."""
     p = make("tensorsketch", k=256, seed=0)

@@ -344,7 +344,7 @@ PATHOLOGICAL = {
     "rnn_cell_called_3x": (RNNCell, lambda: torch.randn(5, 3, 16), {"cell.weight": "factored"}),
     "shared_weight_two_modules": (SharedWeight, lambda: torch.randn(5, 8), {"a.weight": "factored"}),
     "conv_at_two_resolutions": (TwoResolutions, lambda: torch.randn(4, 3, 8, 8), {"conv.weight": "factored"}),
-    "stdconv_subclass": (StdNet, lambda: torch.randn(4, 3, 6, 6), {"conv.weight": "derived", "conv.bias": "closed"}),
+    "stdconv_subclass": (StdNet, lambda: torch.randn(4, 3, 6, 6), {"conv.weight": "closed", "conv.bias": "closed"}),
     "weight_norm": (lambda: normed("weight_norm"), lambda: torch.randn(4, 3, 2, 2),
                     {"1.weight_g": "derived", "1.weight_v": "derived"}),
     "spectral_norm": (lambda: normed("spectral_norm"), lambda: torch.randn(4, 3, 2, 2), {"1.weight_orig": "derived"}),

@@ -75,7 +75,7 @@ def swin_t():
                            stochastic_depth_prob=0.1, num_classes=3)
 
 
-@entry("timm_resnetv2_stdconv", {"stem.conv.weight": "derived", "stages.0.blocks.0.conv1.weight": "derived"},
+@entry("timm_resnetv2_stdconv", {"stem.conv.weight": "closed", "stages.0.blocks.0.conv1.weight": "closed"},
        needs_timm=True)
 def timm_resnetv2():
     from timm.layers import GroupNormAct

@@ -165,6 +165,12 @@ class _RowSink:
     def outer(self, c, name, g, a, fixed_a=True):
         self.projector.project_outer(name, g, a, self._row(c, g.dtype), self.cache if fixed_a else {})
 
+    def table_rows(self, c, name, idx, vals):
+        self.projector.project_rows(name, idx, vals, self._row(c, vals.dtype))
+
+    def rowscaled(self, c, name, d, what):
+        self.projector.project_rowscaled(name, d, what, self._row(c, d.dtype), self.cache)
+
     def stacked(self, n_classes: int, dtype) -> torch.Tensor:
         """[C', B, k]; a logit no parameter's gradient reached has zero features."""
         return torch.stack([self.rows[c] if c in self.rows else self._row(c, dtype) for c in range(n_classes)])

@@ -113,6 +113,24 @@ class Projector:
         block = torch.bmm(g, a.transpose(1, 2)).reshape(g.shape[0], -1)
         self.project(key, block, out)
 
+    def project_rows(self, key: str, idx: torch.Tensor, vals: torch.Tensor, out: torch.Tensor) -> None:
+        """out[B, k] += vec(G_b) @ S_key for a table gradient G_b = Σ_t e_{idx[b, t]} vals[b, t]ᵀ (an embedding's:
+        idx [B, T] rows of the [rows, cols] table, vals [B, T, cols]). The default forms the [B, rows·cols]
+        block by a scatter-add; a projector can add the B·T·cols entries straight into its buckets
+        (tensorsketch)."""
+        rows = self._spec(key).numel // vals.shape[-1]
+        G = torch.zeros(vals.shape[0], rows, vals.shape[-1], dtype=vals.dtype, device=vals.device)
+        G.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, vals.shape[-1]), vals)
+        self.project(key, G.reshape(G.shape[0], -1), out)
+
+    def project_rowscaled(self, key: str, d: torch.Tensor, what: torch.Tensor, out: torch.Tensor,
+                          cache: dict | None = None) -> None:
+        """out[B, k] += vec(diag(d_b) Ŵ) @ S_key, with d [B, rows] and a fixed Ŵ [rows, cols] (the row-scaled
+        term of a standardised weight's gradient). ``cache`` is the engine's per-batch cache (the same Ŵ for
+        every logit). The default forms the [B, rows·cols] block; a projector can sketch Ŵ once instead
+        (tensorsketch)."""
+        self.project(key, (d[:, :, None] * what.to(d.dtype)[None]).reshape(d.shape[0], -1), out)
+
     def matrix(self, dtype=torch.float64, *, max_numbers: int = 50_000_000, max_unit_entries: int = 1 << 31,
                chunk_numbers: int = 1 << 22) -> torch.Tensor:
         """The whole map S as a dense [P, k] matrix, by projecting unit vectors. For tests and

@@ -225,6 +225,7 @@ class TensorSketchProjector(Projector):
         self.outer_path = outer_path
         self.calls = {"fft": 0, "materialise": 0}  # outer-product blocks per path, for tests and benchmarks
         self._plain = SJLTProjector(k, seed=seed ^ 0x5EED, s=1)
+        self.rowscaled_cache_bytes = 512 << 20   # per batch, for project_rowscaled's M matrices
 
     def bind(self, specs):
         super().bind(specs)
@@ -268,6 +269,62 @@ class TensorSketchProjector(Projector):
         fits = B * T * (k // 2 + 1) * 8 * 2 <= self.fft_max_bytes
         return fits and fft < dense
 
+    def project_rows(self, key, idx, vals, out):
+        """A table gradient Σ_t e_{idx_t} vals_tᵀ: entry (idx_t, j) goes to bucket h_row(idx_t) + h_col(j) with sign
+        s_row(idx_t)·s_col(j) — B·T·cols additions instead of forming and hashing [B, rows·cols] (summed in
+        another order than the formed block when a sample repeats a row: equal to rounding)."""
+        _check_out(out, self.k)
+        spec = self._spec(key)
+        B, T, cols = vals.shape
+        if spec.factors is None or spec.factors[1] != cols:
+            return super().project_rows(key, idx, vals, out)
+        work = torch.float32 if vals.dtype in _HALF else vals.dtype
+        k, dev = self.k, vals.device
+        hr, sr = self._hash(key, "row", spec.factors[0], dev)
+        hc, sc = self._hash(key, "col", cols, dev)
+        where = (torch.arange(B, device=dev) * (2 * k))[:, None] + hr[idx]                    # [B, T]; < 2k past b·2k
+        signed = vals.to(work) * sr.to(work)[idx][:, :, None] * sc.to(work)[None, None, :]
+        buf = torch.zeros(B, 2 * k, dtype=work, device=dev)                                    # folded once: no modulo
+        buf.view(-1).index_add_(0, (where[:, :, None] + hc[None, None, :]).reshape(-1), signed.reshape(-1))
+        out += (buf[:, :k] + buf[:, k:]).to(out.dtype)
+
+    def project_rowscaled(self, key, d, what, out, cache=None):
+        """Σ_o d_b[o] · sketch(e_o Ŵ[o]ᵀ) = d_b @ M with M[o] = s_row(o) · roll(CS_col(Ŵ[o]), h_row(o)), [rows, k]:
+        the same sums as projecting the formed [B, rows·cols] block, in another order (equal to rounding). M is
+        formed once per batch and kept in ``cache`` (the engine's per-batch cache: the same Ŵ for every logit)
+        while the cached M's stay under ``rowscaled_cache_bytes``; an M that does not fit is formed per call when
+        that is cheaper than the block (k ≤ B·cols), else the block is formed."""
+        _check_out(out, self.k)
+        spec = self._spec(key)
+        rows, cols = what.shape
+        if spec.factors != (rows, cols):
+            return super().project_rowscaled(key, d, what, out)
+        work = torch.float32 if d.dtype in _HALF else d.dtype
+        slot = ("rowscaled", key, id(what))
+        m = cache.get(slot) if cache is not None else None
+        if m is None:
+            size = rows * self.k * torch.finfo(work).bits // 8
+            keep = cache is not None and cache.get("rowscaled-bytes", 0) + size <= self.rowscaled_cache_bytes
+            if not keep and self.k > d.shape[0] * cols:
+                return super().project_rowscaled(key, d, what, out)
+            m = self._rowscaled_matrix(key, what, work)
+            if keep:
+                cache[slot] = m
+                cache["rowscaled-bytes"] = cache.get("rowscaled-bytes", 0) + size
+        out += (d.to(work) @ m).to(out.dtype)
+
+    def _rowscaled_matrix(self, key, what, work):
+        """M [rows, k]: entry (o, j) of Ŵ, signed s_row(o)·s_col(j), added at bucket h_row(o) + h_col(j) of row o (in a
+        row of 2k, folded once, so no index needs a modulo)."""
+        rows, cols = what.shape
+        k, dev = self.k, what.device
+        hr, sr = self._hash(key, "row", rows, dev)
+        hc, sc = self._hash(key, "col", cols, dev)
+        m2 = torch.zeros(rows, 2 * k, dtype=work, device=dev)
+        idx = (torch.arange(rows, device=dev) * (2 * k) + hr)[:, None] + hc[None, :]
+        m2.view(-1).index_add_(0, idx.view(-1), (what.to(work) * sc.to(work)[None, :] * sr.to(work)[:, None]).view(-1))
+        return m2[:, :k].add_(m2[:, k:])
+
     def _count_sketch(self, x, idx, sign):
         """x[B, n, T] → [B, T, k] with x's rows hashed into k buckets."""
         B, n, T = x.shape
@@ -280,9 +337,21 @@ class TensorSketchProjector(Projector):
         spec = self._spec(key)
         B, rows, T = g.shape
         fft = self.outer_path == "fft" or (self.outer_path == "auto" and self._fft_is_cheaper(rows, a.shape[1], T, B))
-        if spec.factors is None or not fft:
+        if spec.factors is None:
             self.calls["materialise"] += 1
             return super().project_outer(key, g, a, out, cache)
+        if not fft:
+            # the block's signs s_row(i)·s_col(j) folded into the factors (a sign flip is exact, so the block is
+            # bitwise the one project() would sign), the column side cached across the logits of the batch
+            self.calls["materialise"] += 1
+            _, sr = self._hash(key, "row", rows, g.device)
+            ga = cache.get((key, "signed-a"))
+            if ga is None:
+                _, sc = self._hash(key, "col", a.shape[1], a.device)
+                ga = cache[(key, "signed-a")] = (a * sc.to(a.dtype)[None, :, None]).transpose(1, 2)
+            block = torch.bmm(g * sr.to(g.dtype)[None, :, None], ga).reshape(B, -1)
+            out.index_add_(1, self._full(key, g.device)[0], block.to(out.dtype))
+            return
         self.calls["fft"] += 1
         # torch.fft has no bfloat16 kernels (CPU or CUDA) and float16 only on CUDA for powers of two:
         # half-precision factors are count-sketched and transformed in float32, and the result is

@@ -24,6 +24,9 @@ path           calls                                                            
                Σ_t g_t a_tᵀ handed to the projector as factors, never formed
 ``closed``     biases, norm affines (batch/layer/group norm), grouped/depthwise convs,     O(B·numel)
                embeddings: the per-sample block in closed form from the output gradient
+               (an embedding's rows go to the sketch as index/row pairs, O(B·T·dim));
+               a weight-standardised conv weight (checked, ``derivations.py``): factors
+               plus a row-scaled Ŵ, sketched from Ŵ once per batch
 ``derived``    a closed-form call whose weight is a derived tensor: the per-sample block    O(B·numel)
                of the derived tensor is pulled back to its parameters by a batched vjp
 ``op-vjp``     any other call (layer scale ``x * gamma``, ``x + pos_embed``, ``cat`` with  O(B·op)
@@ -62,8 +65,9 @@ permutation of 1..B, must agree entry by entry as w[sample] × plain (an entry f
 off by at least its share), and the first sample run alone must give its batch logits. A batch that
 fails is measured afresh — and refused if it mixes samples — so a model that mixes only on some
 batches is still caught. The check is compared on the device and read back once per batch (a
-measurement reads back hundreds of times). Batches with integer inputs (token ids) are measured every
-time, all samples run alone: their mixing can bypass the gradient.
+measurement reads back hundreds of times). In a batch with integer inputs (token ids) every sample is
+also run alone, measured or verified: mixing through integer values (routing, counting) bypasses the
+gradient, and a coupling that spares sample 0 and the permuted rerun is caught only there.
 
 BatchNorm: the model runs in eval mode (running statistics; mode restored afterwards). A norm
 that uses batch statistics couples the samples and is refused.

@@ -47,7 +47,12 @@ class Sink(Protocol):
     ``block(c, name, block)``: a materialised per-sample gradient block [B, numel].
     ``outer(c, name, g, a, fixed_a=True)``: a weight gradient Σ_t g_t a_tᵀ in factors g [B, rows, T],
     a [B, cols, T]; ``fixed_a`` says a is the same tensor for every logit of the batch (so a sink may
-    cache transforms of it)."""
+    cache transforms of it).
+
+    Optional, for sinks that can use the structure (else the engine forms the block and calls ``block``):
+    ``table_rows(c, name, idx, vals)``: an embedding table's gradient Σ_t e_{idx[b, t]} vals[b, t]ᵀ, idx [B, T],
+    vals [B, T, cols]; ``rowscaled(c, name, d, what)``: diag(d_b) Ŵ with d [B, rows] and a fixed Ŵ [rows, cols]
+    (a standardised weight's, :mod:`~dntk.features.capture.derivations`)."""
 
     def block(self, c: int, name: str, block: torch.Tensor) -> None: ...
 
@@ -183,12 +188,14 @@ class GradientCapture:
         if B > 1:
             sig = (B, tuple((u.name, u.roots, tuple(tuple(o.shape) for o in u.outs)) for u in uses))
             # entries that are not differentiated (integer token ids, masks) can mix samples unseen by the
-            # weighted backward passes: such batches are measured (and every sample run alone) every time
+            # weighted backward passes: every sample of such a batch is run alone, measured or verified
             data_only = any(not t.is_floating_point() for t in samples.leaves(x))
-            layouts = None if data_only else self._layouts.get(sig)
+            layouts = self._layouts.get(sig)
             if layouts is not None and not self._still_holds(x, logits, outs + leaves, layouts, B):
                 layouts = None   # this batch is not explained by the cached layouts: measured afresh below
                 self.remeasured += 1
+            if layouts is not None and data_only:
+                self._check_alone(x, logits, n=B)
             if layouts is None:
                 probe = outs + leaves
                 try:
@@ -210,7 +217,7 @@ class GradientCapture:
                     self._check_alone_gradients(x, logits, leaves, n=min(B, 4))
                 layouts = measured[: len(outs)]
                 self.measured += 1
-                if unique and not data_only and all(isinstance(lay, Layout) or (lay is None and unused[i])
+                if unique and all(isinstance(lay, Layout) or (lay is None and unused[i])
                                                     for i, lay in enumerate(layouts)):
                     # unambiguous and structural: reused for the same call pattern, each later batch verified by
                     # _still_holds (two weighted backward passes and one sample alone instead of a measurement)
@@ -225,8 +232,9 @@ class GradientCapture:
         plans = [self._plan(u, lays, B) for u, lays in zip(uses, per_use)]
         factors: dict[str, list] = {}
         for u, plan in zip(uses, plans):
-            if plan.get("a") is not None and u.weight is not None and u.weight.param is not None:
-                factors.setdefault(u.weight.param, []).append(plan["a"])
+            owner_ = plan.get("a_param") or (u.weight.param if u.weight is not None else None)
+            if plan.get("a") is not None and owner_ is not None:
+                factors.setdefault(owner_, []).append(plan["a"])
         a_cat = {n: (fs[0] if len(fs) == 1 else torch.cat(fs, -1)) for n, fs in factors.items()}
 
         t_emit = clock() - t2
@@ -252,6 +260,20 @@ class GradientCapture:
                     sink.outer(ci, name[1], rows, cols, fixed_a=False)
                 else:
                     sink.outer(ci, name, gl[0] if len(gl) == 1 else torch.cat(gl, -1), a_cat[name])
+            table_rows = getattr(sink, "table_rows", None)
+            for name, parts in acc.table_rows.items():
+                for idx, vals in parts:   # an embedding table's rows: added to the sketch by a sink that can, else formed
+                    if table_rows is not None:
+                        table_rows(ci, name, idx, vals)
+                    else:
+                        acc.add_block(name, acc.dense_rows(name, idx, vals))
+            rowscaled = getattr(sink, "rowscaled", None)
+            for name, parts in acc.rowscaled.items():
+                for d, what in parts:   # diag(d_b) Ŵ: sketched from Ŵ by a sink that can, else formed
+                    if rowscaled is not None:
+                        rowscaled(ci, name, d, what)
+                    else:
+                        acc.add_block(name, d[:, :, None] * what.to(d.dtype)[None])
             for name, blk in acc.blocks.items():
                 sink.block(ci, name, blk)
             self.seconds["project"] += clock() - tc

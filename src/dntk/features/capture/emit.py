@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .derivations import row_standardisation
 from .layouts import Layout, masked
 
 
@@ -38,6 +39,22 @@ class Accumulator:
         self.aliases, self.note = aliases, note
         self.factors: dict = {}
         self.blocks: dict[str, torch.Tensor] = {}
+        self.rowscaled: dict[str, list] = {}
+        self.table_rows: dict[str, list] = {}
+
+    def add_rows(self, name: str, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        """A per-sample table gradient Σ_t e_{idx[b, t]} vals[b, t]ᵀ of ``name`` (idx [B, T], vals [B, T, cols])."""
+        self.table_rows.setdefault(name, []).append((idx, vals))
+
+    def dense_rows(self, name: str, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        """The same gradient formed: [B, rows, cols] by a scatter-add."""
+        G = torch.zeros(vals.shape[0], self.aliases[name].shape[0], vals.shape[-1], dtype=vals.dtype, device=vals.device)
+        return G.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, vals.shape[-1]), vals)
+
+    def add_rowscaled(self, name: str, d: torch.Tensor, what: torch.Tensor) -> None:
+        """A per-sample gradient diag(d_b) Ŵ of ``name``: d [B, rows] against a fixed Ŵ [rows, cols] (see
+        :mod:`~dntk.features.capture.derivations`)."""
+        self.rowscaled.setdefault(name, []).append((d, what))
 
     def add_block(self, name: str, blk: torch.Tensor) -> None:
         blk = blk.reshape(blk.shape[0], -1)
@@ -77,6 +94,11 @@ class Accumulator:
         if src.param is not None:
             self.add_block(src.param, G)
             self.note([src.param], path)
+            return
+        std = row_standardisation(src)
+        if std is not None:   # a standardised weight: the pull-back in closed form (derivations.py)
+            self.add_block(std.root, std.pull_back(G.reshape(G.shape[0], *std.what.shape)))
+            self.note(src.roots, "closed")
             return
         res = batched_vjp([src.tensor], [self.aliases[n] for n in src.roots], [G])
         for n, r in zip(src.roots, res):

@@ -124,15 +124,18 @@ class LayoutError(Exception):
 
 def spell_samples(g1, qs, where, tol, B, i) -> torch.Tensor:
     """Sample index of every entry in ``where``: bit j is 1 where the pass weighted 2^{bit_j(b)} gave
-    2× the plain gradient g1, 0 where it gave 1×. Anything else feeds several samples: LayoutError(i)."""
+    2× the plain gradient g1, 0 where it gave 1×. Anything else feeds several samples: LayoutError(i).
+    Every bit is checked on the device and read back once (no boolean indexing)."""
     ids = torch.zeros(g1.shape, dtype=torch.long, device=g1.device)
+    bad = torch.zeros((), dtype=torch.bool, device=g1.device)
     for j, q in enumerate(qs):
-        q = q if q is not None else torch.zeros_like(g1)
-        one, two = (q - g1).abs() <= tol, (q - 2 * g1).abs() <= tol
-        if not bool((one | two)[where].all()):
-            raise LayoutError(i)
+        d = q - g1 if q is not None else -g1            # q − g1: 0 for 1×, g1 for 2×
+        two = (d - g1).abs_() <= tol
+        one = d.abs_() <= tol
+        bad |= (where & ~(one | two)).any()
         ids |= two.long() << j
-    if bool((ids[where] >= B).any()):
+    bad |= (where & (ids >= B)).any()
+    if bool(bad):
         raise LayoutError(i)
     return ids
 
@@ -218,7 +221,7 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0, checked: in
             # counting both would make every batch-first output ambiguous and nothing would ever be cached
             for order in ("major",) if o.shape[d] == B else ("major", "minor"):
                 lay = Layout(d, order)
-                if bool((sample_ids(o.shape, lay, B, o.device) == ids)[support].all()):
+                if not bool(((sample_ids(o.shape, lay, B, o.device) != ids) & support).any()):
                     matches += 1
                     found = found or lay
         if matches != 1:

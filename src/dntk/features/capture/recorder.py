@@ -33,10 +33,11 @@ def _name(func) -> str:
 class Source:
     """Where a weight/bias argument came from: a parameter (by name) or a derived tensor."""
 
-    __slots__ = ("param", "tensor", "roots")
+    __slots__ = ("param", "tensor", "roots", "root", "std")
 
-    def __init__(self, param: str | None, tensor: torch.Tensor | None, roots: tuple[str, ...]):
+    def __init__(self, param: str | None, tensor: torch.Tensor | None, roots: tuple[str, ...], root=None):
         self.param, self.tensor, self.roots = param, tensor, roots
+        self.root = root   # the pass's alias of the single root parameter of a derived tensor (else None)
 
 
 @dataclass
@@ -169,7 +170,7 @@ class Recorder(TorchFunctionMode):
             return None  # a constant (or data) in a weight slot: no parameter gradient flows there
         if len(r) == 1 and self.aliases.get(r[0]) is t:
             return Source(r[0], t, r)
-        return Source(None, t, r)
+        return Source(None, t, r, self.aliases.get(r[0]) if len(r) == 1 else None)
 
     def _cut(self, func, args, kwargs):
         """The call again with its data arguments detached: the graph of the result reaches the

@@ -4,8 +4,9 @@ Exactness. A convolution is a linear map of the unfolded input patches a [N, col
 (``F.unfold`` with the call's kernel, stride, dilation and padding; asymmetric "same" padding padded
 explicitly first): y[:, :, l] = W a[:, :, l] (+ b). So ∂(g·y)/∂W = Σ_l g_l a_lᵀ per sample, handed to
 the projector as factors when groups = 1 and W is a parameter (``factored``); grouped and depthwise
-convs form the per-group block by an einsum over (out_g, cols_g) (``closed``), and a derived weight
-(weight standardisation) pulls the formed block back (``derived``). Cost: the unfold (cols·L per
+convs form the per-group block by an einsum over (out_g, cols_g) (``closed``); a weight-standardised
+weight (checked, :mod:`~dntk.features.capture.derivations`) stays factored, [g/σ, −r/n] against [a, 1]
+plus a row-scaled Ŵ (``closed``); any other derived weight pulls the formed block back (``derived``). Cost: the unfold (cols·L per
 sample) plus the contraction; a layout with the samples anywhere but dim 0 falls back to op-vjp.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..derivations import row_standardisation
 from ..layouts import split_batch
 from .base import NotHandled, OpRule, arg, register
 
@@ -81,12 +83,26 @@ class ConvRule(OpRule):
         use.data.a = None
         a = ab.transpose(1, 2).reshape(B, ab.shape[2], -1)         # [B, cols, r·L]
         fac = use.data.groups == 1 and use.weight is not None and use.weight.param is not None
+        std = (row_standardisation(use.weight) if use.data.groups == 1 and use.weight is not None and not fac
+               else None)
+        if std is not None:   # a standardised weight: factors [a, 1] and a row-scaled Ŵ (derivations.py)
+            ones = torch.ones(B, a.shape[1], 1, dtype=a.dtype, device=a.device)
+            z = torch.matmul(std.what.to(a.dtype), a)                # Ŵ a_t [B, out, T]
+            return {"layout": lay, "a": torch.cat([a, ones], -1), "a_param": std.root, "std": std, "z": z,
+                    "a_sum": a.sum(1, keepdim=True)}                 # Σ_j a_t[j] [B, 1, T]
         return {"layout": lay, "a": a if fac else None, "a_mat": None if fac else a}
 
     def emit(self, use, plan, gb, B, acc):
         gf = gb.transpose(1, 2).reshape(B, gb.shape[2], -1)             # [B, out, r·L]
         groups = use.data.groups
-        if plan["a"] is not None:
+        if plan.get("std") is not None:
+            std = plan["std"]
+            gs = gf * std.inv_sigma.to(gf.dtype)[None, :, None]
+            r = (gs * plan["a_sum"]).sum(-1, keepdim=True)              # [B, out, 1]
+            acc.factors.setdefault(std.root, []).append(torch.cat([gs, r.div_(-std.n)], -1))
+            acc.add_rowscaled(std.root, (gs * plan["z"]).sum(-1).div_(-std.n), std.what)
+            acc.note([std.root], "closed")
+        elif plan["a"] is not None:
             acc.weight(use, gf=gf, a=plan["a"])
         elif use.weight is not None:
             a = plan["a_mat"]

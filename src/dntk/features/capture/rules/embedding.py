@@ -3,8 +3,9 @@
 Exactness. y_t = W[i_t], so ∂(g·y)/∂W is Σ_t g_t added into row i_t (``scatter_add_`` of the sample's
 output-gradient rows by its indices), with the padding row zeroed as autograd does for
 ``padding_idx``. ``max_norm`` renormalises W in place and is left to op-vjp; ``scale_grad_by_freq``
-scales by counts over the whole batch, which couples the samples, and is refused. Cost: a [B, rows,
-dim] block per logit (the table is formed per sample, O(B·numel)).
+scales by counts over the whole batch, which couples the samples, and is refused. Cost: the
+B·T·dim output-gradient rows handed to the sink with their indices (a sketch adds them to its buckets,
+O(B·T·dim); a sink that needs the block forms it, O(B·numel)); a derived table is formed and pulled back.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class EmbeddingRule(OpRule):
             return
         idx = split_batch(use.data.idx, plan["layout"], B).reshape(B, -1)
         gg = gb.reshape(B, -1, gb.shape[-1])
+        if use.weight.param is not None:   # the table's rows straight to the sink (a sketch adds them to its buckets)
+            if use.data.padding_idx is not None:
+                gg = gg * (idx != use.data.padding_idx).unsqueeze(-1).to(gg.dtype)
+            acc.add_rows(use.weight.param, idx, gg)
+            acc.note([use.weight.param], "closed")
+            return
         G = torch.zeros(B, w.shape[0], w.shape[1], dtype=gg.dtype, device=gg.device)
         G.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, w.shape[1]), gg)
         if use.data.padding_idx is not None:
