@@ -32,6 +32,12 @@ def check_repeatable(cap, x, logits):
     if bool(torch.isfinite(ref).all()) and float((again - ref).abs().max()) > tol:
         raise DNTKError(random_forward_message("the same input run twice gave different logits"))
 
+def integer_inputs(x) -> bool:
+    """Whether the batch has entries that are not differentiated (token ids, integer masks): samples can mix
+    through them where no gradient flows, so every sample of such a batch is run alone, measured or verified."""
+    return any(not t.is_floating_point() for t in samples.leaves(x))
+
+
 def still_holds(cap, x, logits, probe: list, layouts: list, B: int) -> bool:
     """Whether cached ``layouts`` still explain this batch, checked on the device and read back once:
 
@@ -46,7 +52,7 @@ def still_holds(cap, x, logits, probe: list, layouts: list, B: int) -> bool:
     - values, for coupling the gradient cannot see (integer routing, detached values, queues in batch
       order): the batch run again in a random order must give the same logits permuted; sample 0 and a
       random sample j ≥ 1 run alone must give their batch logits and (within 10%, :func:`~.layouts.differs`) their
-      input gradients in the batch.
+      input gradients in the batch — every sample, when the batch has integer inputs (:func:`integer_inputs`).
 
     In half precision it answers False (the batch is measured): w·g with w in 1..B is not exact there, so
     the tolerance would have to be as loose as the rounding, and :func:`~.layouts.measure_layouts`, whose
@@ -97,7 +103,7 @@ def still_holds(cap, x, logits, probe: list, layouts: list, B: int) -> bool:
         return False
     ftol = agree_tol(ref, mdt)
     bad = bad | (torch.isfinite(ref).all() & ((again - ref).abs().amax() > ftol))
-    for i in (0, j):
+    for i in (range(B) if integer_inputs(x) else (0, j)):
         alone, grads = cap._alone(x, i, r, with_grad=bool(leaves))
         ref = logits[i:i + 1].detach()
         if alone.shape != ref.shape:

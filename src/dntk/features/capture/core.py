@@ -188,14 +188,12 @@ class GradientCapture:
         if B > 1:
             sig = (B, tuple((u.name, u.roots, tuple(tuple(o.shape) for o in u.outs)) for u in uses))
             # entries that are not differentiated (integer token ids, masks) can mix samples unseen by the
-            # weighted backward passes: every sample of such a batch is run alone, measured or verified
-            data_only = any(not t.is_floating_point() for t in samples.leaves(x))
+            # weighted backward passes: every sample of such a batch is run alone, measured or verified (still_holds)
+            data_only = checks.integer_inputs(x)
             layouts = self._layouts.get(sig)
             if layouts is not None and not self._still_holds(x, logits, outs + leaves, layouts, B):
                 layouts = None   # this batch is not explained by the cached layouts: measured afresh below
                 self.remeasured += 1
-            if layouts is not None and data_only:
-                self._check_alone(x, logits, n=B)
             if layouts is None:
                 probe = outs + leaves
                 try:

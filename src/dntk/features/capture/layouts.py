@@ -122,22 +122,32 @@ class LayoutError(Exception):
     pass
 
 
+def _spell_bit(ids, bad, g1, q, where, tol, j: int):
+    """Bit j of the sample index of every entry in ``where``, into ``ids`` (in place): 1 where the pass weighted
+    2^{bit_j(b)} gave 2× the plain gradient g1, 0 where it gave 1×; an entry that gave neither feeds several
+    samples and sets the device flag ``bad`` (returned)."""
+    d = q - g1 if q is not None else -g1            # q − g1: 0 for 1×, g1 for 2×
+    two = (d - g1).abs_() <= tol
+    one = d.abs_() <= tol
+    ids |= two.to(ids.dtype) << j
+    return bad | (where & ~(one | two)).any()
+
+
 def spell_samples(g1, qs, where, tol, B, i) -> torch.Tensor:
-    """Sample index of every entry in ``where``: bit j is 1 where the pass weighted 2^{bit_j(b)} gave
-    2× the plain gradient g1, 0 where it gave 1×. Anything else feeds several samples: LayoutError(i).
-    Every bit is checked on the device and read back once (no boolean indexing)."""
-    ids = torch.zeros(g1.shape, dtype=torch.long, device=g1.device)
+    """Sample index of every entry in ``where`` from all the bit passes ``qs`` at once (see :func:`_spell_bit`);
+    anything that feeds several samples: LayoutError(i). Checked on the device, read back once."""
+    ids = torch.zeros(g1.shape, dtype=_id_dtype(B), device=g1.device)
     bad = torch.zeros((), dtype=torch.bool, device=g1.device)
     for j, q in enumerate(qs):
-        d = q - g1 if q is not None else -g1            # q − g1: 0 for 1×, g1 for 2×
-        two = (d - g1).abs_() <= tol
-        one = d.abs_() <= tol
-        bad |= (where & ~(one | two)).any()
-        ids |= two.long() << j
+        bad = _spell_bit(ids, bad, g1, q, where, tol, j)
     bad |= (where & (ids >= B)).any()
     if bool(bad):
         raise LayoutError(i)
     return ids
+
+
+def _id_dtype(B: int) -> torch.dtype:
+    return torch.int16 if B <= 1 << 14 else torch.int32
 
 
 def half_scale(grads: list) -> float:
@@ -164,7 +174,11 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0, checked: in
     Only the first ``checked`` outputs (default: all) must be classifiable: the rest (the inputs, probed for
     mixing alone) get None when every entry is too small to tell samples apart. When several layouts explain
     the checked entries and other entries carry gradient, the output gets a per-entry index map, not the first
-    candidate. In half precision the passes are rescaled by :func:`half_scale`."""
+    candidate. In half precision the passes are rescaled by :func:`half_scale`.
+
+    Memory: the plain pass's gradients, a bool support and a small-integer index per entry, and one bit pass
+    at a time (each is folded into the indices, then dropped); an output that needs a per-entry map over
+    entries outside its support takes the bit passes again."""
     B, C = logits.shape
     gen = torch.Generator().manual_seed(7919 + seed)
     r = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(logits.dtype).to(logits.device)
@@ -182,13 +196,17 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0, checked: in
         if scale != 1.0:
             base = grads(torch.full((B,), scale, dtype=s.dtype, device=s.device))
     ar = torch.arange(B, device=s.device)
-    bits = [grads(((((ar >> j) & 1) + 1) * scale).to(s.dtype)) for j in range(nbits)]
+    weights = [((((ar >> j) & 1) + 1) * scale).to(s.dtype) for j in range(nbits)]
     checked = len(outs) if checked is None else checked
-    layouts, unique = [], True
-    for i, o in enumerate(outs):
-        g1 = base[i]
+
+    def tolerance(i):   # recomputed per bit from the plain gradient rather than held
+        e = state[i]   # |g1| where finite; a non-finite entry is outside the support, so its tolerance is never read
+        return 1e-3 * base[i].abs() + e["top"] * 1e2 * e["eps"] + e["tiny"]
+
+    state: dict[int, dict] = {}
+    layouts: list = [None] * len(outs)
+    for i, g1 in enumerate(base):
         if g1 is None:
-            layouts.append(None)
             continue
         finite = torch.isfinite(g1)
         mag = torch.where(finite, g1.abs(), torch.zeros_like(g1))
@@ -197,7 +215,6 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0, checked: in
             if not bool(finite.all()):
                 raise DNTKError("non-finite gradients in the batch, everywhere in a layer's output; check the inputs for "
                                 "NaN/inf and the model for overflow (e.g. run in float64)")
-            layouts.append(None)
             continue
         eps, tiny = measure_eps(g1.dtype), float(torch.finfo(g1.dtype).tiny)
         # non-finite entries are left out (the layout carries them to their samples), and so are entries near
@@ -205,14 +222,24 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0, checked: in
         support = mag > max(top * 1e3 * eps, 4 * tiny)
         if not bool(support.any()):
             if i >= checked:
-                layouts.append(None)   # an input probed for mixing only: nothing here to check it by
-                continue
+                continue   # an input probed for mixing only: nothing here to check it by
             raise DNTKError(f"the gradients of a layer's output are all below {4 * tiny:.2g}, near the subnormal range of "
                             f"{str(g1.dtype).replace('torch.', '')}, where the samples they belong to cannot be told "
                             "apart; run the model in float32 (or bfloat16, which has float32's range)")
-        tol = 1e-3 * mag + top * 1e2 * eps + tiny
-        qs = [bits[j][i] for j in range(nbits)]
-        ids = spell_samples(g1, qs, support, tol, B, i)
+        state[i] = {"top": top, "eps": eps, "tiny": tiny, "support": support,
+                    "ids": torch.zeros(g1.shape, dtype=_id_dtype(B), device=g1.device),
+                    "bad": torch.zeros((), dtype=torch.bool, device=g1.device)}
+    for j, w in enumerate(weights):
+        q = grads(w)
+        for i, e in state.items():
+            e["bad"] = _spell_bit(e["ids"], e["bad"], base[i], q[i], e["support"], tolerance(i), j)
+        del q
+    unique, remap = True, []
+    for i, e in state.items():
+        o, ids, support = outs[i], e["ids"], e["support"]
+        if bool(e["bad"] | (support & (ids >= B)).any()):
+            raise LayoutError(i)
+        g1 = base[i]
         found, matches = None, 0
         for d in range(o.dim()):
             if o.shape[d] % B:
@@ -226,13 +253,21 @@ def measure_layouts(logits: torch.Tensor, outs: list, seed: int = 0, checked: in
                     found = found or lay
         if matches != 1:
             unique = False  # several layouts (or none) explain this batch: valid here, not cached
+        finite = torch.isfinite(g1)
         if matches > 1 and bool((finite & (g1 != 0) & ~support).any()):
             found = None    # the checked entries fit several layouts and others carry gradient: classify each entry
         if found is None:
             # an index map for this batch: every entry with any gradient must be classified
             full = finite & (g1 != 0)
             if bool((full & ~support).any()):
-                ids = spell_samples(g1, qs, full, 1e-3 * g1.abs(), B, i)
-            ids = ids.masked_fill(~full, 0)
-        layouts.append(found if found is not None else ids)
+                remap.append((i, full))
+            else:
+                layouts[i] = ids.long().masked_fill(~full, 0)
+        else:
+            layouts[i] = found
+    if remap:   # rare: entries outside the support need their own spelling, from the bit passes again
+        qs = [grads(w) for w in weights]
+        for i, full in remap:
+            ids = spell_samples(base[i], [q[i] for q in qs], full, 1e-3 * base[i].abs(), B, i)
+            layouts[i] = ids.long().masked_fill(~full, 0)
     return layouts, unique, [g is None for g in base]
