@@ -154,6 +154,8 @@ def test_mistakes_are_refused_before_any_training(tmp_path, capsys):
     (tmp_path / "o" / "results.json").mkdir(parents=True)
     _refused(capsys, [*RUN, "--out", str(tmp_path / "o")], "results.json is a folder")
     _refused(capsys, [*RUN, "--image-size", "16", "--out", str(tmp_path / "img")], "the digits are 8 × 8 pixels")
+    _refused(capsys, [*RUN, "--resize", "16", "--out", str(tmp_path / "img")], "are not resized; drop --resize")
+    _refused(capsys, [*RUN, "--train-batch-size", "1", "--out", str(tmp_path / "img")], "batch size 1")
     _refused(capsys, [*RUN, "--device", "foo", "--out", str(tmp_path / "d")], "--device 'foo' is not a device name")
     if not torch.cuda.is_available():
         _refused(capsys, [*RUN, "--device", "cuda", "--out", str(tmp_path / "d")], "no usable CUDA GPU")
@@ -190,6 +192,11 @@ def test_reproduce_refuses_its_own_flags_as_overrides(tmp_path, capsys, sample_r
     with pytest.raises(DNTKError, match=r"seed is a setting of dntk reproduce itself, not an override: pass --seed"):
         ReproduceConfig(data_root=str(sample_root), overrides={"seed": 1}).check()
     assert not (tmp_path / "r").exists()
+    # more images per class than the data holds: refused before the teacher trains (only the decoded images, which
+    # the count needs, are cached)
+    _refused(capsys, ["reproduce", "--data-root", str(sample_root), "--out", str(tmp_path / "r"), "--set", "ipc=5000"],
+             "ipc=5000 is larger than")
+    assert [p.relative_to(tmp_path / "r").parts[0] for p in (tmp_path / "r").rglob("*.pt")] == ["cache", "cache"]
 
 
 # --- mechanism 1: stage results keyed by what they depend on ---------------------------------------------

@@ -70,6 +70,31 @@ def test_a_corrupted_or_swapped_shard_is_never_used(tmp_path):
     assert torch.equal(again.read().logits, store.read().logits)
 
 
+@pytest.mark.parametrize("what", ["features", "logits"])
+def test_a_zero_byte_shard_is_named_and_recomputed(tmp_path, what):
+    """Case 6: a zero-byte shard array behind a valid record (what a power loss before the data reached the disk
+    leaves) raised numpy's EOFError on every rerun. Now verify() reports it, read() refuses it naming the file, and
+    extraction recomputes it with a warning, to the same features."""
+    torch.manual_seed(0)
+    m = randomize_bn(small_cnn_bn())
+    X = torch.randn(24, 3, 8, 8)
+    proj = dntk.projection.make("sjlt", k=64, seed=0)
+    store = dntk.store.FeatureStore(tmp_path / "s", shard=8)
+    store.extract(m, X, proj, progress=False)
+    good = store.read()
+    (tmp_path / "s" / f"shard-000001.{what}.npy").write_bytes(b"")
+    fresh = dntk.store.FeatureStore(tmp_path / "s", shard=8)
+    report = fresh.verify()
+    assert not report["complete"] and [c[:2] for c in report["corrupt"]] == [(1, f"shard-000001.{what}.npy")]
+    assert fresh.missing() == [1]
+    with pytest.raises(DNTKError, match=f"shard-000001.{what}.npy: missing or unreadable"):
+        fresh.read()
+    with pytest.warns(RuntimeWarning, match="shard 1 does not match its completion record"):
+        assert fresh.extract(m, X, proj, progress=False) == [1]
+    again = fresh.read()
+    assert torch.equal(again.features, good.features) and torch.equal(again.logits, good.logits)
+
+
 def test_dntk_run_recomputes_a_corrupted_shard(tmp_path, capsys):
     """Case 1 end to end: rerunning the same command after a flip reports the same numbers."""
     out = tmp_path / "run"
@@ -199,6 +224,30 @@ def test_a_teacher_is_never_reused_for_other_data(tmp_path):
     assert main(base + ["--image-size", "16"]) == 0
     third = json.loads((out / "results.json").read_text())["teacher"]
     assert third["source"] not in (first["source"], second["source"])
+    # another --resize, an added training image, an added class, another built-in --model or --stem: each
+    # trains its own teacher (it was the old teacher, or a raw load_state_dict traceback), rc 0
+    seen = {first["source"], second["source"], third["source"]}
+    a = np.full((20, 20, 3), 200, np.uint8)
+
+    def added_image():
+        Image.fromarray(a).save(data / "train" / "c1" / "extra.png")
+
+    def added_class():
+        for split in ("train", "val"):
+            (data / split / "c2").mkdir()
+            for i in range(6 if split == "train" else 3):
+                Image.fromarray(np.roll(a, i, 0) // (i + 1)).save(data / split / "c2" / f"{i}.png")
+
+    for change, extra in ((None, ["--resize", "22"]), (added_image, []), (added_class, []),
+                          (None, ["--model", "resnet18", "--stem", "small"]),
+                          (None, ["--model", "resnet18", "--stem", "imagenet"])):
+        if change is not None:
+            change()
+        assert main(base[:base.index("--model")] + base[base.index("--model") + 2:] + ["--image-size", "16"]
+                    + (extra if "--model" in extra else ["--model", "small_cnn"] + extra)) == 0
+        source = json.loads((out / "results.json").read_text())["teacher"]["source"]
+        assert source not in seen, (change, extra)
+        seen.add(source)
     # a zero-byte key.json: what OUT/teacher holds is unknown, so it is not reused (and no traceback)
     (out / "teacher" / "key.json").write_text("")
     with pytest.warns(RuntimeWarning, match="missing or unreadable"):

@@ -299,7 +299,7 @@ class FeatureStore:
         for what, (shape, dtype) in rec.get("arrays", {}).items():
             try:
                 a = self._array(i, what)
-            except (ValueError, OSError):
+            except (ValueError, OSError, EOFError):
                 return False
             if list(a.shape) != shape or str(a.dtype) != dtype:
                 return False
@@ -337,7 +337,7 @@ class FeatureStore:
             path = self._path(i, f"{what}.npy")
             try:
                 a = self._array(i, what)
-            except (ValueError, OSError):
+            except (ValueError, OSError, EOFError):
                 return f"{path.name}: missing or unreadable"
             if list(a.shape) != shape or str(a.dtype) != dtype:
                 return f"{path.name}: shape {list(a.shape)} {a.dtype}, recorded {shape} {dtype}"
@@ -365,6 +365,8 @@ class FeatureStore:
             tmp = _tmp(path)
             with open(tmp, "wb") as f:
                 np.save(f, array)
+                f.flush()
+                os.fsync(f.fileno())   # durable before its record names it (a power loss leaves no empty shard behind one)
             sums[what] = _sha1_file(tmp)  # the bytes this process wrote, before anyone can replace them
             tmp.replace(path)
             st = path.stat()   # this version is known good: not hashed again when the run reads it back
@@ -579,7 +581,7 @@ class FeatureStore:
                     continue
                 try:
                     a = self._array(i, what)
-                except (ValueError, OSError) as err:
+                except (ValueError, OSError, EOFError) as err:
                     corrupt.append((i, path.name, f"unreadable ({err})"))
                     continue
                 expected = {"features": (np.float32, 3, 1), "logits": (np.float32, 2, 0), "labels": (np.int64, 1, 0)}
