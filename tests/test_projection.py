@@ -181,6 +181,10 @@ def test_tensorsketch_fft_path_is_taken_and_exact_on_resnet_layer():
     p = make("tensorsketch", k=256, seed=0)
     assert p._fft_is_cheaper(512, 512 * 9, 4, 8)
     assert not p._fft_is_cheaper(64, 27, 1024, 8)
+    p4096 = make("tensorsketch", k=4096, seed=0)   # the measured cases of the cost rule's docstring
+    assert [p4096._fft_is_cheaper(*shape, 8) for shape in [(1000, 2048, 1), (768, 192, 17), (256, 512, 4), (192, 192, 17),
+                                                          (256, 256, 64), (1024, 256, 64), (32, 288, 16)]] == \
+        [True, True, True, False, False, False, False]
 
 
 @pytest.fixture(scope="module")
