@@ -383,5 +383,20 @@ def render(runs) -> tuple[str, str, str]:
     return "\n".join(lines), "\n".join(summary), headline
 
 
+def render_longer(d: dict) -> str:
+    """From zoo_n64.json (the same benchmark over more batches, ``--n 64``): one line per model — the ratio and
+    the check's share of the engine's time, beside the two-batch table's (block ``zoo-n64``)."""
+    a = d["args"]
+    lines = [f"`python3 benchmarks/bench_zoo.py --threads {a['threads']} --n {a['n']} --models ...` ({a['n']} inputs in "
+             f"{a['n'] // a['batch']} batches of {a['batch']}, {_where(d)}, medians of {a.get('reps', 1)}; "
+             f"`benchmarks/results/{Path(a['json']).name}`): the first batch's measurement spread over more batches —", ""]
+    for r in d["rows"]:
+        sp = r.get("ratio_spread") or [r["ratio"], r["ratio"]]
+        lines.append(f"- {r['model']}: **{r['ms_dntk'] / r['ms_bare']:.2f}×** bare ({sp[0]:.2f}–{sp[1]:.2f}), check "
+                     f"{r['engine_share']['check']:.0%} of the engine's time, peak {r['peak_dntk_mb']:.0f} / "
+                     f"{r['peak_bare_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

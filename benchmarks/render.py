@@ -20,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS, block_files, write_readme_block  # noqa: E402
 
-# (benchmark module, its JSON, the blocks render returns in order, what render takes from the JSON)
+# (benchmark module, its JSON, the blocks render returns in order, what render takes from the JSON[, the module's
+# render function when it is not ``render``)
 BLOCKS = [
     ("bench_gradients", "gradients.json", ["gradients-tables"], lambda d: d),
     ("bench_select", "select.json", ["select-table", "gap-table"], lambda d: d),
@@ -37,6 +38,7 @@ BLOCKS = [
     ("gpu_suite", "gpu_pack.json", ["gpu-plan"], lambda d: d),
     ("reproduce_docs", "reproduce-cpu64/reproduce.json", ["reproduce-table"], lambda d: d),
     ("digits", "digits.json", ["digits-output"], lambda d: d),
+    ("bench_zoo", "zoo_n64.json", ["zoo-n64"], lambda d: d, "render_longer"),
 ]
 
 # marked blocks that are not benchmark numbers, and what keeps them true instead
@@ -48,11 +50,11 @@ def rendered() -> dict[str, str]:
     """{block name: its body rendered from the JSON} for every block whose JSON exists (computed once per
     process: the GPU plan's FLOP counts take seconds)."""
     out = {}
-    for module, name, blocks, arg in BLOCKS:
+    for module, name, blocks, arg, *function in BLOCKS:
         path = RESULTS / name
         if not path.exists():
             continue
-        res = importlib.import_module(module).render(arg(json.loads(path.read_text())))
+        res = getattr(importlib.import_module(module), function[0] if function else "render")(arg(json.loads(path.read_text())))
         res = res if isinstance(res, tuple) else (res,)
         if len(res) != len(blocks):
             raise SystemExit(f"{module}.render returned {len(res)} blocks, expected {blocks}")

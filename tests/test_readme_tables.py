@@ -13,7 +13,8 @@ render = importlib.import_module("render")
 sys.path.remove(str(ROOT / "benchmarks"))
 
 
-@pytest.mark.parametrize("module,json_name,blocks,arg", render.BLOCKS, ids=[b[0] for b in render.BLOCKS])
+@pytest.mark.parametrize("module,json_name,blocks,arg", [b[:4] for b in render.BLOCKS],
+                         ids=[f"{b[0]}:{b[1]}" for b in render.BLOCKS])
 def test_pages_hold_the_rendering_of_the_benchmark_json(module, json_name, blocks, arg):
     if not (ROOT / "benchmarks" / "results" / json_name).exists():
         pytest.skip(f"benchmarks/results/{json_name} has not been written")
