@@ -35,6 +35,18 @@ def brute_force_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).detach()
 
 
+def projected_reference(J: torch.Tensor, specs, projector) -> torch.Tensor:
+    """φ = Sᵀ∇f from brute-force gradients J [n, C, P] through the projector's materialised path
+    (Projector.project on each parameter's block) — independent of the factored/FFT paths."""
+    n, C, _ = J.shape
+    out = torch.zeros(n * C, projector.dim, dtype=torch.float64)
+    off = 0
+    for s in specs:
+        projector.project(s.name, J[:, :, off: off + s.numel].reshape(n * C, -1), out)
+        off += s.numel
+    return out.reshape(n, C, -1).transpose(0, 1)  # [C, n, k]
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 

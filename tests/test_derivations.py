@@ -13,6 +13,8 @@ from dntk.features.capture import derivations
 from dntk.features.check import brute_force_jacobian
 from dntk.projection import BlockSpec, make
 
+from conftest import projected_reference
+
 timm = pytest.importorskip("timm")
 from timm.layers import ScaledStdConv2d, StdConv2d  # noqa: E402
 
@@ -83,15 +85,8 @@ def test_tensorsketch_features_equal_the_sketch_of_brute_force_gradients(monkeyp
     feats = dntk.gradient_features(model, x, proj, progress=False, batch_size=3).features
     # 2 standardised layers × 2 batches: M formed once per batch when cached, once per logit (4) when not
     assert sorted(made) == sorted(["c1.weight", "c2.weight"] * (2 if cache_bytes else 8))
-    J = brute_force_jacobian(model, x)                                  # [n, C, P]
-    table = dntk.features.capture.parameter_table(model)
-    ref_proj = make("tensorsketch", k=32, seed=1).bind(table.specs)
-    ref = torch.zeros(J.shape[1], J.shape[0], 32, dtype=torch.float64)
-    for c in range(J.shape[1]):
-        off = 0
-        for spec in table.specs:
-            ref_proj.project(spec.name, J[:, c, off:off + spec.numel], ref[c])
-            off += spec.numel
+    specs = dntk.features.capture.parameter_table(model).specs
+    ref = projected_reference(brute_force_jacobian(model, x), specs, make("tensorsketch", k=32, seed=1).bind(specs))
     assert float((feats.double() - ref).norm() / ref.norm()) < 1e-6
 
 

@@ -11,6 +11,8 @@ import dntk
 from dntk.features.check import brute_force_jacobian
 from dntk.projection import BlockSpec, make
 
+from conftest import projected_reference
+
 
 class TokenNet(nn.Module):
     def __init__(self, tied=False, derived=False):
@@ -49,14 +51,8 @@ def test_tensorsketch_features_equal_the_sketch_of_brute_force_gradients(monkeyp
     feats = dntk.gradient_features(model, ids, make("tensorsketch", k=16, seed=3), progress=False, batch_size=3).features
     assert ("emb.weight" in taken) == (not derived)   # the position table (constant indices) is a derivation
     J = brute_force_jacobian(model, ids)
-    table = dntk.features.capture.parameter_table(model)
-    proj = make("tensorsketch", k=16, seed=3).bind(table.specs)
-    ref = torch.zeros(J.shape[1], J.shape[0], 16, dtype=torch.float64)
-    for c in range(J.shape[1]):
-        off = 0
-        for spec in table.specs:
-            proj.project(spec.name, J[:, c, off:off + spec.numel], ref[c])
-            off += spec.numel
+    specs = dntk.features.capture.parameter_table(model).specs
+    ref = projected_reference(J, specs, make("tensorsketch", k=16, seed=3).bind(specs))
     assert float((feats.double() - ref).norm() / ref.norm()) < 1e-6
     K = dntk.empirical_ntk(model, ids, batch_size=3)           # the dense sink forms the table gradient
     KJ = torch.einsum("icp,jcp->cij", J, J)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import dntk
 from dntk.projection import make
 
-from conftest import brute_force_jacobian, randomize_bn, rel
+from conftest import brute_force_jacobian, projected_reference, randomize_bn, rel
 from zoo import ZOO
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
@@ -30,18 +30,6 @@ def wake(model: nn.Module, seed=0) -> nn.Module:
             if p.numel() and not bool(p.any()):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model
-
-
-def projected_reference(J: torch.Tensor, specs, projector) -> torch.Tensor:
-    """φ = Sᵀ∇f from brute-force gradients J [n, C, P] through the projector's materialised path
-    (Projector.project on each parameter's block) — independent of the factored/FFT paths."""
-    n, C, _ = J.shape
-    out = torch.zeros(n * C, projector.dim, dtype=torch.float64)
-    off = 0
-    for s in specs:
-        projector.project(s.name, J[:, :, off: off + s.numel].reshape(n * C, -1), out)
-        off += s.numel
-    return out.reshape(n, C, -1).transpose(0, 1)  # [C, n, k]
 
 
 def check_model(model, x, expect=None, sketches=("sjlt", "tensorsketch"), k=64, batch_size=None, J=None):

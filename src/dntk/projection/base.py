@@ -63,6 +63,13 @@ def random_signs(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
 
 
+def table_gradient(idx: torch.Tensor, vals: torch.Tensor, rows: int) -> torch.Tensor:
+    """The formed table gradient G_b = Σ_t e_{idx[b, t]} vals[b, t]ᵀ: [B, rows, cols] from idx [B, T] and
+    vals [B, T, cols], by a scatter-add (rows repeated within a sample summed)."""
+    G = torch.zeros(vals.shape[0], rows, vals.shape[-1], dtype=vals.dtype, device=vals.device)
+    return G.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, vals.shape[-1]), vals)
+
+
 class Projector:
     """Base class: a linear map R^P → R^k applied block by block. Subclasses set ``name``."""
 
@@ -118,9 +125,7 @@ class Projector:
         idx [B, T] rows of the [rows, cols] table, vals [B, T, cols]). The default forms the [B, rows·cols]
         block by a scatter-add; a projector can add the B·T·cols entries straight into its buckets
         (tensorsketch)."""
-        rows = self._spec(key).numel // vals.shape[-1]
-        G = torch.zeros(vals.shape[0], rows, vals.shape[-1], dtype=vals.dtype, device=vals.device)
-        G.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, vals.shape[-1]), vals)
+        G = table_gradient(idx, vals, self._spec(key).numel // vals.shape[-1])
         self.project(key, G.reshape(G.shape[0], -1), out)
 
     def project_rowscaled(self, key: str, d: torch.Tensor, what: torch.Tensor, out: torch.Tensor,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ...projection.base import table_gradient
 from .derivations import row_standardisation
 from .layouts import Layout, masked
 
@@ -48,8 +49,7 @@ class Accumulator:
 
     def dense_rows(self, name: str, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         """The same gradient formed: [B, rows, cols] by a scatter-add."""
-        G = torch.zeros(vals.shape[0], self.aliases[name].shape[0], vals.shape[-1], dtype=vals.dtype, device=vals.device)
-        return G.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, vals.shape[-1]), vals)
+        return table_gradient(idx, vals, self.aliases[name].shape[0])
 
     def add_rowscaled(self, name: str, d: torch.Tensor, what: torch.Tensor) -> None:
         """A per-sample gradient diag(d_b) Ŵ of ``name``: d [B, rows] against a fixed Ŵ [rows, cols] (see

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ....errors import DNTKError
+from ....projection.base import table_gradient
 from ..layouts import split_batch
 from .base import NotHandled, OpRule, arg, register
 
@@ -61,8 +62,7 @@ class EmbeddingRule(OpRule):
             acc.add_rows(use.weight.param, idx, gg)
             acc.note([use.weight.param], "closed")
             return
-        G = torch.zeros(B, w.shape[0], w.shape[1], dtype=gg.dtype, device=gg.device)
-        G.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, w.shape[1]), gg)
+        G = table_gradient(idx, gg, w.shape[0])
         if use.data.padding_idx is not None:
             G[:, use.data.padding_idx] = 0
         acc.weight(use, G=G)
