@@ -41,14 +41,20 @@ def _flip(path, offset=-64, n=64):
     path.write_bytes(bytes(data))
 
 
-def test_a_corrupted_or_swapped_shard_is_never_used(tmp_path):
-    """Case 1: flipped bytes inside a finished shard (header intact) were read back as features."""
+def _finished_store(tmp_path):
+    """A small CNN's sjlt features of 24 inputs in a finished store of 3 shards: (model, X, projector, store)."""
     torch.manual_seed(0)
     m = randomize_bn(small_cnn_bn())
     X = torch.randn(24, 3, 8, 8)
     proj = dntk.projection.make("sjlt", k=64, seed=0)
     store = dntk.store.FeatureStore(tmp_path / "s", shard=8)
     store.extract(m, X, proj, progress=False)
+    return m, X, proj, store
+
+
+def test_a_corrupted_or_swapped_shard_is_never_used(tmp_path):
+    """Case 1: flipped bytes inside a finished shard (header intact) were read back as features."""
+    m, X, proj, store = _finished_store(tmp_path)
     good = store.read().features.clone()
     _flip(tmp_path / "s" / "shard-000001.features.npy")
     fresh = dntk.store.FeatureStore(tmp_path / "s", shard=8)
@@ -75,12 +81,7 @@ def test_a_zero_byte_shard_is_named_and_recomputed(tmp_path, what):
     """Case 6: a zero-byte shard array behind a valid record (what a power loss before the data reached the disk
     leaves) raised numpy's EOFError on every rerun. Now verify() reports it, read() refuses it naming the file, and
     extraction recomputes it with a warning, to the same features."""
-    torch.manual_seed(0)
-    m = randomize_bn(small_cnn_bn())
-    X = torch.randn(24, 3, 8, 8)
-    proj = dntk.projection.make("sjlt", k=64, seed=0)
-    store = dntk.store.FeatureStore(tmp_path / "s", shard=8)
-    store.extract(m, X, proj, progress=False)
+    m, X, proj, store = _finished_store(tmp_path)
     good = store.read()
     (tmp_path / "s" / f"shard-000001.{what}.npy").write_bytes(b"")
     fresh = dntk.store.FeatureStore(tmp_path / "s", shard=8)
